@@ -1,0 +1,806 @@
+"""
+ALIP: Adaptive Language-Image Pre-training with Synthetic Caption (Yang et al., ICCV 2023), in one file.
+
+A CLIP model (ViT image tower, causal text tower) trained on image / raw-text / synthetic-caption triples.
+The text tower encodes both texts ("bi-path"); two gates computed from the global batch down-weight noisy
+samples (Language Consistency Gate) and noisy image-text pairs (Description Consistency Gate).
+
+    python alip.py --demo                                      # CPU, ~3 minutes: make toy data, train, evaluate
+    python alip.py --data shards/ --model ViT-B-32             # one GPU (or CPU)
+    torchrun --standalone --nproc_per_node=8 alip.py --data 'shards/{00000..01999}.tar' --batch-size 512
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 alip.py --data ...
+    python alip.py --bench --model ViT-B-32 --batch-size 512   # throughput on synthetic batches
+
+Sections, in the paper's order: config -> model -> gates (Eq. 1-4) -> loss (Eq. 5-6) -> optimizer and schedule
+-> device / DDP setup -> checkpoints -> training loop -> benchmark -> entry point.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    context_length: int = 77
+    vocab_size: int = 49408
+    quick_gelu: bool = False  # OpenAI's weights were trained with x*sigmoid(1.702x); ALIP used GELU
+
+
+PRESETS = {  # named as open_clip names them; `tiny` is ours, small enough to train on a laptop CPU
+    "tiny": ModelConfig(embed_dim=128, image_size=64, patch_size=8, vision_width=128, vision_layers=4,
+                        vision_heads=4, text_width=128, text_layers=4, text_heads=4),
+    "ViT-B-32": ModelConfig(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12,
+                            vision_heads=12, text_width=512, text_layers=12, text_heads=8),
+    "ViT-B-16": ModelConfig(embed_dim=512, image_size=224, patch_size=16, vision_width=768, vision_layers=12,
+                            vision_heads=12, text_width=512, text_layers=12, text_heads=8),
+    "ViT-L-14": ModelConfig(embed_dim=768, image_size=224, patch_size=14, vision_width=1024, vision_layers=24,
+                            vision_heads=16, text_width=768, text_layers=12, text_heads=12),
+}
+
+# -----------------------------------------------------------------------------
+# model: parameter names and shapes follow OpenAI CLIP, so its checkpoints (and open_clip's, and the
+# authors' ALIP release) load with strict=True.
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names, computed by SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, causal):
+        B, L, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3W)
+        q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, W/h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, W))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads, quick_gelu):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, 4 * width),
+            gelu=QuickGELU() if quick_gelu else nn.GELU(),
+            c_proj=nn.Linear(4 * width, width),
+        ))
+
+    def forward(self, x, causal):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, quick_gelu):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers)])
+        self.grad_checkpointing = False
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        width, grid = cfg.vision_width, cfg.image_size // cfg.patch_size
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, cfg.vision_layers, cfg.vision_heads, cfg.quick_gelu)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+
+    def forward(self, images):  # (B, 3, S, S)
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, grid*grid, W)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + grid*grid, W)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj  # class token -> (B, embed_dim)
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.quick_gelu)
+        self.ln_final = nn.LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.trim_text = True
+        self._init_text_tower()
+
+    def _init_text_tower(self):  # as OpenAI CLIP: residual projections scaled down by depth
+        cfg = self.config
+        w, layers = cfg.text_width, cfg.text_layers
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=w ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=w ** -0.5 * (2 * layers) ** -0.5)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * w) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=w ** -0.5 * (2 * layers) ** -0.5)
+        nn.init.normal_(self.text_projection, std=w ** -0.5)
+
+    def set_grad_checkpointing(self, enable=True):
+        self.visual.transformer.grad_checkpointing = enable
+        self.transformer.grad_checkpointing = enable
+
+    def encode_image(self, images):
+        return self.visual(images)
+
+    def encode_text(self, tokens):  # (B, context_length) int64
+        eot = tokens.argmax(dim=-1)  # EOT (49407) is the largest id in the vocabulary
+        if self.trim_text:
+            # The causal mask keeps every position from seeing later ones, so the padding after the
+            # longest EOT cannot change any EOT feature: drop it and save the compute.
+            tokens = tokens[:, :int(eot.max()) + 1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # (B, L, W)
+        x = self.ln_final(self.transformer(x, causal=True))
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # (B, embed_dim)
+
+    def forward(self, images, texts):
+        """One image pass and one text pass; ALIP stacks raw texts and captions into `texts`."""
+        return self.encode_image(images), self.encode_text(texts)
+
+
+def create_model(name, quick_gelu=False):
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(PRESETS)}")
+    return CLIP(ModelConfig(**{**asdict(PRESETS[name]), "quick_gelu": quick_gelu}))
+
+
+def config_from_state_dict(sd, quick_gelu=False):
+    """Read the architecture off a CLIP state dict's shapes (as OpenAI's build_model does)."""
+    def layers(prefix):
+        return len({k[len(prefix):].split(".")[2] for k in sd if k.startswith(prefix + ".resblocks.")})
+    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    return ModelConfig(
+        embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
+        vision_width=vision_width, vision_layers=layers("visual.transformer"), vision_heads=vision_width // 64,
+        text_width=text_width, text_layers=layers("transformer"), text_heads=text_width // 64,
+        context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+        quick_gelu=quick_gelu)
+
+
+def clean_state_dict(sd):
+    """Accept a bare state dict, {"state_dict": ...}, DDP's "module." prefixes and OpenAI's metadata keys."""
+    sd = sd.get("state_dict", sd)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+
+
+def read_weights(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError as e:  # OpenAI's original files are TorchScript archives
+        if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
+            raise
+        return torch.jit.load(path, map_location="cpu").state_dict()
+
+
+def load_model(path, name=None, quick_gelu=False):
+    """A CLIP in eval mode on the CPU from a run directory, one of our checkpoints, or a CLIP state dict."""
+    if os.path.isdir(path):
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
+        path = ckpt
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
+    obj = read_weights(path)
+    if "model" in obj and "config" in obj:  # ours
+        model = CLIP(ModelConfig(**obj["config"]))
+        model.load_state_dict(obj["model"])
+    else:
+        sd = clean_state_dict(obj)
+        model = create_model(name, quick_gelu) if name else CLIP(config_from_state_dict(sd, quick_gelu))
+        model.load_state_dict(sd)
+    return model.eval()
+
+# -----------------------------------------------------------------------------
+# gates (paper Sec. 3.2, Eq. 1-4): weights from the agreement of raw text, caption and image
+
+
+class Gates(nn.Module):
+    """Running means H of three similarities, and the detached sample and pair weights they give.
+
+    Takes L2-normalized features of the *global* batch, so every rank computes the same weights.
+    """
+
+    def __init__(self, momentum=0.99, gamma=2.0, init=1.0):
+        super().__init__()
+        self.momentum, self.gamma = momentum, gamma
+        for name in ("H_tc", "H_xt", "H_xc"):  # buffers: checkpointed with the model state
+            self.register_buffer(name, torch.tensor(init, dtype=torch.float64))
+
+    @torch.no_grad()
+    def forward(self, x, t, c):  # each (N, D)
+        x, t, c = x.float(), t.float(), c.float()
+        s_tc, s_xt, s_xc = (t * c).sum(-1), (x * t).sum(-1), (x * c).sum(-1)  # (N,)
+        m = self.momentum
+        for H, s in ((self.H_tc, s_tc), (self.H_xt, s_xt), (self.H_xc, s_xc)):  # Eq. 1: H updated before use
+            H.mul_(m).add_((1 - m) * s.double().mean())
+        gate = lambda s, H: torch.exp(self.gamma * (s - H.float()))
+        w_s = gate(s_tc, self.H_tc).clamp(max=1.0)  # Eq. 2, LCG: raw text far from its caption -> small weight
+        noisy = w_s < 1  # Eq. 3-4, DCG: only samples the LCG flags get pair weights; not clipped
+        w_t = torch.where(noisy, gate(s_xt, self.H_xt), torch.ones_like(s_xt))
+        w_c = torch.where(noisy, gate(s_xc, self.H_xc), torch.ones_like(s_xc))
+        return w_s, w_t, w_c
+
+# -----------------------------------------------------------------------------
+# loss (Eq. 5-6): a symmetric InfoNCE whose per-sample terms carry the gate weights
+
+
+def contrastive_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, offset=0):
+    """mean_i w_i (CE_i(x->t) + CE_i(t->x)) / 2 with logits s * x t^T: the readable reference.
+
+    x, t: (n, D) L2-normalized; logit_scale: the scale s. With x_all, t_all (N, D), the local loss of
+    multi-GPU training: this rank's n rows, which are rows offset..offset+n-1 of the gathered N, against all N.
+    kernels.gated_clip_loss computes the same without materialising the n x N logits.
+    """
+    x_all = x if x_all is None else x_all
+    t_all = t if t_all is None else t_all
+    labels = torch.arange(x.shape[0], device=x.device) + offset
+    ce_xt = F.cross_entropy(logit_scale * x @ t_all.T, labels, reduction="none")  # (n,) image -> texts
+    ce_tx = F.cross_entropy(logit_scale * t @ x_all.T, labels, reduction="none")  # (n,) text -> images
+    per_sample = (ce_xt + ce_tx) / 2
+    return (per_sample if weight is None else weight * per_sample).mean()
+
+
+def gather_with_grad(x, world_size):
+    """Concatenate every rank's rows; gradients flow back to the rank that owns them."""
+    if world_size == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def alip_loss(model, x, t, c, gates, args, loss_fn, world_size, rank, weights=None, scale_grad=True):
+    """The training objective on this rank's features; returns (loss, logs, weights).
+
+    Gradient accumulation reuses the gate `weights` of the whole step in every micro-step, and lets only one
+    micro-step give the logit scale its gradient (each micro-step's loss covers the whole step's batch).
+    """
+    x, t = F.normalize(x.float(), dim=-1), F.normalize(t.float(), dim=-1)  # gates and loss in fp32
+    x_all, t_all = gather_with_grad(x, world_size), gather_with_grad(t, world_size)
+    n, offset = x.shape[0], rank * x.shape[0]
+    s = model.logit_scale.exp().clamp(max=100)
+    s = s if scale_grad else s.detach()
+    if args.loss == "clip":
+        loss = loss_fn(x, t, s, None, x_all=x_all, t_all=t_all, offset=offset)
+        return loss, {"loss_raw": loss.detach()}, None
+    c = F.normalize(c.float(), dim=-1)
+    c_all = gather_with_grad(c, world_size)
+    if weights is None:
+        w_s, w_t, w_c = gates(x_all, t_all, c_all)  # (N,) each, identical on every rank
+        ones = torch.ones_like(w_s)
+        if args.gates in ("none", "dcg"):  # Table 4 ablations: drop the LCG sample weight...
+            w_s = ones
+        if args.gates in ("none", "lcg"):  # ...and / or the DCG pair weights
+            w_t, w_c = ones, ones
+        weights = (w_s, w_t, w_c)
+    w_s, w_t, w_c = (w[offset:offset + n] for w in weights)  # this rank's rows
+    loss_raw = loss_fn(x, t, s, w_s * w_t, x_all=x_all, t_all=t_all, offset=offset)
+    loss_cap = loss_fn(x, c, s, w_s * w_c, x_all=x_all, t_all=c_all, offset=offset)
+    logs = {"loss_raw": loss_raw.detach(), "loss_caption": loss_cap.detach(), "w_s": w_s.mean(),
+            "w_t": w_t.mean(), "w_c": w_c.mean(), "H_tc": gates.H_tc, "H_xt": gates.H_xt, "H_xc": gates.H_xc}
+    return loss_raw + loss_cap, logs, weights
+
+
+def select_loss_fn(kind, device):
+    """--kernel auto|fused|reference -> (function, reason); auto is fused on CUDA, reference elsewhere."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if kind == "reference" or (kind == "auto" and device.type != "cuda"):
+        return contrastive_loss, "reference (PyTorch; fused runs on CUDA only)" if kind == "auto" else "reference"
+    if device.type != "cuda" and not interpret:
+        raise SystemExit("--kernel fused needs a CUDA device, or TRITON_INTERPRET=1 to run Triton on the CPU")
+    import kernels
+    return kernels.gated_clip_loss, "fused Triton kernel" + (" (interpreted)" if interpret else "")
+
+# -----------------------------------------------------------------------------
+# optimizer and schedule
+
+
+def configure_optimizer(model, lr, weight_decay, device):
+    """AdamW; no decay on biases, norms, logit_scale and the class / positional embeddings.
+
+    The authors' code decays every parameter; we follow CLIP / open_clip here (see README).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or name.endswith(("positional_embedding", "class_embedding")):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+
+
+def cosine_schedule(optimizer, warmup, total):
+    """Linear warmup to the base lr, then cosine decay to zero."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+# -----------------------------------------------------------------------------
+# device / DDP setup
+
+
+def setup_distributed(device_arg):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process."""
+    if "RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        use_cuda = torch.cuda.is_available() and device_arg != "cpu"
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        return device, dist.get_rank(), dist.get_world_size()
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device_arg), 0, 1
+
+
+def choose_precision(device, precision):
+    """Decided here, once: (autocast dtype or None, reason)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    reasons = {"bf16": "bf16 autocast, fp32 master weights, gates and loss",
+               "fp16": "fp16 autocast with a gradient scaler, fp32 master weights",
+               "fp32": "fp32 (the CPU default: bf16 matmuls are slow on most CPUs)"}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return dtype, reasons[precision]
+
+# -----------------------------------------------------------------------------
+# checkpoints: everything needed to continue bit for bit, written atomically
+
+
+def latest_checkpoint(out_dir):
+    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")))
+    return paths[-1] if paths else None
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(out_dir, state, keep):
+    """Write to a temp file, fsync, then rename: a crash leaves the previous checkpoint intact."""
+    path = os.path.join(out_dir, f"ckpt-{state['step']:08d}.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")))[:-keep]:
+        os.remove(old)
+    return path
+
+
+def trim_metrics(out_dir, step):
+    """On resume, drop metrics logged after the checkpoint: those steps are about to run again."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+# -----------------------------------------------------------------------------
+# training loop
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train ALIP (or the CLIP baseline) on tar shards.")
+    # data
+    p.add_argument("--data", help="training shards: directory, glob or brace list; several joined with ::")
+    p.add_argument("--captions", help="JSONL side file of synthetic captions {key, caption}, joined by key")
+    p.add_argument("--missing-caption", default="skip", choices=["skip", "raw"], help="sample without a caption")
+    p.add_argument("--train-num-samples", type=int, help="samples per epoch (default: read or count the shards)")
+    p.add_argument("--resampled", action="store_true", help="draw shards with replacement (very large sets)")
+    p.add_argument("--max-bad-fraction", type=float, default=0.5, help="stop when more samples than this fail")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes per rank")
+    p.add_argument("--demo", action="store_true", help="generate a toy dataset, train `tiny` on it, evaluate")
+    # model
+    p.add_argument("--model", default="ViT-B-32", choices=list(PRESETS))
+    p.add_argument("--quick-gelu", action="store_true", help="QuickGELU, as OpenAI's weights need")
+    p.add_argument("--init", help="initial weights: a CLIP/open_clip/ALIP state dict or one of our checkpoints")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    # method
+    p.add_argument("--loss", default="alip", choices=["alip", "clip"], help="alip: bi-path; clip: raw text only")
+    p.add_argument("--gates", default="all", choices=["all", "lcg", "dcg", "none"], help="Table 4 ablations")
+    p.add_argument("--gamma", type=float, default=2.0, help="gate sharpness")
+    p.add_argument("--momentum", type=float, default=0.99, help="running-mean momentum of the gates")
+    p.add_argument("--kernel", default="auto", choices=["auto", "fused", "reference"], help="loss implementation")
+    # optimization
+    p.add_argument("--batch-size", type=int, default=256, help="per rank, per micro-step")
+    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step (features cached)")
+    p.add_argument("--epochs", type=float, default=32)
+    p.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=2000, help="linear warmup steps")
+    p.add_argument("--wd", type=float, default=0.2)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    # system
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0)
+    # output
+    p.add_argument("--output", default="runs/alip", help="checkpoints and metrics.jsonl go here")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--log-every", type=int, default=50)
+    # evaluation
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--eval-zeroshot", help="zero-shot classification set (see eval.py)")
+    p.add_argument("--eval-retrieval", help="retrieval set (see eval.py)")
+    # benchmark
+    p.add_argument("--bench", action="store_true", help="time training steps on synthetic in-memory batches")
+    p.add_argument("--bench-steps", type=int, default=20)
+    p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
+    args = p.parse_args(argv)
+    if args.demo:  # small enough for 2 CPU cores in about 3 minutes, unless overridden
+        defaults = {"model": "tiny", "batch_size": 128, "steps": 250, "warmup": 25, "lr": 2e-3, "workers": 1,
+                    "log_every": 25, "save_every": 250, "output": "runs/demo"}
+        for k, v in defaults.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    elif not args.data and not args.bench:
+        p.error("--data is required (or --demo, or --bench)")
+    return args
+
+
+def train(args):
+    import data
+    device, rank, world_size = setup_distributed(args.device)
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # same initial weights on every rank; data randomness is seeded separately
+    amp_dtype, reason = choose_precision(device, args.precision)
+    log(f"device {device} x {world_size}, precision: {reason}")
+
+    if args.demo and not args.data:
+        paths = data.write_demo(os.path.join(os.path.dirname(os.path.abspath(args.output)), "demo_data"))
+        args.data = paths["train"]
+        args.eval_zeroshot = args.eval_zeroshot or paths["test"]
+        args.eval_retrieval = args.eval_retrieval or paths["test"]
+
+    raw_model = create_model(args.model, args.quick_gelu)
+    if args.init:
+        obj = read_weights(args.init)
+        raw_model.load_state_dict(obj["model"] if "model" in obj and "config" in obj else clean_state_dict(obj))
+        log(f"initialised from {args.init}")
+    raw_model.set_grad_checkpointing(args.grad_checkpointing)
+    raw_model.to(device)
+    gates = Gates(args.momentum, args.gamma).to(device)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn, loss_reason = select_loss_fn(args.kernel, device)
+    log(f"model {args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters; "
+        f"loss {args.loss} (gates: {args.gates}), {loss_reason}")
+
+    loader = data.make_train_loader(
+        args.data, image_size=raw_model.config.image_size, batch_size=args.batch_size, seed=args.seed, rank=rank,
+        world_size=world_size, workers=args.workers, captions=args.captions, missing_caption=args.missing_caption,
+        resampled=args.resampled, num_samples=args.train_num_samples, max_bad_fraction=args.max_bad_fraction)
+    steps_per_epoch = loader.steps_per_epoch // args.accum_steps
+    if steps_per_epoch < 1:
+        raise SystemExit(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps} "
+                         f"samples but an epoch has fewer; lower --batch-size or --accum-steps")
+    total = args.steps or math.ceil(args.epochs * steps_per_epoch)
+    optimizer = configure_optimizer(raw_model, args.lr, args.wd, device)
+    scheduler = cosine_schedule(optimizer, args.warmup, total)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    step = 0
+    os.makedirs(args.output, exist_ok=True)
+    ckpt_path = latest_checkpoint(args.output) if args.resume else None
+    if args.resume and ckpt_path is None:
+        log(f"--resume: no checkpoint in {args.output} yet, starting from scratch")
+    if ckpt_path:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        gates.load_state_dict(ckpt["gates"])
+        loader.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        step = ckpt["step"]
+        if master:
+            trim_metrics(args.output, step)
+        log(f"resumed from {ckpt_path} at step {step}")
+    if master:
+        with open(os.path.join(args.output, "config.json"), "w") as f:
+            json.dump({"args": vars(args), "model": asdict(raw_model.config)}, f, indent=1)
+
+    def log_metrics(record):
+        if master:
+            with open(os.path.join(args.output, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint_state():
+        rngs = [None] * world_size
+        if world_size > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        return {"model": raw_model.state_dict(), "config": asdict(raw_model.config), "args": vars(args),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "gates": gates.state_dict(), "data": loader.state_dict(),
+                "rng": rngs, "step": step}
+
+    def save():
+        state = checkpoint_state()  # every rank takes part (RNG states are gathered)
+        if master:
+            log(f"saved {save_checkpoint(args.output, state, args.keep)}")
+
+    def evaluate():
+        import eval as evaluation
+        results = {"step": step}
+        if args.eval_zeroshot:
+            results.update({f"zeroshot/{k}": v for k, v in evaluation.zeroshot(
+                raw_model, args.eval_zeroshot, device=device).items()})
+        if args.eval_retrieval:
+            results.update({f"retrieval/{k}": v for k, v in evaluation.retrieval(
+                raw_model, args.eval_retrieval, device=device).items()})
+        log("eval " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
+        log_metrics(results)
+
+    stop = {"signal": None}  # SIGTERM (preemption) and SIGINT: finish the step, save, exit cleanly
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    batches = iter(loader)
+    bad_steps, t0, t_log, skipped_logged = 0, time.time(), time.time(), {}
+    start_step = step
+    model.train()
+    while step < total:
+        # Gradient accumulation for a contrastive loss: the loss couples every sample of the step, so first
+        # embed all micro-batches without grad, then recompute one micro-batch at a time with grad and put it
+        # back among the cached features (as open_clip's --accum-freq does).
+        micro = []
+        for _ in range(args.accum_steps):
+            batch = next(batches, None)
+            if batch is None:  # epoch boundary
+                loader.set_epoch(loader.state_dict()["epoch"] + 1)
+                batches = iter(loader)
+                batch = next(batches)
+            micro.append([b.to(device, non_blocking=True) for b in batch])
+        K = len(micro)
+
+        def embed(images, text, caption):
+            texts = text if args.loss == "clip" else torch.cat([text, caption])
+            with autocast:
+                x, tc = model(images, texts)
+            return (x, tc, None) if args.loss == "clip" else (x, *tc.chunk(2))
+
+        cache = None
+        if K > 1:
+            with torch.no_grad():
+                cache = [embed(*b) for b in micro]
+        H_before = [h.clone() for h in gates.buffers()]
+        weights = None
+        for j, b in enumerate(micro):
+            sync = nullcontext() if (j == K - 1 or world_size == 1) else model.no_sync()
+            with sync:
+                feats = embed(*b)
+                if cache is not None:  # this micro-batch with grad, the others from the cache
+                    feats = [None if f is None else torch.cat([c[i] if k != j else f for k, c in enumerate(cache)])
+                             for i, f in enumerate(feats)]
+                loss, logs, weights = alip_loss(raw_model, *feats, gates, args, loss_fn, world_size, rank, weights,
+                                                scale_grad=j == K - 1)
+                scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        stop_now = torch.tensor([float(not finite), float(stop["signal"] is not None)], device=device)
+        if world_size > 1:  # every rank must agree to skip or to stop
+            dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+        if stop_now[0] > 0 and amp_dtype != torch.float16:
+            bad_steps += 1
+            for h, h0 in zip(gates.buffers(), H_before):  # the running means must not absorb a NaN
+                h.copy_(h0)
+            optimizer.zero_grad(set_to_none=True)
+            log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+            log_metrics({"step": step + 1, "warning": "non-finite loss, step skipped"})
+            if bad_steps >= args.max_bad_steps:
+                raise SystemExit(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint in "
+                                 f"{args.output} is intact; lower --lr or check the data, then --resume.")
+            continue
+        bad_steps = 0
+        scaler.step(optimizer)  # fp16: the scaler itself skips steps with inf gradients
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        with torch.no_grad():  # the paper clamps the learnable temperature to at most 100
+            raw_model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+
+        if step % args.log_every == 0 or step == total:
+            dt = time.time() - t_log
+            t_log = time.time()
+            done = step - start_step
+            rate = args.log_every * K * args.batch_size * world_size / dt
+            eta = (time.time() - t0) / max(done, 1) * (total - step)
+            record = {"step": step, "loss": loss.item(), **{k: float(v) for k, v in logs.items()},
+                      "logit_scale": raw_model.logit_scale.exp().item(), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm.item(), "samples_per_s": rate}
+            skipped = dict(loader.skipped)
+            if skipped != skipped_logged:
+                record["skipped"] = skipped_logged = skipped
+            log(f"step {step}/{total} loss {record['loss']:.4f} "
+                + (f"(raw {record['loss_raw']:.3f} cap {record['loss_caption']:.3f}) "
+                   f"w_s {record['w_s']:.3f} w_t {record['w_t']:.3f} w_c {record['w_c']:.3f} "
+                   f"H_tc {record['H_tc']:.3f} H_xt {record['H_xt']:.3f} H_xc {record['H_xc']:.3f} "
+                   if args.loss == "alip" else "")
+                + f"scale {record['logit_scale']:.1f} lr {record['lr']:.2e} {rate:.0f} samples/s ETA {eta / 60:.1f} min"
+                + (f" skipped {sum(skipped.values())}" if skipped else ""))
+            log_metrics(record)
+        if step % args.save_every == 0 or step == total or stop_now[1] > 0:
+            save()
+        if stop_now[1] > 0:
+            log(f"stopped by signal {int(stop['signal'] or 0)} at step {step}; continue with --resume")
+            break
+        if master and args.eval_every and step % args.eval_every == 0 and step < total:
+            evaluate()
+    if master and step == total and (args.eval_zeroshot or args.eval_retrieval):
+        evaluate()
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+# -----------------------------------------------------------------------------
+# benchmark: training throughput on synthetic in-memory batches (no data loading)
+
+
+def flops_per_sample(cfg, text_len, loss="alip"):
+    """Matmul FLOPs of one training sample, forward + backward (3x forward); attention counted as full
+    (not halved for the causal mask), patch embedding and projections included, elementwise ops not."""
+    def tower(n, w, layers):  # qkv 6nw^2 + out 2nw^2 + mlp 16nw^2, and QK^T + AV 4n^2w, per layer
+        return layers * (24 * n * w * w + 4 * n * n * w)
+    grid = (cfg.image_size // cfg.patch_size) ** 2
+    image = tower(grid + 1, cfg.vision_width, cfg.vision_layers) + 2 * grid * 3 * cfg.patch_size ** 2 * \
+        cfg.vision_width + 2 * cfg.vision_width * cfg.embed_dim
+    text = tower(text_len, cfg.text_width, cfg.text_layers) + 2 * cfg.text_width * cfg.embed_dim
+    return 3 * (image + (2 if loss == "alip" else 1) * text)
+
+
+def bench(args):
+    device, _, _ = setup_distributed(args.device)
+    amp_dtype, reason = choose_precision(device, args.precision)
+    torch.manual_seed(args.seed)
+    model = create_model(args.model).to(device)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    compiled = torch.compile(model) if args.compile else model
+    gates, optimizer = Gates().to(device), configure_optimizer(model, args.lr, args.wd, device)
+    loss_fn, loss_reason = select_loss_fn(args.kernel, device)
+    cfg, B = model.config, args.batch_size
+    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)
+    text_len = 32  # a typical web alt-text / caption length in tokens, EOT included
+    texts = torch.randint(1, 49406, (2 * B, cfg.context_length), device=device)
+    texts[:, 0], texts[:, text_len - 1], texts[:, text_len:] = 49406, 49407, 0
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    def step():
+        with autocast:
+            x, tc = compiled(images, texts if args.loss == "alip" else texts[:B])
+        t, c = tc.chunk(2) if args.loss == "alip" else (tc, None)
+        loss, _, _ = alip_loss(model, x, t, c, gates, args, loss_fn, 1, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):  # warm-up: compilation, allocator, autotuning
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.bench_steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / args.bench_steps
+    flops = flops_per_sample(cfg, text_len if model.trim_text else cfg.context_length, args.loss) * B / dt
+    peak = args.peak_tflops or (989.0 if device.type == "cuda" and "H100" in torch.cuda.get_device_name() else
+                                989.0 if device.type == "cuda" and "H200" in torch.cuda.get_device_name() else None)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    result = {"device": name, "model": args.model, "batch_size": B, "precision": reason, "loss": loss_reason,
+              "step_ms": dt * 1e3, "samples_per_s": B / dt, "tflops": flops / 1e12,
+              "mfu": flops / 1e12 / peak if peak else None,
+              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    print(f"{name} {args.model} batch {B}: {dt * 1e3:.1f} ms/step, {B / dt:.1f} samples/s, "
+          f"{flops / 1e12:.2f} TFLOP/s" + (f", MFU {100 * flops / 1e12 / peak:.1f}% of {peak:.0f}" if peak else ""))
+    print(json.dumps(result))
+
+# -----------------------------------------------------------------------------
+# entry point
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.bench:
+        bench(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()

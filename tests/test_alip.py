@@ -1,0 +1,226 @@
+"""Model layout and numerics, gates, loss and gradient accumulation, against independent references."""
+import json
+import math
+import os
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import alip
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def report(a, b):
+    d = (a.double() - b.double()).abs()
+    return f"max diff {d.max().item():.3e}, mean diff {d.mean().item():.3e}"
+
+
+# --- model ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-16", "ViT-L-14"])
+def test_state_dict_layout_matches_open_clip(name):
+    with open(os.path.join(DATA, "openclip_keys.json")) as f:
+        expected = json.load(f)[name]  # keys and shapes of open_clip's CLIP for this config
+    with torch.device("meta"):
+        model = alip.create_model(name)
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(ours) == sorted(expected), set(ours) ^ set(expected)
+    assert ours == expected
+
+
+@pytest.mark.parametrize("act", ["gelu", "quickgelu"])
+def test_open_clip_weights_give_open_clip_features(act, tmp_path):
+    fx = torch.load(os.path.join(DATA, f"openclip_tiny_{act}.pt"), weights_only=True)
+    sd = dict(fx["state_dict"])  # the token embedding is rebuilt here to keep the fixture small
+    sd["token_embedding.weight"] = torch.from_numpy(
+        np.random.RandomState(0).standard_normal((49408, 64)).astype(np.float32) * 0.02)
+    path = tmp_path / "openclip.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)
+    model = alip.load_model(str(path), quick_gelu=act == "quickgelu")  # architecture read off the shapes
+    assert model.config.image_size == 32 and model.config.vision_layers == 2 and model.config.text_heads == 1
+    with torch.no_grad():
+        x, t = model.encode_image(fx["images"]), model.encode_text(fx["tokens"])
+    torch.testing.assert_close(x, fx["image_features"], rtol=1e-4, atol=1e-5, msg=lambda m: report(x, fx["image_features"]))
+    torch.testing.assert_close(t, fx["text_features"], rtol=1e-4, atol=1e-5, msg=lambda m: report(t, fx["text_features"]))
+    wrong = alip.load_model(str(path), quick_gelu=act != "quickgelu")  # the activation must matter
+    with torch.no_grad():
+        assert not torch.allclose(wrong.encode_image(fx["images"]), fx["image_features"], atol=1e-5)
+
+
+def random_tokens(lengths, context_length=77):
+    tokens = torch.zeros(len(lengths), context_length, dtype=torch.long)
+    for i, n in enumerate(lengths):  # n = tokens between SOT and EOT
+        tokens[i, 0] = 49406
+        tokens[i, 1:n + 1] = torch.randint(1, 49406, (n,))
+        tokens[i, n + 1] = 49407
+    return tokens
+
+
+def test_text_trimming_keeps_features():
+    torch.manual_seed(1)
+    model = alip.create_model("tiny").eval()
+    tokens = random_tokens([3, 17, 9, 40])
+    with torch.no_grad():
+        trimmed = model.encode_text(tokens)
+        model.trim_text = False
+        full = model.encode_text(tokens)
+        tokens_noisy_pad = tokens.clone()  # what follows EOT must not matter either (the mask is causal)
+        tokens_noisy_pad[:, 60:] = 123
+        noisy = model.encode_text(tokens_noisy_pad)
+    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-5, msg=lambda m: report(trimmed, full))
+    torch.testing.assert_close(noisy, full, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_checkpointing_same_gradients():
+    torch.manual_seed(2)
+    model = alip.create_model("tiny")
+    images, tokens = torch.randn(3, 3, 64, 64), random_tokens([4, 8, 2])
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(ckpt)
+        x, t = model(images, tokens)
+        (x.square().sum() + (x @ t.T).sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_no_weight_decay_groups():
+    model = alip.create_model("tiny")
+    opt = alip.configure_optimizer(model, 1e-3, 0.2, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert {"logit_scale", "positional_embedding", "visual.class_embedding", "visual.positional_embedding",
+            "ln_final.weight", "visual.transformer.resblocks.0.attn.in_proj_bias"} <= no_decay
+    assert "token_embedding.weight" not in no_decay and "visual.proj" not in no_decay
+    assert opt.param_groups[1]["weight_decay"] == 0 and opt.param_groups[0]["weight_decay"] == 0.2
+
+
+# --- gates ------------------------------------------------------------------------------------------------
+
+def unit(n, d, gen):
+    return F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=-1)
+
+
+@pytest.mark.parametrize("init", [1.0, 0.0])
+def test_gates_match_float64_reference_over_steps(init):
+    gen = torch.Generator().manual_seed(3)
+    gates = alip.Gates(momentum=0.99, gamma=2.0, init=init)
+    H = {"tc": init, "xt": init, "xc": init}
+    for step in range(6):
+        x, t = unit(37, 16, gen), unit(37, 16, gen)
+        c = F.normalize(0.2 * t + unit(37, 16, gen), dim=-1)  # captions weakly correlated with raw text
+        w_s, w_t, w_c = gates(x.float(), t.float(), c.float())
+        sims = {"tc": (t * c).sum(1), "xt": (x * t).sum(1), "xc": (x * c).sum(1)}
+        for k in H:
+            H[k] = 0.99 * H[k] + 0.01 * sims[k].mean().item()
+        ref_s = torch.exp(2 * (sims["tc"] - H["tc"])).clamp(max=1)
+        noisy = torch.exp(2 * (sims["tc"] - H["tc"])) < 1
+        ref_t = torch.where(noisy, torch.exp(2 * (sims["xt"] - H["xt"])), torch.ones(37, dtype=torch.float64))
+        ref_c = torch.where(noisy, torch.exp(2 * (sims["xc"] - H["xc"])), torch.ones(37, dtype=torch.float64))
+        for ours, ref in ((w_s, ref_s), (w_t, ref_t), (w_c, ref_c)):
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6, msg=lambda m: report(ours, ref))
+        assert not w_s.requires_grad and (w_s <= 1).all()
+        assert math.isclose(gates.H_tc.item(), H["tc"], abs_tol=1e-6)
+    if init == 0.0:  # H near the mean similarity: weights on both sides of 1
+        assert (w_t > 1).any() or (w_c > 1).any(), "DCG weights are not clipped: some should exceed 1"
+        assert (w_s < 1).any() and (w_s == 1).any()
+
+
+# --- loss -------------------------------------------------------------------------------------------------
+
+def loss_float64(x, t, s, w, x_all, t_all, offset):
+    """mean_i w_i (LSE_j(s x_i.t_j) - s x_i.t_i + LSE_j(s t_i.x_j) - s t_i.x_i) / 2, in float64 loops."""
+    x, t, x_all, t_all = (a.double() for a in (x, t, x_all, t_all))
+    terms = []
+    for i in range(x.shape[0]):
+        a = s * (t_all @ x[i])
+        b = s * (x_all @ t[i])
+        pos = s * (x[i] @ t[i])
+        terms.append(w[i] * ((torch.logsumexp(a, 0) - pos) + (torch.logsumexp(b, 0) - pos)) / 2)
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("n,d,scale", [(1, 8, 1.0), (13, 32, 14.3), (50, 24, 100.0)])
+def test_contrastive_loss_matches_float64(n, d, scale):
+    gen = torch.Generator().manual_seed(n)
+    x, t = unit(n, d, gen).float(), unit(n, d, gen).float()
+    w = torch.rand(n, generator=gen) * 2
+    for weight in (None, w):
+        ours = alip.contrastive_loss(x, t, torch.tensor(scale), weight)
+        ref = loss_float64(x, t, scale, torch.ones(n) if weight is None else weight, x, t, 0)
+        assert abs(ours.item() - ref.item()) < 1e-4 * max(1, abs(ref.item())), (ours.item(), ref.item())
+
+
+def test_local_losses_average_to_the_global_loss_and_gradients():
+    gen = torch.Generator().manual_seed(5)
+    N, D, ranks = 12, 16, 3
+    x, t = unit(N, D, gen).requires_grad_(), unit(N, D, gen).requires_grad_()
+    s, w = torch.tensor(20.0, dtype=torch.float64, requires_grad=True), torch.rand(N, generator=gen) + 0.5
+    full = alip.contrastive_loss(x, t, s, w.double())
+    gx, gt, gs = torch.autograd.grad(full, (x, t, s))
+    n = N // ranks
+    local = sum(alip.contrastive_loss(x[r * n:(r + 1) * n], t[r * n:(r + 1) * n], s, w[r * n:(r + 1) * n].double(),
+                                      x_all=x, t_all=t, offset=r * n) for r in range(ranks)) / ranks
+    lx, lt, ls = torch.autograd.grad(local, (x, t, s))
+    for a, b in ((full, local), (gx, lx), (gt, lt), (gs, ls)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def args_for(loss="alip", gates="all"):
+    return Namespace(loss=loss, gates=gates)
+
+
+@pytest.mark.parametrize("mode", ["all", "lcg", "dcg", "none"])
+def test_alip_loss_is_two_weighted_paths(mode):
+    gen = torch.Generator().manual_seed(6)
+    model = alip.create_model("tiny")
+    x, t = torch.randn(9, 128, generator=gen), torch.randn(9, 128, generator=gen)
+    c = t + 0.5 * torch.randn(9, 128, generator=gen)
+    gates, twin = alip.Gates(), alip.Gates()
+    loss, logs, (w_s, w_t, w_c) = alip.alip_loss(model, x, t, c, gates, args_for(gates=mode), alip.contrastive_loss, 1, 0)
+    ws, wt, wc = twin(*(F.normalize(v, dim=-1) for v in (x, t, c)))
+    ones = torch.ones(9)
+    ws = ws if mode in ("all", "lcg") else ones
+    wt, wc = (wt, wc) if mode in ("all", "dcg") else (ones, ones)
+    s = model.logit_scale.exp()
+    xn, tn, cn = (F.normalize(v, dim=-1) for v in (x, t, c))
+    ref = loss_float64(xn, tn, s.item(), ws * wt, xn, tn, 0) + loss_float64(xn, cn, s.item(), ws * wc, xn, cn, 0)
+    assert abs(loss.item() - ref.item()) < 1e-4, (loss.item(), ref.item())
+    torch.testing.assert_close(w_s, ws)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """K micro-batches with cached features give the gradient of the loss on their union."""
+    torch.manual_seed(7)
+    model = alip.create_model("tiny")
+    images, text, caption = torch.randn(8, 3, 64, 64), random_tokens([3, 5, 2, 7, 4, 6, 1, 9]), random_tokens([4, 4, 4, 4, 2, 2, 2, 2])
+    args = args_for()
+
+    def feats(i, j):
+        x, tc = model(images[i:j], torch.cat([text[i:j], caption[i:j]]))
+        return (x, *tc.chunk(2))
+
+    model.zero_grad()
+    loss, _, _ = alip.alip_loss(model, *feats(0, 8), alip.Gates(), args, alip.contrastive_loss, 1, 0)
+    loss.backward()
+    big = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    gates = alip.Gates()
+    with torch.no_grad():
+        cache = [feats(0, 4), feats(4, 8)]
+    weights = None
+    for j, (i0, i1) in enumerate([(0, 4), (4, 8)]):
+        f = feats(i0, i1)
+        f = [torch.cat([c[k] if m != j else f[k] for m, c in enumerate(cache)]) for k in range(3)]
+        loss_j, _, weights = alip.alip_loss(model, *f, gates, args, alip.contrastive_loss, 1, 0, weights,
+                                            scale_grad=j == 1)
+        loss_j.backward()
+    assert abs(loss_j.item() - loss.item()) < 1e-5
+    for a, b in zip(big, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: report(a, b))

@@ -1,0 +1,70 @@
+"""Two gloo processes on the CPU must train exactly like one process on the same global batch."""
+import os
+from argparse import Namespace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import alip
+from test_alip import random_tokens
+
+GLOBAL_BATCH = 8
+
+
+def global_batch():
+    gen = torch.Generator().manual_seed(11)
+    images = torch.randn(GLOBAL_BATCH, 3, 64, 64, generator=gen)
+    torch.manual_seed(12)
+    text = random_tokens([3, 9, 2, 14, 5, 5, 7, 1])
+    caption = random_tokens([6, 4, 6, 4, 6, 4, 6, 4])
+    return images, text, caption
+
+
+def step(model, images, text, caption, world_size, rank, loss):
+    x, tc = model(images, torch.cat([text, caption]))
+    gates = alip.Gates(init=0.1)
+    args = Namespace(loss=loss, gates="all")
+    out, logs, weights = alip.alip_loss(alip_module(model), x, *tc.chunk(2), gates, args, alip.contrastive_loss,
+                                        world_size, rank)
+    out.backward()
+    return out.detach(), weights, gates.H_tc.clone()
+
+
+def alip_module(model):
+    return model.module if isinstance(model, DDP) else model
+
+
+def worker(rank, world_size, tmp, loss):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = DDP(alip.create_model("tiny"))
+    n = GLOBAL_BATCH // world_size
+    images, text, caption = (b[rank * n:(rank + 1) * n] for b in global_batch())
+    out, weights, H = step(model, images, text, caption, world_size, rank, loss)
+    torch.save({"loss": out, "weights": weights, "H": H,
+                "grads": {k: p.grad for k, p in model.module.named_parameters()}}, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one(tmp_path):
+    for loss in ("alip", "clip"):
+        mp.spawn(worker, args=(2, str(tmp_path), loss), nprocs=2, join=True)
+        torch.manual_seed(0)
+        model = alip.create_model("tiny")
+        out, weights, H = step(model, *global_batch(), 1, 0, loss)
+        ranks = [torch.load(f"{tmp_path}/rank{r}.pt", weights_only=True) for r in range(2)]
+        # the global loss is the mean of the ranks' local losses; DDP averages the ranks' gradients
+        torch.testing.assert_close(sum(r["loss"] for r in ranks) / 2, out, rtol=1e-5, atol=1e-6)
+        if loss == "alip":  # gates see the global batch: the same weights and running means on every rank
+            for r in ranks:
+                torch.testing.assert_close(r["H"], H)
+                for a, b in zip(r["weights"], weights):
+                    torch.testing.assert_close(a, b)
+        for name, p in model.named_parameters():
+            for r in ranks:
+                g = r["grads"][name]
+                torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f"{loss} {name}: max diff {(g - p.grad).abs().max():.3e}")
+        os.remove(f"{tmp_path}/rendezvous") if os.path.exists(f"{tmp_path}/rendezvous") else None
