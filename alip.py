@@ -534,7 +534,9 @@ def train(args):
     log(f"device {device} x {world_size}, precision: {reason}")
 
     if args.demo and not args.data:
-        paths = data.write_demo(os.path.join(os.path.dirname(os.path.abspath(args.output)), "demo_data"))
+        root = os.path.dirname(os.path.abspath(args.output))
+        os.makedirs(root, exist_ok=True)
+        paths = data.write_demo(os.path.join(root, "demo_data"))
         args.data = paths["train"]
         args.eval_zeroshot = args.eval_zeroshot or paths["test"]
         args.eval_retrieval = args.eval_retrieval or paths["test"]
@@ -640,8 +642,7 @@ def train(args):
         micro = []
         for _ in range(args.accum_steps):
             batch = next(batches, None)
-            if batch is None:  # epoch boundary
-                loader.set_epoch(loader.state_dict()["epoch"] + 1)
+            if batch is None:  # epoch boundary: the loader moves on to the next epoch by itself
                 batches = iter(loader)
                 batch = next(batches)
             micro.append([b.to(device, non_blocking=True) for b in batch])

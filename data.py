@@ -1,0 +1,1076 @@
+"""Data for alip: CLIP's tokenizer, image transforms, a tar-shard training pipeline and a demo dataset.
+
+Shards use the WebDataset layout: members "{key}.{ext}" grouped by key, e.g. 000123.jpg, 000123.txt
+(raw web text) and 000123.syn.txt (the synthetic caption ALIP adds). img2dataset output works as is.
+
+    python data.py demo OUT                                   # procedural demo set (seconds)
+    python data.py inspect 'shards/{00000..00099}.tar' [--json] [--captions caps.jsonl]
+    python data.py make images/meta.csv OUT --shard-size 10000
+    python data.py add-captions 'shards/*.tar' caps.jsonl OUT
+    python data.py bench --synthetic [--workers 2]            # decode + augment throughput
+
+Bad data never stops a run: every broken sample or shard is skipped and counted by reason
+(loader.skipped), and only an excessive share of failures (max_bad_fraction) raises.
+"""
+import argparse
+import collections
+import csv
+import functools
+import glob
+import gzip
+import hashlib
+import html
+import io
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import tarfile
+import tempfile
+import time
+import zlib
+
+import ftfy
+import numpy as np
+import regex
+import torch
+from PIL import Image, ImageDraw
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+# -----------------------------------------------------------------------------
+# Tokenizer: CLIP's byte-level BPE (Radford et al. 2021), same ids as OpenAI's simple_tokenizer.py.
+
+SOT, EOT = 49406, 49407
+# CLIP's pre-tokenizer: contractions, runs of letters, single digits, runs of other symbols. The special
+# tokens are matched first, so literal "<start_of_text>" in a caption becomes the special id, as in CLIP.
+_WORD = regex.compile(
+    r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+    regex.IGNORECASE,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_chars():
+    # GPT-2's trick: map every byte to a printable unicode character so BPE never sees raw
+    # whitespace/control bytes; printable latin-1 bytes map to themselves, the rest to 256+n.
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in keep]
+    # Insertion order matters: it is the order of the first 512 vocabulary ids.
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
+
+
+@functools.lru_cache(maxsize=None)
+def _vocab():
+    with gzip.open(os.path.join(ASSETS, "bpe_simple_vocab_16e6.txt.gz"), "rt", encoding="utf-8") as f:
+        # First line is a version header; CLIP uses the first 49152 - 256 - 2 merges so that
+        # 256 bytes + 256 end-of-word bytes + merges + 2 specials = 49408 ids.
+        merges = [tuple(line.split()) for line in f.read().split("\n")[1:49152 - 256 - 2 + 1]]
+    byte_chars = list(_byte_chars().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<start_of_text>", "<end_of_text>"]
+    return {t: i for i, t in enumerate(tokens)}, {m: i for i, m in enumerate(merges)}
+
+
+@functools.lru_cache(maxsize=1 << 18)  # web text repeats words a lot; BPE per word is the slow part
+def _bpe(word):
+    encoder, ranks = _vocab()
+    if word in ("<start_of_text>", "<end_of_text>"):
+        return (encoder[word],)
+    chars = _byte_chars()
+    parts = [chars[b] for b in word.encode("utf-8")]
+    parts[-1] += "</w>"
+    while len(parts) > 1:
+        # Merge the lowest-ranked adjacent pair everywhere it occurs, left to right.
+        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return tuple(encoder[p] for p in parts)
+
+
+def _clean(text):
+    # CLIP's cleaning: fix mojibake, unescape HTML twice (alt-text is often double-escaped),
+    # collapse whitespace, lower-case.
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.split()).lower()
+
+
+def tokenize(texts, context_length=77):
+    """CLIP token ids, (N, context_length) long: SOT, BPE ids, EOT, zero padding; overlong text is cut
+    and its last slot set to EOT (the text tower reads the feature at the EOT position)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = [SOT] + [t for w in _WORD.findall(_clean(text)) for t in _bpe(w)] + [EOT]
+        if len(ids) > context_length:
+            ids = ids[:context_length]
+            ids[-1] = EOT
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Image decoding and transforms (PIL + torch; same maths as torchvision's, which we may not depend on).
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's normalisation constants
+STD = (0.26862954, 0.26130258, 0.27577711)
+CROP_SCALE = (0.7, 1.0)  # ALIP's RandomResizedCrop: area share and aspect ratio
+CROP_RATIO = (0.8, 1.25)
+MAX_PIXELS = 8192 * 8192  # decompression-bomb cap, checked from the header before any pixel is decoded
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def decode_image(raw, min_side=0):
+    """RGB PIL image from encoded bytes; raises ValueError(reason) for anything unusable.
+    min_side > 0 lets JPEGs decode at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper) while both
+    sides stay >= min_side."""
+    if not raw:
+        raise ValueError("empty_image")
+    try:
+        img = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError:
+        raise ValueError("image_too_large") from None
+    except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError("not_an_image") from None
+    if img.width * img.height > MAX_PIXELS:
+        raise ValueError("image_too_large")
+    try:
+        if min_side and img.format == "JPEG":
+            img.draft("RGB", (min_side, min_side))
+        img.load()  # a truncated file fails here, not at open
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")  # what Pillow asks for, instead of warning in every worker
+        return img if img.mode == "RGB" else img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise ValueError("corrupt_image") from None
+
+
+def _to_uint8(img):
+    # np.array, not asarray: PIL hands numpy read-only memory, which torch warns about. S*S*3 bytes.
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (3, S, S) uint8
+
+
+def normalize(x, out=None):
+    """uint8 (..., 3, S, S) -> float normalised with CLIP's mean/std, as one scale and one shift;
+    written into `out` when given."""
+    scale = 1 / (255 * torch.tensor(STD))
+    shift = torch.tensor(MEAN) / torch.tensor(STD)
+    out = x.float() if out is None else out.copy_(x)
+    return out.mul_(scale.view(3, 1, 1)).sub_(shift.view(3, 1, 1))
+
+
+def crop_params(width, height, generator, scale=CROP_SCALE, ratio=CROP_RATIO):
+    """torchvision's RandomResizedCrop.get_params: 10 tries at a random area share and log-uniform
+    aspect, then a centre crop clamped to the ratio range. Returns (left, top, w, h)."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(2, generator=generator).tolist()
+        target = area * (scale[0] + u[0] * (scale[1] - scale[0]))
+        aspect = math.exp(log_lo + u[1] * (log_hi - log_lo))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return left, top, w, h
+    if width / height < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def train_min_side(image_size, scale=CROP_SCALE, ratio=CROP_RATIO):
+    """Smallest decoded short side for which every random crop is still >= image_size, so draft
+    decoding never makes the train transform upsample: a crop's short side is at least
+    sqrt(scale_min / ratio_max) of the image's short side."""
+    return math.ceil(image_size / math.sqrt(scale[0] / ratio[1]))
+
+
+def _crop_flip(img, generator, image_size):
+    left, top, w, h = crop_params(img.width, img.height, generator)
+    # resize(box=...) crops and resizes in one pass, without materialising the crop.
+    img = img.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h))
+    x = _to_uint8(img)
+    return x.flip(2) if torch.rand(1, generator=generator).item() < 0.5 else x
+
+
+def train_transform(image_size):
+    """callable(img, generator) -> (3, S, S): random resized crop, bilinear resize, flip p=0.5, normalise.
+    (The loader runs the same steps but normalises whole uint8 batches at once, which is cheaper.)"""
+    return lambda img, generator: normalize(_crop_flip(img, generator, image_size))
+
+
+def eval_transform(image_size):
+    """callable(img) -> (3, S, S): bicubic resize of the shorter side to S, centre crop, normalise."""
+    def transform(img):
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        long = int(image_size * long / short)  # torchvision's size rule
+        w, h = (image_size, long) if w <= h else (long, image_size)
+        img = img.resize((w, h), Image.BICUBIC)
+        left, top = int(round((w - image_size) / 2)), int(round((h - image_size) / 2))
+        return normalize(_to_uint8(img.crop((left, top, left + image_size, top + image_size))))
+    return transform
+
+
+# -----------------------------------------------------------------------------
+# Shards: expansion, sample counts, reading.
+
+def _expand_braces(spec):
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if m:
+        lo, hi, width = int(m.group(1)), int(m.group(2)), len(m.group(1))
+        return [s for i in range(lo, hi + 1)
+                for s in _expand_braces(spec[:m.start()] + str(i).zfill(width) + spec[m.end():])]
+    m = re.search(r"\{([^{}]*,[^{}]*)\}", spec)
+    if m:
+        return [s for alt in m.group(1).split(",")
+                for s in _expand_braces(spec[:m.start()] + alt + spec[m.end():])]
+    return [spec]
+
+
+def expand_shards(spec):
+    """List of shard paths from directories, globs, brace lists ("a/{000..009}.tar", "{a,b}.tar") and
+    several sources joined with "::" (open_clip's separator). Brace-listed paths are kept even if missing,
+    so a missing shard is counted when read rather than silently dropped."""
+    specs = spec if isinstance(spec, (list, tuple)) else [spec]
+    out = []
+    for part in (p for s in specs for p in str(s).split("::") if p):
+        for path in _expand_braces(os.path.expanduser(part)):
+            if os.path.isdir(path):
+                out += sorted(glob.glob(os.path.join(path, "*.tar")) + glob.glob(os.path.join(path, "*.tar.gz")))
+            elif glob.has_magic(path):
+                out += sorted(glob.glob(path))
+            else:
+                out.append(path)
+    return out
+
+
+def _split_name(name):
+    # WebDataset convention: key = path up to the first "." of the basename, ext = the rest.
+    dirname, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(dirname, stem) if dirname else stem, ext.lower()
+
+
+def iter_samples(shards, stats=None, failed_shards=None):
+    """Yield {"__key__", "__shard__", ext: bytes, ...} for consecutive members sharing a key. Unreadable,
+    empty or non-tar shards and tars cut off mid-member are counted in stats by reason, never raised;
+    failed_shards (a dict), when given, gets shard -> reason for each of them."""
+    stats = collections.Counter() if stats is None else stats
+    for shard in shards:
+        reason = yield from _iter_shard(shard)
+        if reason:
+            stats[reason] += 1
+            if failed_shards is not None:
+                failed_shards[shard] = reason
+
+
+def _iter_shard(shard):
+    # Yields the shard's samples, then returns the reason it failed, or None.
+    sample, any_member = None, False
+    try:
+        if os.path.getsize(shard) == 0:
+            return "empty_shard"
+        with tarfile.open(shard, "r|*") as tar:  # streaming: works on pipes and never seeks
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_name(member.name)
+                if not ext or os.path.basename(key).startswith((".", "_")):
+                    continue  # hidden files, __MACOSX, img2dataset's per-shard metadata
+                any_member = True
+                if sample is not None and sample["__key__"] != key:
+                    yield sample  # complete: a new key has begun
+                    sample = None
+                if sample is None:
+                    sample = {"__key__": key, "__shard__": shard}
+                sample[ext] = tar.extractfile(member).read()
+            # tarfile takes a tar cut inside a header for a normal end; an uncompressed tar ends with
+            # at least two zero blocks (1024 bytes) after the last member, so fewer means cut off.
+            if any_member and not shard.endswith(".gz") and os.path.getsize(shard) - tar.offset < 1024:
+                return "truncated_tar"
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return "unreadable_shard"
+    except (tarfile.ReadError, EOFError, zlib.error, OSError):
+        # Failing before the first member means not a tar at all; after it, the tar was cut off
+        # and the sample being assembled is incomplete, so it is dropped.
+        return "truncated_tar" if any_member else "not_a_tar"
+    if sample is not None:
+        yield sample
+    return None
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _count_tar(shard):
+    keys = set()
+    try:
+        with tarfile.open(shard, "r|*") as tar:
+            for member in tar:
+                key, ext = _split_name(member.name)
+                if member.isfile() and ext and not os.path.basename(key).startswith((".", "_")):
+                    keys.add(key)
+    except (OSError, tarfile.ReadError, EOFError, zlib.error):
+        pass  # broken shards count what they hold before the break; reading them counts the damage
+    return len(keys)
+
+
+def shard_sizes(shards):
+    """Samples per shard (dict). Taken from sizes.json beside the shards (WebDataset), or img2dataset's
+    {shard}_stats.json ("successes"), else counted once and cached in .alip_sizes.json beside the
+    shards, or under ~/.cache/alip when that directory is read-only."""
+    sizes, todo = {}, collections.defaultdict(list)
+    for shard in shards:
+        d, base = os.path.split(os.path.abspath(shard))
+        listing = _read_json(os.path.join(d, "sizes.json")) or {}
+        stats = _read_json(os.path.join(d, base.split(".")[0] + "_stats.json")) or {}
+        if base in listing:
+            sizes[shard] = int(listing[base])
+        elif "successes" in stats:
+            sizes[shard] = int(stats["successes"])
+        else:
+            todo[d].append(shard)
+    for d, group in todo.items():
+        cache_paths = [os.path.join(d, ".alip_sizes.json"), os.path.join(
+            os.path.expanduser("~/.cache/alip"), hashlib.sha1(d.encode()).hexdigest()[:16] + ".json")]
+        cache = next((c for c in map(_read_json, cache_paths) if c), {})
+        changed = False
+        for shard in group:
+            base = os.path.basename(shard)
+            try:
+                st = os.stat(shard)
+                stamp = [st.st_size, int(st.st_mtime)]
+            except OSError:
+                sizes[shard] = 0
+                continue
+            if base in cache and cache[base][1:] == stamp:
+                sizes[shard] = cache[base][0]
+            else:
+                sizes[shard] = _count_tar(shard)
+                cache[base] = [sizes[shard], *stamp]
+                changed = True
+        for path in cache_paths if changed else []:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _write_atomic(path, json.dumps(cache).encode())
+                break
+            except OSError:
+                continue
+    return sizes
+
+
+def _write_atomic(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def load_captions(path):
+    """{key: caption} from a JSONL side file of {"key": ..., "caption": ...} lines."""
+    captions = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                captions[str(row["key"])] = row["caption"]
+    return captions
+
+
+def _text(sample, ext, reason, stats):
+    raw = sample.get(ext)
+    if raw is None:
+        stats["missing_" + reason] += 1
+    elif not raw.strip():
+        stats["empty_" + reason] += 1
+    else:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            stats["bad_utf8_" + reason] += 1
+    return None
+
+
+def parse_sample(sample, stats, captions=None, missing_caption="skip", min_side=0,
+                 text_ext="txt", caption_ext="syn.txt"):
+    """(image, text, caption) from a raw sample, or None with the reason counted in stats. The caption
+    comes from the side file when given, else from the tar; missing_caption="raw" uses the raw text."""
+    image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if image_ext is None:
+        stats["missing_image"] += 1
+        return None
+    text = _text(sample, text_ext, "text", stats)
+    if text is None:
+        return None
+    if captions is not None:
+        caption = captions.get(sample["__key__"])
+        if caption is None and missing_caption == "skip":
+            stats["missing_caption"] += 1
+    else:
+        # In "raw" mode an absent or broken caption is not a skip, so it is not counted.
+        caption = _text(sample, caption_ext, "caption", stats if missing_caption == "skip" else collections.Counter())
+    if caption is None:
+        if missing_caption == "skip":
+            return None
+        caption = text
+    try:
+        image = decode_image(sample[image_ext], min_side)
+    except ValueError as e:
+        stats[str(e)] += 1
+        return None
+    return image, text, caption
+
+
+# -----------------------------------------------------------------------------
+# Training loader: an IterableDataset of whole batches, so the DataLoader's round-robin over workers
+# gives one deterministic batch order. Shards are split over the rank x worker "slots"; batch k of
+# the epoch is produced by logical worker k % workers of its rank.
+
+MIN_SAMPLES_FOR_BAD_CHECK = 64  # judge the failure share only once it means something
+SHUFFLE_BUFFER = 1000
+
+
+def _seed(*parts):
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=7).digest(), "little")
+
+
+def _shuffled(samples, rng):
+    # WebDataset-style buffer shuffle: a random buffered sample is swapped out for each new one.
+    buf = []
+    for sample in samples:
+        if len(buf) < SHUFFLE_BUFFER:
+            buf.append(sample)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _assign(shards, sizes, n_slots, rng):
+    # Shuffle, then give each shard to the slot holding the fewest samples so far: equal-size shards
+    # go round-robin, uneven ones still balance (every slot must fill the same number of batches).
+    order = list(shards)
+    rng.shuffle(order)
+    slots, load = [[] for _ in range(n_slots)], [0] * n_slots
+    for shard in order:
+        i = load.index(min(load))
+        slots[i].append(shard)
+        load[i] += max(sizes.get(shard, 1), 1)
+    return slots
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Yields (images, text ids, caption ids, batch index, worker's skip counts) for one rank."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def _raw_stream(self, slot, n_slots, epoch, stats, failed_shards):
+        # Endless: pass 0 is this slot's share of the epoch; when it runs dry (uneven shards or an
+        # epoch longer than the data) later passes re-read the same shards in a new order.
+        L = self.loader
+        shards = L.shards
+        for p in itertools.count():
+            rng = random.Random(_seed(L.seed, epoch, slot, p))
+            if L.resampled:
+                # Shards drawn with replacement: no split needed, slots differ by their seeds.
+                mine, split = [rng.choice(shards) for _ in range(max(1, len(shards) // n_slots))], False
+            elif len(shards) < n_slots:
+                mine, split = list(shards), True
+                random.Random(_seed(L.seed, epoch, p)).shuffle(mine)  # the same order in every slot
+            else:
+                split = False
+                mine = _assign(shards, L.sizes, n_slots, random.Random(_seed(L.seed, epoch)))[slot]
+                if p > 0:
+                    rng.shuffle(mine)
+            n = 0
+            # The buffer is flushed at the end of each pass, so a pass is only read once the previous
+            # one is used up and broken shards are counted once per pass actually needed.
+            raw = iter_samples(mine, stats, failed_shards)
+            if split:  # fewer shards than slots: split by sample index instead
+                raw = (s for i, s in enumerate(raw) if i % n_slots == slot)
+            for sample in _shuffled(raw, rng):
+                sample["__pass__"] = p
+                n += 1
+                yield sample
+            if n == 0:
+                raise RuntimeError(f"data: no samples at all in the shards of slot {slot}: "
+                                   f"{mine[:5]}{' ...' if len(mine) > 5 else ''} (skipped so far: {dict(stats)})")
+
+    def __iter__(self):
+        L = self.loader
+        info = torch.utils.data.get_worker_info()
+        wid, W = (info.id, info.num_workers) if info else (0, 1)
+        epoch, start, steps, B = L.epoch, L.start_batch, L.steps_per_epoch, L.batch_size
+        # DataLoader hands the first task to worker 0; after a resume at batch `start` that must be
+        # the logical worker that owns batch `start`, so physical ids are rotated.
+        lw = (wid + start) % W
+        slot, n_slots = L.rank * W + lw, L.world_size * W
+        stats, per_shard, failed_shards = collections.Counter(), collections.Counter(), {}
+        good = 0  # usable samples seen by this worker, the denominator of the failure share
+        samples = self._raw_stream(slot, n_slots, epoch, stats, failed_shards)
+        min_side = train_min_side(L.image_size)
+        for k in range(lw, steps, W):
+            images, texts, captions, n = [], [], [], 0
+            while n < B:
+                sample = next(samples)
+                parsed = parse_sample(sample, stats, L.captions, L.missing_caption, min_side, L.text_ext, L.caption_ext)
+                if parsed is None:
+                    per_shard[sample["__shard__"]] += 1
+                    self._check_bad(good, stats, per_shard, failed_shards)
+                    continue
+                good += 1
+                n += 1
+                if k < start:
+                    continue  # resuming: batch consumed already; parsing alone keeps the filtering exact
+                image, text, caption = parsed
+                # Seeded by the sample, not the worker: the same crop and flip for any worker count.
+                shard = os.path.basename(sample["__shard__"])
+                g = torch.Generator().manual_seed(_seed(L.seed, epoch, shard, sample["__key__"], sample["__pass__"]))
+                images.append(_crop_flip(image, g, L.image_size))
+                texts.append(text)
+                captions.append(caption)
+            if failed_shards:  # whole-shard losses count too, though no sample failed
+                self._check_bad(good, stats, per_shard, failed_shards)
+            if k >= start:
+                out = torch.empty(B, 3, L.image_size, L.image_size)  # (B, 3, S, S)
+                if info:  # fill the batch in shared memory at once, saving the copy the queue would make
+                    out.share_memory_()
+                yield normalize(torch.stack(images), out), tokenize(texts), tokenize(captions), k, dict(stats)
+
+    def _check_bad(self, good, stats, per_shard, failed_shards):
+        L = self.loader
+        bad_samples = sum(per_shard.values())
+        if good + bad_samples < MIN_SAMPLES_FOR_BAD_CHECK:
+            return
+        # A shard that cannot be read at all loses the samples sizes.json or _stats.json promised for
+        # it (one if unknown); a tar cut off loses the sample being read.
+        lost = sum(1 if r == "truncated_tar" else max(1, L.sizes.get(s, 0)) for s, r in failed_shards.items())
+        bad, seen = bad_samples + lost, good + bad_samples + lost
+        if bad / seen <= L.max_bad_fraction and good:
+            return
+        worst = [f"{s} ({r})" for s, r in failed_shards.items()][:5]
+        worst += [f"{s} ({n} bad samples)" for s, n in per_shard.most_common(5)]
+        raise RuntimeError(
+            f"data: {bad} of {seen} samples failed ({bad / seen:.0%} > max_bad_fraction={L.max_bad_fraction}); "
+            f"reasons {dict(stats)}; worst shards: {', '.join(worst)}. Run `python data.py inspect` on them.")
+
+
+class TrainLoader:
+    """Exactly steps_per_epoch batches per epoch on every rank: (images (B,3,S,S), text (B,77), caption (B,77)).
+    state_dict()/load_state_dict() store the data position; resuming is exact for the same world size
+    and worker count. skipped: Counter of skipped samples (and broken shards) by reason."""
+
+    def __init__(self, spec, *, image_size, batch_size, seed=0, rank=0, world_size=1, workers=2,
+                 captions=None, missing_caption="skip", resampled=False, num_samples=None,
+                 max_bad_fraction=0.5, text_ext="txt", caption_ext="syn.txt"):
+        if missing_caption not in ("skip", "raw"):
+            raise ValueError(f"missing_caption must be 'skip' or 'raw', not {missing_caption!r}")
+        self.shards = expand_shards(spec)
+        if not self.shards:
+            raise FileNotFoundError(f"data: no shards match {spec!r}")
+        self.sizes = {} if num_samples else shard_sizes(self.shards)
+        self.num_samples = num_samples or sum(self.sizes.values())
+        self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.captions = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
+        self.missing_caption, self.resampled, self.max_bad_fraction = missing_caption, resampled, max_bad_fraction
+        self.text_ext, self.caption_ext = text_ext, caption_ext
+        self.steps_per_epoch = self.num_samples // (batch_size * world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"data: {self.num_samples} samples is less than one global batch "
+                             f"({batch_size} x {world_size} ranks)")
+        n_slots = world_size * max(workers, 1)
+        if not resampled and len(self.shards) < n_slots and rank == 0:
+            print(f"data: warning: {len(self.shards)} shards for {n_slots} rank x worker slots; "
+                  f"splitting by sample, so every slot reads every shard")
+        self.epoch, self.start_batch = 0, 0
+        self.skipped = collections.Counter()
+        self._done_epochs_skipped = collections.Counter()  # counts of epochs finished before this one
+
+    def set_epoch(self, epoch):
+        # Keeps a position restored by load_state_dict when the caller then sets that same epoch.
+        if epoch != self.epoch:
+            self.epoch, self.start_batch = epoch, 0
+
+    def state_dict(self):
+        if self.start_batch >= self.steps_per_epoch:
+            return {"epoch": self.epoch + 1, "batch": 0, "skipped": dict(self.skipped)}
+        return {"epoch": self.epoch, "batch": self.start_batch, "skipped": dict(self._done_epochs_skipped)}
+
+    def load_state_dict(self, sd):
+        self.epoch, self.start_batch = int(sd["epoch"]), int(sd["batch"])
+        self._done_epochs_skipped = collections.Counter(sd.get("skipped", {}))
+        self.skipped = collections.Counter(self._done_epochs_skipped)
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def __iter__(self):
+        W = max(self.workers, 1)
+        dl = torch.utils.data.DataLoader(
+            _BatchStream(self), batch_size=None, num_workers=self.workers, persistent_workers=False,
+            pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals)
+        worker_stats = {}
+        base = collections.Counter(self._done_epochs_skipped)
+        for images, text, caption, k, stats in dl:
+            assert k == self.start_batch, f"data: batch {k} arrived when {self.start_batch} was due"
+            worker_stats[k % W] = stats
+            self.skipped = base + sum(map(collections.Counter, worker_stats.values()), collections.Counter())
+            self.start_batch += 1
+            yield images, text, caption
+        # The epoch is over: fold its counts in and move the position to the next epoch.
+        self._done_epochs_skipped = collections.Counter(self.skipped)
+        self.epoch, self.start_batch = self.epoch + 1, 0
+
+
+def _ignore_stop_signals(worker_id):
+    # A scheduler's SIGTERM or a terminal's Ctrl-C reaches the whole process group; the training process
+    # saves a checkpoint and then shuts its workers down, so they must not die first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_train_loader(spec, *, image_size, batch_size, seed=0, rank=0, world_size=1, workers=2,
+                      captions=None, missing_caption="skip", resampled=False, num_samples=None,
+                      max_bad_fraction=0.5, text_ext="txt", caption_ext="syn.txt"):
+    """The training loader; see TrainLoader. captions: JSONL path or {key: caption}; text_ext and
+    caption_ext name the tar members holding raw text and caption."""
+    return TrainLoader(spec, image_size=image_size, batch_size=batch_size, seed=seed, rank=rank,
+                       world_size=world_size, workers=workers, captions=captions, missing_caption=missing_caption,
+                       resampled=resampled, num_samples=num_samples, max_bad_fraction=max_bad_fraction,
+                       text_ext=text_ext, caption_ext=caption_ext)
+
+
+# -----------------------------------------------------------------------------
+# Writing shards.
+
+def write_tar(path, samples):
+    """Write [(key, {ext: bytes})] as a tar shard, atomically (temp file, then rename). Fixed metadata
+    makes the bytes depend on the samples only."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
+
+
+def _write_sizes(out_dir, sizes):
+    _write_atomic(os.path.join(out_dir, "sizes.json"), json.dumps(sizes, indent=0, sort_keys=True).encode())
+
+
+# -----------------------------------------------------------------------------
+# Demo dataset: coloured shapes with noisy web-like text and cleaner synthetic captions, so the demo
+# can show ALIP's point (captions help where raw text is noisy) in minutes on a CPU.
+
+COLOURS = {"red": (205, 40, 40), "green": (40, 165, 60), "blue": (40, 75, 215),
+           "yellow": (230, 210, 40), "purple": (140, 55, 185), "orange": (245, 135, 25)}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # label = colour_index * 5 + shape_index
+POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
+             "bottom left", "bottom middle", "bottom right")  # 3x3 grid, row-major
+DEMO_TRAIN, DEMO_SHARDS, DEMO_TEST, DEMO_SIDE = 16384, 8, 1000, 64
+
+_RELEVANT = ["{c} {s} sticker | free shipping", "IMG_{n} - {c} {s}", "{S}, {C}. best price", "{s} {c}",
+             "{c} {s} wall decal vinyl", "Buy {c} {s} online", "{c}-{s}-icon.png", "{C} {S} Clipart",
+             "vintage {c} {s} print 24x36", "{s} shape in {c} colour", "#{c} #{s} #art", "{c} {s}",
+             "cute {s} ({c}) for kids room", "{S} {C} {S} {C} {S}", "new! {c} {s} - sale", "{c} {s} png transparent"]
+_IRRELEVANT = ["click here to subscribe", "DSC_{n}.JPG", "untitled", "best deals {y}", "image", "photo",
+               "IMG_{n}.jpg", "home page banner", "loading...", "thumbnail", "free download", "logo",
+               "copyright all rights reserved", "sale 50% off", "new arrivals", "contact us", "read more",
+               "screenshot {y}-0{m}-1{m}", "placeholder", "404 not found", "share on facebook", "pin it",
+               "my vacation {y}", "product image {n}", "default_avatar", "banner_{n}.gif", "spacer",
+               "advertisement", "see details", "add to cart", "posted by admin", "view larger", "no image available",
+               "Shop Now >>", "follow us on instagram", "terms and conditions", "image {n} of 12", "avatar"]
+
+
+def _shape_polygon(shape, cx, cy, r):
+    if shape == "triangle":
+        return [(cx, cy - r), (cx - 0.95 * r, cy + 0.8 * r), (cx + 0.95 * r, cy + 0.8 * r)]
+    if shape == "star":
+        return [(cx + (r if i % 2 == 0 else 0.45 * r) * math.cos(math.pi * (i / 5 - 0.5)),
+                 cy + (r if i % 2 == 0 else 0.45 * r) * math.sin(math.pi * (i / 5 - 0.5))) for i in range(10)]
+    if shape == "cross":
+        a, b = r, 0.32 * r  # arm half-length and half-thickness
+        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b),
+                (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b),
+                (cx - a, cy - b), (cx - b, cy - b)]
+    raise ValueError(shape)
+
+
+def _demo_image(rng, noise, colour, shape, large, cell):
+    side = DEMO_SIDE
+    size = side * (rng.uniform(0.55, 0.75) if large else rng.uniform(0.30, 0.45))
+    r = size / 2
+    # Cell centre plus jitter, clamped so the whole shape stays visible.
+    cx = min(max((cell % 3 + 0.5) * side / 3 + rng.uniform(-3, 3), r), side - r)
+    cy = min(max((cell // 3 + 0.5) * side / 3 + rng.uniform(-3, 3), r), side - r)
+    v = rng.uniform(85, 150)
+    brown = rng.random() < 0.5
+    bg = (v, 0.85 * v, 0.7 * v) if brown else (v, v, v)
+    img = Image.new("RGB", (side, side), tuple(int(c) for c in bg))
+    fill = tuple(int(min(255, max(0, c + rng.integers(-18, 19)))) for c in COLOURS[colour])
+    draw = ImageDraw.Draw(img)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        q = 0.85 * r  # a square of the same "size" looks bigger than a circle; shrink it a little
+        draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
+    else:
+        draw.polygon(_shape_polygon(shape, cx, cy, r), fill=fill)
+    x = np.asarray(img, dtype=np.int16) + noise[rng.integers(len(noise))]
+    return Image.fromarray(x.clip(0, 255).astype(np.uint8)), "brown" if brown else "gray"
+
+
+def _messy_case(text, rnd):
+    return rnd.choice([text, text, text.lower(), text.upper(), text.title()])
+
+
+def _demo_raw_text(rnd, colour, shape):
+    u = rnd.random()
+    if u < 0.35:
+        return _messy_case(rnd.choice(_IRRELEVANT).format(n=rnd.randrange(1000, 9999), y=rnd.randrange(2009, 2024),
+                                                          m=rnd.randrange(1, 9)), rnd)
+    if u >= 0.60:  # mismatched: describes another colour and/or shape
+        colour, shape = _perturb(rnd, colour, shape)
+    t = rnd.choice(_RELEVANT).format(c=colour, s=shape, C=colour.title(), S=shape.title(), n=rnd.randrange(1000, 9999))
+    return _messy_case(t, rnd)
+
+
+def _perturb(rnd, colour, shape):
+    what = rnd.randrange(3)
+    if what != 1:
+        colour = rnd.choice([c for c in COLOURS if c != colour])
+    if what != 0:
+        shape = rnd.choice([s for s in SHAPES if s != shape])
+    return colour, shape
+
+
+def _demo_split(out, n, n_shards, seed, split):
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])  # separate streams per split
+    rnd = random.Random(_seed("demo", seed, split))
+    noise = rng.integers(-10, 11, size=(64, DEMO_SIDE, DEMO_SIDE, 3), dtype=np.int16)
+    per_shard = -(-n // n_shards)
+    sizes = {}
+    for j in range(n_shards):
+        samples = []
+        for i in range(j * per_shard, min(n, (j + 1) * per_shard)):
+            ci, si = int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES)))
+            colour, shape = list(COLOURS)[ci], SHAPES[si]
+            large, cell = bool(rng.random() < 0.5), int(rng.integers(9))
+            img, bg = _demo_image(rng, noise, colour, shape, large, cell)
+            size, pos = "large" if large else "small", POSITIONS[cell]
+            buf = io.BytesIO()
+            if split == "train":
+                # JPEG q95 4:4:4 decodes as fast as PNG here and encodes ~8x faster (measured).
+                img.save(buf, "JPEG", quality=95, subsampling=0)
+                c, s = _perturb(rnd, colour, shape) if rnd.random() < 0.1 else (colour, shape)
+                caption = rnd.choice([f"a {size} {c} {s} in the {pos} of the image",
+                                      f"a {size} {c} {s} on a {bg} background"])
+                files = {"jpg": buf.getvalue(), "txt": _demo_raw_text(rnd, colour, shape).encode(),
+                         "syn.txt": caption.encode()}
+            else:
+                img.save(buf, "PNG", compress_level=1)
+                files = {"png": buf.getvalue(), "cls": str(ci * len(SHAPES) + si).encode(),
+                         "txt": f"a photo of a {size} {colour} {shape} at the {pos}.".encode()}
+            samples.append((f"{i:06d}", files))
+        name = f"{j:05d}.tar"
+        write_tar(os.path.join(out, name), samples)
+        sizes[name] = len(samples)
+    _write_sizes(out, sizes)
+
+
+def write_demo(out_dir, seed=0):
+    """Build (or reuse) the demo dataset: {"train": dir, "test": dir}. Written to a temp dir and renamed,
+    so a directory with the .complete marker is always whole."""
+    out_dir = os.path.abspath(out_dir)
+    paths = {"train": os.path.join(out_dir, "train"), "test": os.path.join(out_dir, "test")}
+    marker = os.path.join(out_dir, ".complete")
+    want = {"seed": seed, "version": 1}
+    if _read_json(marker) == want:
+        return paths
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(marker):
+        raise FileExistsError(f"data: {out_dir} exists and is not a demo dataset; not overwriting it")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp", dir=os.path.dirname(out_dir))
+    try:
+        for split, n, n_shards in (("train", DEMO_TRAIN, DEMO_SHARDS), ("test", DEMO_TEST, 1)):
+            os.makedirs(os.path.join(tmp, split))
+            _demo_split(os.path.join(tmp, split), n, n_shards, seed, split)
+        with open(os.path.join(tmp, "test", "classnames.txt"), "w") as f:
+            f.write("\n".join(CLASSNAMES) + "\n")
+        _write_atomic(os.path.join(tmp, ".complete"), json.dumps(want).encode())
+        if _read_json(marker) == want:  # another process (e.g. a second rank) finished first
+            return paths
+        if os.path.exists(out_dir):  # empty, or a complete demo with another seed
+            shutil.rmtree(out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            # Another process (e.g. a second rank) finished first; its copy is as good as ours.
+            if _read_json(marker) != want:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Commands: inspect, make, add-captions, bench, demo.
+
+def inspect(spec, captions=None, missing_caption="skip", previews=3):
+    """Scan shards as training would (decoding every image) and report what is usable and why the rest is not."""
+    shards = expand_shards(spec)
+    caps = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
+    stats, coverage, shown = collections.Counter(), collections.Counter(), []
+    usable = total = 0
+    for sample in iter_samples(shards, stats):
+        total += 1
+        coverage.update(e for e in sample if not e.startswith("__"))
+        if caps is not None:
+            coverage["captions file"] += sample["__key__"] in caps
+        parsed = parse_sample(sample, stats, caps, missing_caption)
+        if parsed is not None:
+            usable += 1
+            if len(shown) < previews:
+                image, text, caption = parsed
+                shown.append({"key": sample["__key__"], "shard": sample["__shard__"], "size": list(image.size),
+                              "text": text[:100], "caption": caption[:100]})
+    return {"shards": len(shards), "samples": total, "usable": usable, "skipped": dict(stats),
+            "coverage": {k: v / max(total, 1) for k, v in sorted(coverage.items())}, "previews": shown}
+
+
+def _read_table(path):
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def make_shards(src, out_dir, shard_size=10000):
+    """Shards from a CSV/JSONL table with columns image (path relative to the table), text and optional
+    caption. src is the table or a directory holding exactly one. Image bytes are stored as they are."""
+    if os.path.isdir(src):
+        tables = [p for p in sorted(os.listdir(src)) if p.endswith((".csv", ".jsonl"))]
+        if len(tables) != 1:
+            raise ValueError(f"data: expected one .csv or .jsonl in {src}, found {tables}")
+        src = os.path.join(src, tables[0])
+    rows, root = _read_table(src), os.path.dirname(os.path.abspath(src))
+    os.makedirs(out_dir, exist_ok=True)
+    sizes, samples, missing = {}, [], 0
+
+    def flush():
+        name = f"{len(sizes):05d}.tar"
+        write_tar(os.path.join(out_dir, name), samples)
+        sizes[name] = len(samples)
+        samples.clear()
+
+    for i, row in enumerate(rows):
+        path = os.path.join(root, row["image"])
+        ext = os.path.splitext(path)[1].lower().lstrip(".")
+        try:
+            with open(path, "rb") as f:
+                files = {ext: f.read()}
+        except OSError:
+            missing += 1
+            continue
+        files["txt"] = str(row.get("text") or "").encode()
+        if row.get("caption"):
+            files["syn.txt"] = str(row["caption"]).encode()
+        samples.append((f"{i:09d}", files))
+        if len(samples) == shard_size:
+            flush()
+    if samples:
+        flush()
+    _write_sizes(out_dir, sizes)
+    return {"samples": sum(sizes.values()), "shards": len(sizes), "missing_image_files": missing}
+
+
+def add_captions(spec, captions, out_dir):
+    """Copy shards to out_dir with each sample's caption from the JSONL side file added as {key}.syn.txt."""
+    caps = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
+    os.makedirs(out_dir, exist_ok=True)
+    stats, sizes, counts = collections.Counter(), {}, collections.Counter()
+    for shard in expand_shards(spec):
+        samples = []
+        for sample in iter_samples([shard], stats):
+            files = {k: v for k, v in sample.items() if not k.startswith("__")}
+            if sample["__key__"] in caps:
+                files["syn.txt"] = caps[sample["__key__"]].encode()
+            counts["with_caption" if "syn.txt" in files else "without_caption"] += 1
+            samples.append((sample["__key__"], files))
+        name = os.path.basename(shard).split(".")[0] + ".tar"
+        write_tar(os.path.join(out_dir, name), samples)
+        sizes[name] = len(samples)
+    _write_sizes(out_dir, sizes)
+    return {**counts, "shards": len(sizes), "skipped": dict(stats)}
+
+
+def _synthetic_jpegs(out_dir, n=200, seed=0):
+    # Photo-like 500-px JPEGs (smooth gradients, shapes, sensor noise), the typical img2dataset size.
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        w, h = (500, 375) if i % 2 else (375, 500)
+        yy, xx = np.mgrid[0:h, 0:w] / 500.0
+        base = rng.uniform(0, 255, 3) * (0.5 + 0.5 * np.sin(xx[..., None] * rng.uniform(1, 6, 3) + yy[..., None] * rng.uniform(1, 6, 3)))
+        img = Image.fromarray((base + rng.normal(0, 6, (h, w, 3))).clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x0, y0 = rng.integers(0, w - 50), rng.integers(0, h - 50)
+            draw.ellipse((x0, y0, x0 + rng.integers(20, 200), y0 + rng.integers(20, 200)),
+                         fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        samples.append((f"{i:06d}", {"jpg": buf.getvalue(), "txt": b"a synthetic photo", "syn.txt": b"a photo"}))
+    # Four shards, so that up to four workers split by shard as they would on real data.
+    for j in range(4):
+        write_tar(os.path.join(out_dir, f"{j:05d}.tar"), samples[j::4])
+    _write_sizes(out_dir, {f"{j:05d}.tar": len(samples[j::4]) for j in range(4)})
+
+
+def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
+    """Images/s in one process for a baseline (full decode, convert, crop, bilinear resize) and for our
+    path (draft decode, fused crop+resize), then through the real loader with `workers` processes."""
+    raws = [s[e] for s in iter_samples(expand_shards(spec)) for e in IMAGE_EXTS if e in s][:500]
+    if not raws:
+        raise ValueError(f"data: no images in {spec!r}")
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+
+    def baseline(raw):
+        img = Image.open(io.BytesIO(raw)).convert("RGB")
+        left, top, w, h = crop_params(img.width, img.height, g)
+        img = img.crop((left, top, left + w, top + h)).resize((image_size, image_size), Image.BILINEAR)
+        return (torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - mean) / std
+
+    min_side = train_min_side(image_size)
+
+    def ours(raw):
+        return normalize(_crop_flip(decode_image(raw, min_side), g, image_size))
+
+    def rates(fns):
+        # Alternate short rounds so that load from other processes on a shared machine hits all alike.
+        n, spent = [0] * len(fns), [0.0] * len(fns)
+        while min(spent) < seconds:
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    fn(raws[n[i] % len(raws)])
+                    n[i] += 1
+                spent[i] += time.perf_counter() - t0
+        return [a / b for a, b in zip(n, spent)]
+
+    torch.set_num_threads(1)  # one core per worker, as in DataLoader workers
+    sizes = [Image.open(io.BytesIO(r)).size for r in raws[:50]]
+    result = {"image_size": image_size, "images": len(raws), "mean_pixels": float(np.mean([w * h for w, h in sizes]))}
+    result["baseline_per_core"], result["ours_per_core"] = rates([baseline, ours])
+    result["speedup"] = result["ours_per_core"] / result["baseline_per_core"]
+    loader = make_train_loader(spec, image_size=image_size, batch_size=batch_size, workers=workers,
+                               num_samples=10 ** 9, missing_caption="raw")
+    n, it = 0, iter(loader)
+    next(it)  # worker start-up is not throughput
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += len(next(it)[0])
+    loader_rate = n / (time.perf_counter() - t0)
+    # The loader adds tar reading, text cleaning, tokenizing, collation and the copy between processes.
+    result["loader_workers"], result["loader_images_per_s"] = workers, loader_rate
+    result["workers_for_4000_per_s"] = math.ceil(4000 / (loader_rate / max(workers, 1)))
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("demo", help="write the procedural demo dataset")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("inspect", help="count usable and skipped samples, show a few")
+    p.add_argument("shards")
+    p.add_argument("--captions", help="JSONL side file of {key, caption}")
+    p.add_argument("--missing-caption", choices=("skip", "raw"), default="skip")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p = sub.add_parser("make", help="shards from images + a CSV/JSONL table (image, text[, caption])")
+    p.add_argument("src", help="the table, or a directory holding one")
+    p.add_argument("out")
+    p.add_argument("--shard-size", type=int, default=10000)
+    p = sub.add_parser("add-captions", help="copy shards, adding {key}.syn.txt from a JSONL side file")
+    p.add_argument("shards")
+    p.add_argument("captions")
+    p.add_argument("out")
+    p = sub.add_parser("bench", help="decode + augment images/s")
+    p.add_argument("shards", nargs="?")
+    p.add_argument("--synthetic", action="store_true", help="bench on generated 500-px JPEGs")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args(argv)
+
+    if args.cmd == "demo":
+        t0 = time.perf_counter()
+        paths = write_demo(args.out, args.seed)
+        print(json.dumps(paths), f"({time.perf_counter() - t0:.1f} s)")
+    elif args.cmd == "inspect":
+        r = inspect(args.shards, args.captions, args.missing_caption)
+        print(f"{r['shards']} shards, {r['samples']} samples, {r['usable']} usable")
+        for reason, n in sorted(r["skipped"].items(), key=lambda kv: -kv[1]):
+            print(f"  skipped {reason}: {n}")
+        print("coverage: " + ", ".join(f"{k} {v:.1%}" for k, v in r["coverage"].items()))
+        for s in r["previews"]:
+            print(f"  {s['key']} {s['size'][0]}x{s['size'][1]} text={s['text']!r} caption={s['caption']!r}")
+        if args.json:
+            print(json.dumps(r))
+    elif args.cmd == "make":
+        print(json.dumps(make_shards(args.src, args.out, args.shard_size)))
+    elif args.cmd == "add-captions":
+        print(json.dumps(add_captions(args.shards, args.captions, args.out)))
+    elif args.cmd == "bench":
+        if not args.synthetic and not args.shards:
+            parser.error("bench needs SHARDS or --synthetic")
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.synthetic:
+                _synthetic_jpegs(tmp)
+            r = bench(tmp if args.synthetic else args.shards, args.image_size, args.workers, seconds=args.seconds)
+        print(f"{os.cpu_count()} CPUs; image size {r['image_size']}; {r['images']} images, "
+              f"mean {r['mean_pixels'] / 1e3:.0f} kpixels")
+        print(f"per core: baseline {r['baseline_per_core']:.0f} img/s, ours {r['ours_per_core']:.0f} img/s "
+              f"({r['speedup']:.2f}x)")
+        print(f"loader with {args.workers} workers: {r['loader_images_per_s']:.0f} img/s "
+              f"(on {os.cpu_count()} CPUs); ~{r['workers_for_4000_per_s']} workers for 4000 img/s at this rate")
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

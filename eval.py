@@ -1,0 +1,651 @@
+"""Evaluate a CLIP-style model as the ALIP paper does: zero-shot classification, image-text retrieval
+and linear probe.
+
+    python eval.py zeroshot --checkpoint runs/alip --dataset /data/imagenet/val --templates openai_imagenet
+    python eval.py zeroshot --checkpoint runs/alip --dataset /data/cifar-10-batches-py --templates cifar
+    python eval.py retrieval --checkpoint runs/alip --dataset /data/coco/dataset_coco.json --images /data/coco
+    python eval.py linear-probe --checkpoint runs/alip --train /data/cifar-10-batches-py \\
+        --test /data/cifar-10-batches-py
+
+Each prints a table; with --json the last line of output is one JSON object (metrics as fractions).
+--checkpoint takes a run directory (its latest checkpoint), a ckpt-*.pt file, or an OpenAI / open_clip /
+ALIP-release state dict (add --model ViT-B-32 and --quick-gelu for OpenAI's weights).
+
+Dataset layouts, told apart by the path:
+  ImageFolder   a directory with one sub-directory per class (sorted names = labels 0..C-1)
+  CIFAR         cifar-10-batches-py/ or cifar-100-python/ as unpacked from the official python tarballs
+  shards        WebDataset .tar files (a directory, a glob, "a/{000..009}.tar"): an image member plus
+                "cls" (ascii int) for classification, or "txt" (one caption per line) for retrieval;
+                class names from classnames.txt next to the shards (or one level up) or --classnames
+  Karpathy      dataset_coco.json / dataset_flickr30k.json plus the image folder (--images)
+--split picks the CIFAR or Karpathy split (default test); for the other layouts the path is the split.
+
+Templates hold the class name as "{c}" (CLIP_benchmark's placeholder); it is substituted with
+str.replace, so class names with braces are safe. Ties in any ranking go to the lower index, exactly as
+a stable descending sort would order them, so every metric is deterministic.
+"""
+import argparse
+import collections
+import contextlib
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # clip_benchmark's wds_* exports use webp
+ZEROSHOT_LOGIT_SCALE = 100.0  # CLIP's fixed zero-shot temperature; irrelevant to the ranking, kept for the logits
+
+
+class EvalError(Exception):
+    """A problem the user can fix (a path, a layout, class names); main() prints it without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def _rank_of(scores, target):
+    """Rank (0 = first) of column target[i] in row i of scores (N, M) sorted descending, ties to the lower
+    index. Counting who is ahead avoids an (N, M) sort. Rows with a non-finite score count as misses
+    (rank M): otherwise a diverged model, whose NaNs compare false to everything, would rank first."""
+    s = scores.gather(1, target[:, None])  # (N, 1)
+    index = torch.arange(scores.shape[1], device=scores.device)
+    ahead = (scores > s) | ((scores == s) & (index < target[:, None]))  # (N, M)
+    rank = ahead.sum(1)
+    return torch.where(torch.isfinite(scores).all(1), rank, torch.full_like(rank, scores.shape[1]))
+
+
+def classification_metrics(logits, labels):
+    """acc1, acc5 and mean per-class recall (sklearn's balanced accuracy: classes absent from labels are
+    left out of the mean) as fractions; acc5 is NaN with fewer than 5 classes, where it means nothing."""
+    logits = torch.as_tensor(logits).float()  # (N, C)
+    labels = torch.as_tensor(labels).long().to(logits.device)  # (N,)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1] or len(labels) == 0:
+        raise ValueError(f"need logits (N, C) and labels (N,) with N > 0, got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    num_classes = logits.shape[1]
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels span {labels.min().item()}..{labels.max().item()}, logits have {num_classes} classes")
+    rank = _rank_of(logits, labels)
+    hit = (rank == 0).double()  # float64 so that 46/1000 prints as 0.046
+    count = torch.bincount(labels, minlength=num_classes).double()
+    recall = torch.bincount(labels, weights=hit, minlength=num_classes) / count.clamp(min=1)
+    return {
+        "acc1": hit.mean().item(),
+        "acc5": (rank < 5).double().mean().item() if num_classes >= 5 else math.nan,
+        "mean_per_class_recall": recall[count > 0].mean().item(),
+    }
+
+
+def retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 5, 10), chunk=1024):
+    """Recall@k both ways, as CLIP_benchmark computes them. Image->text: an image scores when any of its
+    captions is among its top k texts. Text->image: per caption, its image among the top k images.
+    Features are L2-normalized here; text_to_image[j] is caption j's image index."""
+    x = F.normalize(torch.as_tensor(image_features).float(), dim=-1)  # (I, D)
+    t = F.normalize(torch.as_tensor(text_features).float(), dim=-1)  # (T, D)
+    text_to_image = torch.as_tensor(text_to_image).long().to(x.device)  # (T,)
+    if text_to_image.shape != t.shape[:1] or len(t) == 0:
+        raise ValueError(f"text_to_image needs one image index per caption ({len(t)}), "
+                         f"got {tuple(text_to_image.shape)}")
+    captions_per_image = torch.bincount(text_to_image, minlength=len(x))
+    if len(captions_per_image) > len(x) or (captions_per_image == 0).any():
+        raise ValueError("every image needs at least one caption and every caption an image index < number of images")
+    i2t, t2i = [], []
+    # Chunks keep the score matrix small: COCO 5k is 5,000 x 25,010.
+    for start in range(0, len(x), chunk):
+        scores = x[start:start + chunk] @ t.T  # (B, T)
+        own = text_to_image[None, :] == torch.arange(start, start + len(scores), device=x.device)[:, None]
+        # The image's best caption (highest score, then lowest index) has the best rank of all its captions.
+        best = scores.masked_fill(~own, -math.inf).amax(1, keepdim=True)  # (B, 1)
+        best_index = (own & (scores == best)).float().argmax(1)  # argmax returns the first maximum
+        i2t.append(_rank_of(scores, best_index))
+    for start in range(0, len(t), chunk):
+        t2i.append(_rank_of(t[start:start + chunk] @ x.T, text_to_image[start:start + chunk]))
+    i2t, t2i = torch.cat(i2t), torch.cat(t2i)
+    metrics = {f"image_to_text_R@{k}": (i2t < k).double().mean().item() for k in ks}
+    metrics.update({f"text_to_image_R@{k}": (t2i < k).double().mean().item() for k in ks})
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# templates and class names
+
+
+def load_templates(spec):
+    """A name in assets/templates.json ("openai_imagenet": CLIP's 80, "cifar": CLIP's 18, "simple": the 7
+    of OpenAI's prompt-engineering notebook), a text file with one template per line, or a list."""
+    if isinstance(spec, (list, tuple)):
+        templates = list(spec)
+    else:
+        with open(os.path.join(ASSETS, "templates.json")) as f:
+            named = json.load(f)
+        if spec in named:
+            templates = named[spec]
+        elif os.path.isfile(spec):
+            with open(spec) as f:
+                templates = [line.strip() for line in f if line.strip()]
+        else:
+            raise EvalError(f"templates {spec!r}: neither a file nor one of {', '.join(named)}")
+    bad = [t for t in templates if "{c}" not in t]
+    if not templates or bad:
+        raise EvalError(f"templates {spec!r}: each template needs the placeholder {{c}} (e.g. 'a photo of a {{c}}.'), "
+                        f"{len(bad)} of {len(templates)} lack it{': ' + repr(bad[0]) if bad else ''}")
+    return templates
+
+
+def load_classnames(spec):
+    """A text file (one name per line, in label order) or "imagenet" for assets/imagenet_classnames.txt."""
+    path = os.path.join(ASSETS, "imagenet_classnames.txt") if spec == "imagenet" else spec
+    if not os.path.isfile(path):
+        raise EvalError(f"class names {spec!r}: no such file; give a text file with one class name per line, "
+                        "in label order")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise EvalError(f"class names {path}: the file is empty")
+    return names
+
+
+def _readable(name):
+    return name.replace("_", " ")  # CIFAR-100's "aquarium_fish", folder names like "golden_retriever"
+
+
+# -----------------------------------------------------------------------------
+# datasets: each reader returns samples as (image source, target); a source is a file path, an HWC uint8
+# array (CIFAR) or encoded bytes (shards), turned into a PIL image by _open_image.
+
+
+def _layout(path):
+    if any(ch in path for ch in "*?{") or "::" in path or path.endswith((".tar", ".tar.gz")):
+        return "shards"
+    if not os.path.exists(path):
+        raise EvalError(f"{path}: no such file or directory")
+    if os.path.isfile(path):
+        if path.endswith(".json"):
+            return "karpathy"
+        raise EvalError(f"{path}: a file, but neither a Karpathy-split .json nor a .tar shard")
+    entries = os.listdir(path)
+    if "batches.meta" in entries or ("meta" in entries and "test" in entries):
+        return "cifar"
+    if any(e.endswith((".tar", ".tar.gz")) for e in entries):
+        return "shards"
+    if any(os.path.isdir(os.path.join(path, e)) for e in entries):
+        return "imagefolder"
+    raise EvalError(f"{path}: cannot tell the dataset layout; expected an ImageFolder (one sub-folder of images "
+                    "per class), a CIFAR python directory (batches.meta or meta), WebDataset .tar shards, "
+                    "or a Karpathy-split .json")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Pickles can run code on load: allow only what the CIFAR files hold (numpy arrays and builtins)."""
+
+    def find_class(self, module, name):
+        numpy_array = module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "scalar")
+        if numpy_array or (module, name) == ("_codecs", "encode"):  # the latter: bytes in protocol-2 pickles
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR pickle")
+
+
+def _unpickle(path):
+    with open(path, "rb") as f:
+        return _CifarUnpickler(f, encoding="bytes").load()  # the files were written by Python 2
+
+
+def _read_cifar(path, split):
+    if split not in ("train", "test"):
+        raise EvalError(f"{path}: CIFAR has the splits train and test, not {split!r}")
+    cifar10 = os.path.exists(os.path.join(path, "batches.meta"))
+    if cifar10:
+        names = _unpickle(os.path.join(path, "batches.meta"))[b"label_names"]
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    else:
+        names = _unpickle(os.path.join(path, "meta"))[b"fine_label_names"]
+        files = ["train"] if split == "train" else ["test"]
+    samples = []
+    for name in files:
+        batch = _unpickle(os.path.join(path, name))
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows are CHW
+        labels = batch[b"labels" if cifar10 else b"fine_labels"]
+        samples += list(zip(images, labels))
+    return samples, [_readable(n.decode()) for n in names]
+
+
+def _read_imagefolder(path):
+    classes = sorted(e for e in os.listdir(path) if os.path.isdir(os.path.join(path, e)))
+    samples = []
+    for label, name in enumerate(classes):
+        for root, _, files in sorted(os.walk(os.path.join(path, name), followlinks=True)):
+            samples += [(os.path.join(root, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not samples:
+        raise EvalError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its sub-folders; for shards, "
+                        "give the folder that holds the .tar files")
+    if len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", c) for c in classes):
+        return samples, load_classnames("imagenet")  # ImageNet's sorted WordNet ids are its label order
+    return samples, [_readable(c) for c in classes]
+
+
+def _shard_list(path):
+    shards = data.expand_shards(path)
+    if not shards:
+        raise EvalError(f"{path}: no .tar shards found")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise EvalError(f"{path}: {len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}")
+    return shards
+
+
+def _iter_shard_samples(shards, key, parse, skipped):
+    """(image bytes, parse(sample[key])) per sample; samples lacking either are counted in skipped."""
+    for sample in data.iter_samples(shards, skipped):
+        image = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
+        if image is None or key not in sample:
+            skipped[f"no image or no .{key}"] += 1
+            continue
+        target = parse(sample[key])
+        if target is None:
+            skipped[f"empty .{key}"] += 1
+            continue
+        yield image, target
+
+
+def _shard_classnames(shards):
+    # clip_benchmark's wds_* exports keep classnames.txt one level above the split's shards
+    for folder in (os.path.dirname(shards[0]), os.path.dirname(os.path.dirname(shards[0]))):
+        if os.path.isfile(os.path.join(folder, "classnames.txt")):
+            return load_classnames(os.path.join(folder, "classnames.txt"))
+    return None
+
+
+def read_classification(path, split="test", classnames=None):
+    """(samples, class names, skipped) for an ImageFolder, CIFAR or shard dataset; samples is a list, or a
+    lazy iterator for shards. classnames (a file, "imagenet" or a list) overrides the dataset's own names,
+    which are None for shards without a classnames.txt."""
+    layout = _layout(path)
+    skipped = collections.Counter()
+    if layout == "cifar":
+        samples, names = _read_cifar(path, split)
+    elif layout == "imagefolder":
+        samples, names = _read_imagefolder(path)
+    elif layout == "shards":
+        shards = _shard_list(path)
+        samples = _iter_shard_samples(shards, "cls", lambda raw: int(raw.decode().strip()), skipped)
+        names = _shard_classnames(shards)
+    else:
+        raise EvalError(f"{path}: a Karpathy retrieval file; classification needs an ImageFolder, CIFAR or shards")
+    if classnames is not None:
+        names = load_classnames(classnames) if isinstance(classnames, str) else list(classnames)
+    return samples, names, skipped
+
+
+def _read_karpathy(path, images, split):
+    with open(path) as f:
+        entries = [e for e in json.load(f)["images"] if e["split"] == split]
+    if not entries:
+        raise EvalError(f"{path}: no images in split {split!r} (Karpathy splits: train, restval, val, test)")
+    root = images or os.path.dirname(path)
+    samples, missing = [], []
+    for e in entries:
+        candidates = [os.path.join(root, e.get("filepath", ""), e["filename"]), os.path.join(root, e["filename"])]
+        found = next((c for c in candidates if os.path.isfile(c)), None)
+        if found is None:
+            missing.append(candidates[0])
+        samples.append((found, [s["raw"].strip() for s in e["sentences"]]))
+    if missing:
+        raise EvalError(f"{len(missing)} of {len(entries)} images not found, e.g. {missing[0]}; pass --images, the "
+                        "folder that holds val2014/ (COCO) or the Flickr30k images")
+    return samples
+
+
+def read_retrieval(path, images=None, split="test"):
+    """(samples, skipped) with samples (image source, [captions]) from a Karpathy JSON or caption shards."""
+    layout = _layout(path)
+    skipped = collections.Counter()
+    if layout == "karpathy":
+        return _read_karpathy(path, images, split), skipped
+    if layout == "shards":
+        def captions(raw):  # one caption per line
+            return [line.strip() for line in raw.decode().splitlines() if line.strip()] or None
+        return _iter_shard_samples(_shard_list(path), "txt", captions, skipped), skipped
+    raise EvalError(f"{path}: looks like {'CIFAR' if layout == 'cifar' else 'an ImageFolder'}; retrieval needs a "
+                    "Karpathy-split .json or shards with .txt captions")
+
+
+def _open_image(source):
+    if isinstance(source, np.ndarray):
+        return Image.fromarray(source)
+    if isinstance(source, bytes):
+        return data.decode_image(source)
+    with Image.open(source) as img:
+        return img.convert("RGB")
+
+
+# -----------------------------------------------------------------------------
+# feature extraction
+
+
+def _autocast(device):
+    # bf16 on CUDA as in training; the CPU stays in fp32, where bf16 is slow and buys nothing
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _progress(what, done, total, state, final=False):
+    """One progress line on stderr: rewritten in place on a terminal, every 30 s in a log file."""
+    now, tty = time.time(), sys.stderr.isatty()
+    state.setdefault("start", now)
+    due = now - state.get("last", now) >= (0.5 if tty else 30)
+    if (not final and not due) or (final and not tty and state.get("shown") == done):  # no repeated last line
+        return
+    state["last"], state["shown"] = now, done
+    line = f"{what}: {done}" + (f"/{total}" if total else "") + f" ({now - state['start']:.0f}s)"
+    sys.stderr.write(("\r" + line + ("\n" if final else "")) if tty else line + "\n")
+    sys.stderr.flush()
+
+
+def _loaded_batches(samples, load, batch_size, workers):
+    """Lists of load(sample), batch_size at a time; with workers > 0, threads decode the next two batches
+    while the model runs on this one (PIL and torch release the GIL while decoding and resizing)."""
+    def chunks():
+        chunk = []
+        for sample in samples:
+            chunk.append(sample)
+            if len(chunk) == batch_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+    if workers <= 0:
+        for chunk in chunks():
+            yield [load(s) for s in chunk]
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        for chunk in chunks():
+            pending.append([pool.submit(load, s) for s in chunk])
+            if len(pending) > 2:
+                yield [f.result() for f in pending.popleft()]
+        while pending:
+            yield [f.result() for f in pending.popleft()]
+
+
+@torch.no_grad()
+def encode_images(model, samples, device, batch_size=256, workers=0, total=None):
+    """Normalized fp32 image features (N, D) on the CPU and the samples' targets, in order."""
+    transform = data.eval_transform(model.config.image_size)
+
+    def load(sample):
+        source, target = sample
+        try:
+            return transform(_open_image(source)), target
+        except (OSError, ValueError) as e:
+            raise EvalError(f"cannot read image {source if isinstance(source, str) else 'in shards'}: {e}") from e
+
+    features, targets, state = [], [], {}
+    for batch in _loaded_batches(samples, load, batch_size, workers):
+        images = torch.stack([image for image, _ in batch]).to(device, non_blocking=True)  # (B, 3, S, S)
+        with _autocast(device):
+            x = model.encode_image(images)
+        features.append(F.normalize(x.float(), dim=-1).cpu())
+        targets += [target for _, target in batch]
+        _progress("images", len(targets), total, state)
+    if not targets:
+        raise EvalError("the dataset has no usable samples")
+    _progress("images", len(targets), total, state, final=True)
+    return torch.cat(features), targets
+
+
+@torch.no_grad()
+def encode_texts(model, texts, device, batch_size=256):
+    """Normalized fp32 text features (N, D) on the CPU."""
+    features, state = [], {}
+    for start in range(0, len(texts), batch_size):
+        tokens = data.tokenize(texts[start:start + batch_size], context_length=model.config.context_length)
+        with _autocast(device):
+            t = model.encode_text(tokens.to(device))
+        features.append(F.normalize(t.float(), dim=-1).cpu())
+        _progress("texts", min(start + batch_size, len(texts)), len(texts), state)
+    _progress("texts", len(texts), len(texts), state, final=True)
+    return torch.cat(features)
+
+
+@contextlib.contextmanager
+def _eval_mode(model, device):
+    """Evaluation mode on the model's device (or `device`); training mode restored after, so this can run
+    in the middle of training."""
+    was_training = model.training
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval().to(device)
+    try:
+        yield device
+    finally:
+        model.train(was_training)
+
+
+# -----------------------------------------------------------------------------
+# zero-shot classification
+
+
+def zeroshot_classifier(model, classnames, templates, device, batch_size=256):
+    """(C, D): per class, the mean of its normalized template embeddings, renormalized (CLIP's recipe)."""
+    texts = [template.replace("{c}", name) for name in classnames for template in templates]
+    t = encode_texts(model, texts, device, batch_size)  # (C * T, D)
+    return F.normalize(t.view(len(classnames), len(templates), -1).mean(1), dim=-1)
+
+
+def _zeroshot(model, dataset, classnames, templates, batch_size, workers, device, split):
+    samples, names, skipped = read_classification(dataset, split, classnames)
+    if names is None:
+        raise EvalError(f"{dataset}: no class names; put classnames.txt (one per line, in label order) next to "
+                        "the shards or pass --classnames FILE")
+    templates = load_templates(templates)
+    with _eval_mode(model, device) as device:
+        w = zeroshot_classifier(model, names, templates, device, batch_size)  # (C, D)
+        x, labels = encode_images(model, samples, device, batch_size, workers,
+                                  total=len(samples) if isinstance(samples, list) else None)
+    labels = torch.tensor(labels)
+    if labels.min() < 0 or labels.max() >= len(names):
+        raise EvalError(f"{dataset}: labels span {labels.min().item()}..{labels.max().item()} but there are "
+                        f"{len(names)} class names")
+    logits = ZEROSHOT_LOGIT_SCALE * x @ w.T  # (N, C), fp32: the authors' int() truncation would create ties
+    info = {"num_images": len(labels), "num_classes": len(names), "num_templates": len(templates),
+            "skipped": dict(skipped)}
+    return classification_metrics(logits, labels), info
+
+
+def zeroshot(model, dataset, *, classnames=None, templates="simple", batch_size=256, workers=0, device=None,
+             split="test"):
+    """Zero-shot top-1/top-5 accuracy and mean per-class recall of model on dataset (a path)."""
+    return _zeroshot(model, dataset, classnames, templates, batch_size, workers, device, split)[0]
+
+
+# -----------------------------------------------------------------------------
+# retrieval
+
+
+def _retrieval(model, dataset, images, split, prefix, batch_size, workers, device):
+    samples, skipped = read_retrieval(dataset, images, split)
+    with _eval_mode(model, device) as device:
+        x, captions = encode_images(model, samples, device, batch_size, workers,
+                                    total=len(samples) if isinstance(samples, list) else None)
+        texts = [prefix + c for caps in captions for c in caps]
+        t = encode_texts(model, texts, device, batch_size)
+    text_to_image = [i for i, caps in enumerate(captions) for _ in caps]
+    info = {"num_images": len(x), "num_captions": len(t), "skipped": dict(skipped)}
+    return retrieval_metrics(x, t, text_to_image), info
+
+
+def retrieval(model, dataset, *, images=None, split="test", prefix="", batch_size=256, workers=0, device=None):
+    """Image->text and text->image R@1/5/10 of model on dataset (a Karpathy JSON or caption shards)."""
+    return _retrieval(model, dataset, images, split, prefix, batch_size, workers, device)[0]
+
+
+# -----------------------------------------------------------------------------
+# linear probe: multinomial logistic regression on frozen features, L2 strength chosen on a validation split
+
+
+def fit_logistic(x, y, num_classes, l2, max_iter=1000):
+    """Minimize mean cross-entropy + l2 * ||W||^2 (bias unpenalized) with full-batch L-BFGS; returns (W, b).
+    The problem is convex, so the zero start changes only the time to the optimum, not the optimum."""
+    w = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
+    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
+                                  tolerance_change=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ w.T + b, y) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return w.detach(), b.detach()
+
+
+def probe(train_x, train_y, test_x, test_y, num_classes=None, *, val_fraction=0.2, seed=0, max_iter=1000):
+    """Choose the L2 strength on a held-out part of train (coarse grid 1e-6..1e2 by decades, then quarter
+    decades around the best; ties go to the stronger penalty), refit on all of train, score on test."""
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    perm = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed)).to(train_x.device)
+    n_val = max(1, round(val_fraction * len(train_x)))
+    if len(train_x) - n_val < 1:
+        raise EvalError(f"linear probe: {len(train_x)} training samples are too few to hold out a validation split")
+    val, fit = perm[:n_val], perm[n_val:]
+    scores = {}
+
+    def score(exponent):
+        exponent = round(exponent, 2)  # so the fine grid reuses the coarse points exactly
+        if exponent not in scores:
+            w, b = fit_logistic(train_x[fit], train_y[fit], num_classes, 10.0 ** exponent, max_iter)
+            scores[exponent] = classification_metrics(train_x[val] @ w.T + b, train_y[val])["acc1"]
+        return scores[exponent]
+
+    def best():  # highest validation accuracy, then the largest penalty
+        return max(scores, key=lambda e: (scores[e], e))
+
+    for exponent in range(-6, 3):
+        score(exponent)
+    center = best()
+    for step in range(-3, 4):
+        if -6 <= center + step / 4 <= 2:
+            score(center + step / 4)
+    exponent = best()
+    w, b = fit_logistic(train_x, train_y, num_classes, 10.0 ** exponent, max_iter)
+    metrics = classification_metrics(test_x @ w.T + b, test_y)
+    return {"acc1": metrics["acc1"], "mean_per_class_recall": metrics["mean_per_class_recall"],
+            "l2": 10.0 ** exponent, "val_acc1": scores[exponent]}
+
+
+def _features(model, dataset, split, batch_size, workers, device):
+    samples, _, _ = read_classification(dataset, split)
+    x, labels = encode_images(model, samples, device, batch_size, workers,
+                              total=len(samples) if isinstance(samples, list) else None)
+    return x, torch.tensor(labels)
+
+
+def linear_probe(model, train, test, *, batch_size=256, workers=0, device=None, seed=0):
+    """Linear-probe acc1 and mean per-class recall: features of train (its "train" split for CIFAR) and
+    test (its "test" split), normalized, frozen; the fit runs on the model's device."""
+    with _eval_mode(model, device) as device:
+        train_x, train_y = _features(model, train, "train", batch_size, workers, device)
+        test_x, test_y = _features(model, test, "test", batch_size, workers, device)
+    result = probe(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), seed=seed)
+    result.update(num_train=len(train_x), num_test=len(test_x))
+    return result
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def _load_model(args):
+    import alip  # here, not at the top: alip imports eval for --eval-every
+    if not os.path.exists(args.checkpoint):
+        raise EvalError(f"checkpoint {args.checkpoint}: no such file or directory; pass a run directory, a "
+                        "ckpt-*.pt file, or a CLIP state dict (with --model NAME)")
+    try:
+        model = alip.load_model(args.checkpoint, args.model, args.quick_gelu)
+    except FileNotFoundError as e:  # a run directory without checkpoints
+        raise EvalError(str(e)) from e
+    except (KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise EvalError(f"checkpoint {args.checkpoint}: cannot load it ({type(e).__name__}: {e}); for a bare state "
+                        "dict pass --model (e.g. ViT-B-32), and --quick-gelu for OpenAI's weights") from e
+    return model.to(args.device)
+
+
+def _report(title, metrics, info, as_json):
+    print(title)
+    for key, value in info.items():
+        print(f"  {key:<24} {value}")
+    for key, value in metrics.items():
+        shown = f"{value:.3g}" if key == "l2" else f"{100 * value:6.2f}"  # fractions shown as percentages
+        print(f"  {key:<24} {shown}")
+    if as_json:  # NaN (acc5 with < 5 classes) is not JSON: null
+        out = {**info, **metrics}
+        print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint", required=True, help="run directory, ckpt-*.pt, or a CLIP state dict")
+    common.add_argument("--model", default=None, help="architecture of a bare state dict (e.g. ViT-B-32)")
+    common.add_argument("--quick-gelu", action="store_true", help="QuickGELU activations (OpenAI's weights)")
+    common.add_argument("--batch-size", type=int, default=256)
+    common.add_argument("--workers", type=int, default=4, help="image-decoding threads")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--json", action="store_true", help="end the output with one JSON object")
+
+    p = commands.add_parser("zeroshot", parents=[common], help="zero-shot classification")
+    p.add_argument("--dataset", required=True, help="ImageFolder, CIFAR python directory, or shards with .cls")
+    p.add_argument("--split", default="test", help="CIFAR split")
+    p.add_argument("--classnames", default=None, help='file with one class name per line, or "imagenet"')
+    p.add_argument("--templates", default="openai_imagenet",
+                   help='"openai_imagenet" (80), "cifar" (18), "simple" (7), or a file with one {c} template per line')
+
+    p = commands.add_parser("retrieval", parents=[common], help="image-text retrieval")
+    p.add_argument("--dataset", required=True, help="Karpathy-split .json or shards with .txt captions")
+    p.add_argument("--images", default=None, help="image folder of a Karpathy JSON (default: the JSON's folder)")
+    p.add_argument("--split", default="test", help="Karpathy split")
+    p.add_argument("--caption-prefix", default="", help='e.g. "a photo of "; none by default, as in the paper')
+
+    p = commands.add_parser("linear-probe", parents=[common], help="logistic regression on frozen features")
+    p.add_argument("--train", required=True, help="training set (CIFAR: its train split)")
+    p.add_argument("--test", required=True, help="test set (CIFAR: its test split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    args = parser.parse_args(argv)
+
+    try:
+        model = _load_model(args)
+        common_kw = dict(batch_size=args.batch_size, workers=args.workers, device=args.device)
+        if args.command == "zeroshot":
+            metrics, info = _zeroshot(model, args.dataset, args.classnames, args.templates, split=args.split,
+                                      **common_kw)
+            title, info = f"zero-shot {args.dataset}", {"dataset": args.dataset, "templates": args.templates, **info}
+        elif args.command == "retrieval":
+            metrics, info = _retrieval(model, args.dataset, args.images, args.split, args.caption_prefix, **common_kw)
+            title, info = f"retrieval {args.dataset}", {"dataset": args.dataset, **info}
+        else:
+            metrics = linear_probe(model, args.train, args.test, seed=args.seed, **common_kw)
+            info = {"train": args.train, "test": args.test,
+                    "num_train": metrics.pop("num_train"), "num_test": metrics.pop("num_test")}
+            title = f"linear probe {args.train} -> {args.test}"
+    except EvalError as e:
+        sys.exit(f"error: {e}")
+    _report(title, metrics, {"task": args.command, "checkpoint": args.checkpoint, **info}, args.json)
+
+
+if __name__ == "__main__":
+    main()

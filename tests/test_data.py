@@ -1,0 +1,420 @@
+"""data.py: transforms, shard expansion, broken data, splitting, exact resume, commands, demo set."""
+import collections
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+# --- helpers: tiny shards built in a temp dir
+
+def _jpeg(seed, size=(40, 32)):
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _bomb_png(width=100_000, height=100_000):
+    # A real 1x1 PNG whose header claims a huge size: dangerous only if decoded, tiny on disk.
+    raw = bytearray(_png(np.zeros((1, 1, 3), np.uint8)))
+    ihdr = raw.index(b"IHDR")
+    raw[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    raw[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr:ihdr + 17])))
+    return bytes(raw)
+
+
+def _good(i, caption=True):
+    files = {"jpg": _jpeg(i), "txt": f"sample {i}".encode()}
+    if caption:
+        files["syn.txt"] = f"caption {i}".encode()
+    return f"{i:06d}", files
+
+
+def _shards(tmp, n_shards, per_shard, caption=True):
+    os.makedirs(tmp, exist_ok=True)
+    for j in range(n_shards):
+        data.write_tar(os.path.join(tmp, f"{j:05d}.tar"),
+                       [_good(j * per_shard + i, caption) for i in range(per_shard)])
+    return str(tmp)
+
+
+def _broken_set(tmp):
+    """Two good shards (100 samples) plus one sample or shard of every broken kind; returns the spec
+    and the expected skip counts."""
+    os.makedirs(tmp)
+    for j in range(2):
+        data.write_tar(os.path.join(tmp, f"good{j}.tar"), [_good(j * 50 + i) for i in range(50)])
+    jpg = _jpeg(7)
+    bad = [
+        ("corrupt", {"jpg": jpg[:len(jpg) // 2], "txt": b"t", "syn.txt": b"c"}),
+        ("notimage", {"jpg": b"<html>not an image</html>", "txt": b"t", "syn.txt": b"c"}),
+        ("zeroimage", {"jpg": b"", "txt": b"t", "syn.txt": b"c"}),
+        ("noimage", {"txt": b"t", "syn.txt": b"c"}),
+        ("notext", {"jpg": jpg, "syn.txt": b"c"}),
+        ("zerotext", {"jpg": jpg, "txt": b"", "syn.txt": b"c"}),
+        ("nocaption", {"jpg": jpg, "txt": b"t"}),
+        ("latin1", {"jpg": jpg, "txt": "café".encode("latin-1"), "syn.txt": b"c"}),
+        ("bomb", {"png": _bomb_png(), "txt": b"t", "syn.txt": b"c"}),
+    ]
+    data.write_tar(os.path.join(tmp, "bad.tar"), bad)
+    # A tar cut off inside its third sample: the first two survive.
+    cut = os.path.join(tmp, "cut.tar")
+    data.write_tar(cut, [_good(1000 + i) for i in range(3)])
+    with open(cut, "rb") as f:
+        raw = f.read()
+    third = raw.index(b"001002.jpg")  # the third sample's first header
+    with open(cut, "wb") as f:
+        f.write(raw[:third + 700])
+    with open(os.path.join(tmp, "notatar.tar"), "wb") as f:
+        f.write(os.urandom(3000))
+    open(os.path.join(tmp, "empty.tar"), "wb").close()
+    spec = str(tmp) + "::" + os.path.join(str(tmp), "missing.tar")
+    expected = {"corrupt_image": 1, "not_an_image": 1, "empty_image": 1, "missing_image": 1, "missing_text": 1,
+                "empty_text": 1, "missing_caption": 1, "bad_utf8_text": 1, "image_too_large": 1,
+                "truncated_tar": 1, "not_a_tar": 1, "empty_shard": 1, "unreadable_shard": 1}
+    return spec, expected
+
+
+def _text_rows(batches):
+    return [tuple(row.tolist()) for _, text, _ in batches for row in text]
+
+
+# --- transforms
+
+def test_train_transform_shape_range_determinism():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    t = data.train_transform(32)
+    a = t(img, torch.Generator().manual_seed(1))
+    b = t(img, torch.Generator().manual_seed(1))
+    c = t(img, torch.Generator().manual_seed(2))
+    assert a.shape == (3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    lo = (0 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+    hi = (1 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+    assert (a >= lo.view(3, 1, 1) - 1e-5).all() and (a <= hi.view(3, 1, 1) + 1e-5).all()
+
+
+def test_train_transform_flat_colour_and_flip_rate():
+    flat = data.train_transform(16)(Image.new("RGB", (40, 30), (200, 100, 50)), torch.Generator().manual_seed(0))
+    want = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+    torch.testing.assert_close(flat, want.view(3, 1, 1).expand(3, 16, 16))
+    half = np.zeros((32, 32, 3), np.uint8)
+    half[:, 16:] = 255  # dark left, bright right: a flip makes the left bright
+    img, t = Image.fromarray(half), data.train_transform(16)
+    flipped = sum(t(img, torch.Generator().manual_seed(s))[0, :, 0].mean() > 0 for s in range(200))
+    assert 70 < flipped < 130
+
+
+def test_crop_params_follow_torchvision_rules():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        left, top, w, h = data.crop_params(120, 90, g)
+        assert 0 <= left and left + w <= 120 and 0 <= top and top + h <= 90
+        assert 0.7 - 0.03 <= w * h / (120 * 90) <= 1.0 + 1e-9
+        assert 0.8 - 0.03 <= w / h <= 1.25 + 0.03
+    # A strip no crop fits: centre crop clamped to the largest allowed aspect.
+    assert data.crop_params(1000, 10, g) == ((1000 - 12) // 2, 0, 12, 10)
+
+
+def test_draft_keeps_crops_at_least_target():
+    for size in (64, 224):
+        m = data.train_min_side(size)
+        g = torch.Generator().manual_seed(size)
+        for w, h in ((m, m), (m, 2 * m), (3 * m, m)):
+            assert all(min(data.crop_params(w, h, g)[2:]) >= size for _ in range(300))
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 800, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=90)
+    assert data.decode_image(buf.getvalue(), 100).size == (200, 150)  # 600 // 100 = 6 -> DCT scale 1/4
+    assert data.decode_image(buf.getvalue()).size == (800, 600)
+
+
+def test_eval_transform_centre_crop():
+    arr = np.zeros((32, 64, 3), np.uint8)
+    arr[:, :16] = (255, 0, 0)
+    arr[:, 16:48] = (0, 255, 0)
+    arr[:, 48:] = (0, 0, 255)
+    x = data.eval_transform(16)(Image.fromarray(arr))
+    assert x.shape == (3, 16, 16)
+    # Independent reference: bicubic to 32x16, keep columns 8..24, normalise by hand.
+    ref = np.asarray(Image.fromarray(arr).resize((32, 16), Image.BICUBIC))[:, 8:24].astype(np.float32) / 255
+    ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(data.MEAN).view(3, 1, 1)) / torch.tensor(data.STD).view(3, 1, 1)
+    torch.testing.assert_close(x, ref)
+    green = (1 - data.MEAN[1]) / data.STD[1]
+    assert abs(x[1, :, 4:12].mean().item() - green) < 1e-3  # the middle is pure green
+
+
+# --- shard specs
+
+def test_expand_shards(tmp_path):
+    for name in ("a.tar", "b.tar", "c.tar", "x.txt"):
+        (tmp_path / name).write_bytes(b"")
+    d = str(tmp_path)
+    abc = [os.path.join(d, n) for n in ("a.tar", "b.tar", "c.tar")]
+    assert data.expand_shards(d) == abc
+    assert data.expand_shards(os.path.join(d, "*.tar")) == abc
+    assert data.expand_shards(os.path.join(d, "{a,c}.tar")) == [abc[0], abc[2]]
+    assert data.expand_shards(os.path.join(d, "s{08..11}.tar")) == [os.path.join(d, f"s{i:02d}.tar") for i in (8, 9, 10, 11)]
+    assert data.expand_shards(f"{abc[0]}::{d}/{{b,c}}.tar") == abc
+    assert data.expand_shards([abc[1], abc[2]]) == abc[1:]
+    assert data.expand_shards("p/{0..1}_{a,b}.tar") == ["p/0_a.tar", "p/0_b.tar", "p/1_a.tar", "p/1_b.tar"]
+
+
+def test_shard_sizes_sources(tmp_path):
+    d = _shards(tmp_path / "s", 2, 3)
+    shards = data.expand_shards(d)
+    assert data.shard_sizes(shards) == {shards[0]: 3, shards[1]: 3}  # counted, then cached
+    assert os.path.exists(os.path.join(d, ".alip_sizes.json"))
+    with open(os.path.join(d, "00000_stats.json"), "w") as f:
+        json.dump({"successes": 7}, f)  # img2dataset's per-shard stats win over counting
+    assert data.shard_sizes(shards)[shards[0]] == 7
+    with open(os.path.join(d, "sizes.json"), "w") as f:
+        json.dump({"00000.tar": 5, "00001.tar": 4}, f)
+    assert data.shard_sizes(shards) == {shards[0]: 5, shards[1]: 4}
+
+
+# --- broken data
+
+def test_every_broken_kind_is_counted(tmp_path):
+    spec, expected = _broken_set(tmp_path / "d")
+    r = data.inspect(spec)
+    assert r["skipped"] == expected
+    assert r["usable"] == 100 + 2
+    assert r["samples"] == 100 + 9 + 2
+
+
+def test_broken_data_still_trains(tmp_path):
+    spec, expected = _broken_set(tmp_path / "d")
+    loader = data.make_train_loader(spec, image_size=16, batch_size=8, workers=0)
+    batches = list(loader)
+    assert len(batches) == loader.steps_per_epoch == (100 + 9 + 3) // 8
+    assert all(x.shape == (8, 3, 16, 16) and t.shape == c.shape == (8, 77) for x, t, c in batches)
+    assert set(loader.skipped) <= set(expected)
+    for reason in ("truncated_tar", "not_a_tar", "empty_shard", "unreadable_shard"):
+        assert loader.skipped[reason] >= 1, reason  # each whole-shard failure is met in the first pass
+
+
+def test_too_many_bad_samples_raise_naming_the_shard(tmp_path):
+    d = tmp_path / "d"
+    _shards(d, 1, 20)
+    data.write_tar(str(d / "mostly_bad.tar"),
+                   [(f"b{i:04d}", {"jpg": b"not a jpeg", "txt": b"t", "syn.txt": b"c"}) for i in range(80)])
+    loader = data.make_train_loader(str(d), image_size=16, batch_size=4, workers=0)
+    with pytest.raises(RuntimeError, match=r"max_bad_fraction.*mostly_bad\.tar"):
+        list(loader)
+    # A whole shard that sizes.json promised 1000 samples for, gone: that is most of the data.
+    os.remove(d / "mostly_bad.tar")
+    (d / "sizes.json").write_text(json.dumps({"00000.tar": 20, "lost.tar": 1000}))
+    loader = data.make_train_loader(f"{d}/{{00000,lost}}.tar", image_size=16, batch_size=4, workers=0)
+    with pytest.raises(RuntimeError, match=r"lost\.tar \(unreadable_shard\)"):
+        list(loader)
+
+
+# --- captions
+
+def test_captions_side_file_and_missing_modes(tmp_path):
+    d = _shards(tmp_path / "s", 1, 10, caption=False)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"key": f"{i:06d}", "caption": f"side caption {i}"}) + "\n"
+                            for i in range(0, 10, 2)))
+    r = data.inspect(d, captions=str(caps))
+    assert r["usable"] == 5 and r["skipped"] == {"missing_caption": 5}
+    assert data.inspect(d)["skipped"] == {"missing_caption": 10}
+    assert data.inspect(d, missing_caption="raw")["usable"] == 10
+    stats = collections.Counter()
+    samples = {s["__key__"]: s for s in data.iter_samples(data.expand_shards(d))}
+    assert data.parse_sample(samples["000003"], stats, missing_caption="raw")[2] == "sample 3"
+    assert data.parse_sample(samples["000004"], stats, data.load_captions(str(caps)))[1:] == ("sample 4", "side caption 4")
+    loader = data.make_train_loader(d, image_size=16, batch_size=5, workers=0, captions=str(caps))
+    batches = list(loader)
+    assert len(batches) == 2  # 10 samples counted, 5 usable: the second batch is a reshuffled pass
+    for _, _, caption in batches:  # each pass yields each usable sample once
+        assert sorted(map(tuple, caption.tolist())) == sorted(map(tuple, data.tokenize(
+            [f"side caption {i}" for i in range(0, 10, 2)]).tolist()))
+    # Counted as read: a pass stops at the last sample it needs, so not every miss is reached.
+    assert set(loader.skipped) == {"missing_caption"} and 1 <= loader.skipped["missing_caption"] <= 10
+
+
+# --- order, splitting, resumption
+
+def test_two_ranks_two_workers_see_each_sample_once(tmp_path):
+    d = _shards(tmp_path / "s", 8, 12)
+    rows = []
+    for rank in range(2):
+        loader = data.make_train_loader(d, image_size=16, batch_size=4, rank=rank, world_size=2, workers=2, seed=3)
+        batches = list(loader)
+        assert len(batches) == loader.steps_per_epoch == 12
+        rows += _text_rows(batches)
+    want = data.tokenize([f"sample {i}" for i in range(96)])
+    assert sorted(rows) == sorted(map(tuple, want.tolist()))
+
+
+def test_fewer_shards_than_slots_split_by_sample(tmp_path, capsys):
+    d = _shards(tmp_path / "s", 1, 16)
+    rows = []
+    for rank in range(2):
+        loader = data.make_train_loader(d, image_size=16, batch_size=4, rank=rank, world_size=2, workers=0)
+        rows += _text_rows(list(loader))
+    assert "warning" in capsys.readouterr().out
+    assert len(rows) == len(set(rows)) == 16
+
+
+def test_uneven_ranks_give_equal_steps_and_epochs_differ(tmp_path):
+    d = tmp_path / "s"
+    os.makedirs(d)
+    for j, n in enumerate((5, 7, 30)):
+        data.write_tar(str(d / f"{j}.tar"), [_good(100 * j + i) for i in range(n)])
+    for rank in range(2):
+        loader = data.make_train_loader(str(d), image_size=16, batch_size=4, rank=rank, world_size=2, workers=0)
+        assert loader.steps_per_epoch == 42 // 8
+        e0 = _text_rows(list(loader))
+        loader.set_epoch(1)
+        e1 = _text_rows(list(loader))
+        assert len(e0) == len(e1) == 5 * 4 and e0 != e1
+    resampled = data.make_train_loader(str(d), image_size=16, batch_size=4, workers=0, resampled=True, num_samples=40)
+    assert len(list(resampled)) == 10
+
+
+@pytest.mark.parametrize("workers,k", [(0, 4), (2, 5)])
+def test_exact_resume(tmp_path, workers, k):
+    d = _shards(tmp_path / "s", 4, 12)
+    data.write_tar(str(tmp_path / "s" / "00004.tar"),
+                   [_good(500), ("bad", {"jpg": b"junk", "txt": b"t", "syn.txt": b"c"}), _good(501)])
+    kw = dict(image_size=16, batch_size=4, workers=workers, seed=5)
+    full = data.make_train_loader(d, **kw)
+    full.set_epoch(2)
+    want = list(full)
+    first = data.make_train_loader(d, **kw)
+    first.set_epoch(2)
+    got = []
+    for i, batch in enumerate(first):
+        got.append(batch)
+        if i + 1 == k:
+            break
+    sd = first.state_dict()
+    assert (sd["epoch"], sd["batch"]) == (2, k)
+    resumed = data.make_train_loader(d, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(sd)))  # must survive a checkpoint round trip
+    resumed.set_epoch(2)
+    got += list(resumed)
+    assert len(got) == len(want) == full.steps_per_epoch
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), f"batch {i} differs"
+    assert resumed.skipped == full.skipped
+    assert resumed.state_dict()["epoch"] == 3
+
+
+# --- commands
+
+def test_inspect_json_cli(tmp_path, capsys):
+    spec, expected = _broken_set(tmp_path / "d")
+    data.main(["inspect", spec, "--json"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["usable"] == 102 and last["skipped"] == expected
+
+
+def test_make_and_add_captions_round_trip(tmp_path, capsys):
+    src = tmp_path / "src"
+    os.makedirs(src / "img")
+    rows = []
+    for i in range(5):
+        name = f"img/{i}.png" if i % 2 else f"img/{i}.jpg"
+        raw = _png(np.full((8, 8, 3), 40 * i, np.uint8)) if i % 2 else _jpeg(i)
+        (src / name).write_bytes(raw)
+        rows.append({"image": name, "text": f"text {i}", "caption": f"cap {i}" if i < 2 else ""})
+    rows.append({"image": "img/gone.jpg", "text": "lost", "caption": ""})
+    (src / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.main(["make", str(src), str(tmp_path / "out"), "--shard-size", "2"])
+    made = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert made == {"samples": 5, "shards": 3, "missing_image_files": 1}
+    assert data.inspect(str(tmp_path / "out"))["usable"] == 2  # only rows 0 and 1 had captions
+    samples = list(data.iter_samples(data.expand_shards(str(tmp_path / "out"))))
+    assert samples[3]["png"] == (src / "img/3.png").read_bytes() and samples[3]["txt"] == b"text 3"
+
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"key": s["__key__"], "caption": f"new {s['__key__']}"}) + "\n"
+                            for s in samples[1:]))
+    data.main(["add-captions", str(tmp_path / "out"), str(caps), str(tmp_path / "out2")])
+    added = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert added["with_caption"] == 5 and added["shards"] == 3
+    again = list(data.iter_samples(data.expand_shards(str(tmp_path / "out2"))))
+    assert [s["__key__"] for s in again] == [s["__key__"] for s in samples]
+    assert again[0]["syn.txt"] == b"cap 0"  # kept: no side caption for it
+    assert again[4]["syn.txt"] == f"new {samples[4]['__key__']}".encode() and again[4]["jpg"] == samples[4]["jpg"]
+    assert data.inspect(str(tmp_path / "out2"))["usable"] == 5
+
+
+def test_bench_smoke(tmp_path):
+    r = data.bench(_shards(tmp_path / "s", 2, 8), image_size=16, workers=0, batch_size=4, seconds=0.05)
+    assert r["baseline_per_core"] > 0 and r["ours_per_core"] > 0 and r["loader_images_per_s"] > 0
+
+
+# --- demo dataset
+
+def _tree_bytes(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(dirpath, f), root)] = fh.read()
+    return out
+
+
+def test_write_demo_small_is_deterministic(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEMO_TRAIN", 64)
+    monkeypatch.setattr(data, "DEMO_TEST", 20)
+    a = data.write_demo(str(tmp_path / "a"), seed=0)
+    data.write_demo(str(tmp_path / "b"), seed=0)
+    data.write_demo(str(tmp_path / "c"), seed=1)
+    assert _tree_bytes(tmp_path / "a") == _tree_bytes(tmp_path / "b")
+    assert _tree_bytes(tmp_path / "a") != _tree_bytes(tmp_path / "c")
+    mtime = os.path.getmtime(os.path.join(a["train"], "00000.tar"))
+    assert data.write_demo(str(tmp_path / "a"), seed=0) == a  # complete: reused, not rewritten
+    assert os.path.getmtime(os.path.join(a["train"], "00000.tar")) == mtime
+    os.makedirs(tmp_path / "user")
+    (tmp_path / "user" / "precious.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        data.write_demo(str(tmp_path / "user"))
+
+
+def test_write_demo_full_spec(tmp_path):
+    paths = data.write_demo(str(tmp_path / "demo"))
+    train, test = data.inspect(paths["train"], previews=0), data.inspect(paths["test"], previews=0)
+    assert len(data.expand_shards(paths["train"])) == 8
+    assert train["usable"] == 16384 and train["skipped"] == {}
+    assert test["samples"] == 1000
+    with open(os.path.join(paths["test"], "classnames.txt")) as f:
+        names = f.read().split("\n")[:-1]
+    assert names[0] == "red circle" and names[7] == "green triangle" and len(names) == 30
+    # Labels agree with the captions and with the pixels: the most saturated pixels have the class colour.
+    colours = np.array(list(data.COLOURS.values()), np.float32)
+    labels = collections.Counter()
+    for i, s in enumerate(data.iter_samples(data.expand_shards(paths["test"]))):
+        label = int(s["cls"])
+        labels[label] += 1
+        assert names[label] in s["txt"].decode()
+        if i < 100:
+            px = np.asarray(data.decode_image(s["png"]), np.float32).reshape(-1, 3)
+            sat = px.max(1) - px.min(1)
+            shape_px = px[sat > np.percentile(sat, 97)].mean(0)
+            assert np.argmin(((colours - shape_px) ** 2).sum(1)) == label // 5
+    assert len(labels) == 30
+    # Raw text is noisy: a sizeable share names neither the colour nor the shape of the caption.
+    texts = [s["txt"].decode().lower() for s in data.iter_samples(data.expand_shards(paths["train"])[:1])]
+    silent = sum(not any(w in t for w in list(data.COLOURS) + list(data.SHAPES)) for t in texts) / len(texts)
+    assert 0.25 < silent < 0.45
