@@ -403,7 +403,9 @@ def choose_precision(device, precision):
     """Decided here, once: (autocast dtype or None, reason)."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    reasons = {"bf16": "bf16 autocast, fp32 master weights, gates and loss",
+    if device.type == "cuda":  # fp32 matmuls (the gates and the loss on fp32 features) on tensor cores: tf32
+        torch.set_float32_matmul_precision("high")
+    reasons = {"bf16": "bf16 autocast, fp32 master weights, gates and loss (tf32 matmuls)",
                "fp16": "fp16 autocast with a gradient scaler, fp32 master weights",
                "fp32": "fp32 (the CPU default: bf16 matmuls are slow on most CPUs)"}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]

@@ -29,9 +29,9 @@ def command(shards, out, *extra, nproc=1):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
-def run(cmd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+def run(cmd, env=None):
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def losses(out):
@@ -97,3 +97,16 @@ def test_non_finite_steps_are_skipped_then_stop(shards, tmp_path):
     assert "non-finite" in r.stdout + r.stderr and "last good checkpoint" in r.stderr
     ckpt = torch.load(alip.latest_checkpoint(str(tmp_path)), weights_only=True)  # intact and loadable
     assert ckpt["step"] >= 1
+
+
+def test_fused_kernel_trains_like_the_reference(shards, tmp_path):
+    """The same run with the Triton loss (interpreted on the CPU) and with the PyTorch reference."""
+    curves = {}
+    for kernel in ("fused", "reference"):
+        r = run(command(shards, tmp_path / kernel, "--steps", "4", "--kernel", kernel),
+                env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("fused Triton kernel" if kernel == "fused" else "loss alip") in r.stdout
+        curves[kernel] = losses(tmp_path / kernel)
+    for step in range(1, 5):
+        assert abs(curves["fused"][step] - curves["reference"][step]) < 1e-4, curves
