@@ -516,8 +516,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
     args = p.parse_args(argv)
     if args.demo:  # small enough for 2 CPU cores in about 3 minutes, unless overridden
-        defaults = {"model": "tiny", "batch_size": 128, "steps": 250, "warmup": 25, "lr": 2e-3, "workers": 1,
-                    "log_every": 25, "save_every": 250, "output": "runs/demo"}
+        defaults = {"model": "tiny", "batch_size": 128, "steps": 300, "warmup": 25, "lr": 2e-3, "workers": 1,
+                    "log_every": 50, "save_every": 300, "output": "runs/demo"}
         for k, v in defaults.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
