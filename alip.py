@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -204,7 +205,10 @@ def create_model(name, quick_gelu=False):
 
 
 def config_from_state_dict(sd, quick_gelu=False):
-    """Read the architecture off a CLIP state dict's shapes (as OpenAI's build_model does)."""
+    """Read the architecture off a CLIP state dict's shapes (as OpenAI's build_model does).
+
+    Head counts assume 64-wide heads, as in every OpenAI CLIP; for other models pass the preset name instead.
+    """
     def layers(prefix):
         return len({k[len(prefix):].split(".")[2] for k in sd if k.startswith(prefix + ".resblocks.")})
     vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
@@ -226,12 +230,13 @@ def clean_state_dict(sd):
 
 
 def read_weights(path):
+    """(state dict or checkpoint, is_openai): OpenAI's own files are TorchScript archives, trained with QuickGELU."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError as e:  # OpenAI's original files are TorchScript archives
+        return torch.load(path, map_location="cpu", weights_only=True), False
+    except RuntimeError as e:
         if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
             raise
-        return torch.jit.load(path, map_location="cpu").state_dict()
+        return torch.jit.load(path, map_location="cpu").state_dict(), True
 
 
 def load_model(path, name=None, quick_gelu=False):
@@ -243,7 +248,8 @@ def load_model(path, name=None, quick_gelu=False):
         path = ckpt
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
-    obj = read_weights(path)
+    obj, openai = read_weights(path)
+    quick_gelu = quick_gelu or openai
     if "model" in obj and "config" in obj:  # ours
         model = CLIP(ModelConfig(**obj["config"]))
         model.load_state_dict(obj["model"])
@@ -320,7 +326,7 @@ def alip_loss(model, x, t, c, gates, args, loss_fn, world_size, rank, weights=No
     x, t = F.normalize(x.float(), dim=-1), F.normalize(t.float(), dim=-1)  # gates and loss in fp32
     x_all, t_all = gather_with_grad(x, world_size), gather_with_grad(t, world_size)
     n, offset = x.shape[0], rank * x.shape[0]
-    s = model.logit_scale.exp().clamp(max=100)
+    s = model.logit_scale.clamp(max=math.log(100)).exp()  # clamp before exp: exp(ln 100) rounds above 100
     s = s if scale_grad else s.detach()
     if args.loss == "clip":
         loss = loss_fn(x, t, s, None, x_all=x_all, t_all=t_all, offset=offset)
@@ -389,7 +395,8 @@ def setup_distributed(device_arg):
     if "RANK" in os.environ:
         local_rank = int(os.environ["LOCAL_RANK"])
         use_cuda = torch.cuda.is_available() and device_arg != "cpu"
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # The other ranks wait in a collective while rank 0 evaluates: allow for a large evaluation set.
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(hours=1))
         if use_cuda:
             torch.cuda.set_device(local_rank)
         device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -453,8 +460,13 @@ def trim_metrics(out_dir, step):
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
+    def keep(line):
+        try:
+            return json.loads(line).get("step", 0) <= step
+        except json.JSONDecodeError:  # torn by the kill
+            return False
     with open(path) as f:
-        lines = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+        lines = [line for line in f if line.strip() and keep(line)]
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)
@@ -469,6 +481,8 @@ def parse_args(argv=None):
     p.add_argument("--data", help="training shards: directory, glob or brace list; several joined with ::")
     p.add_argument("--captions", help="JSONL side file of synthetic captions {key, caption}, joined by key")
     p.add_argument("--missing-caption", default="skip", choices=["skip", "raw"], help="sample without a caption")
+    p.add_argument("--text-ext", default="txt", help="tar member holding the raw text: {key}.EXT")
+    p.add_argument("--caption-ext", default="syn.txt", help="tar member holding the synthetic caption")
     p.add_argument("--train-num-samples", type=int, help="samples per epoch (default: read or count the shards)")
     p.add_argument("--resampled", action="store_true", help="draw shards with replacement (very large sets)")
     p.add_argument("--max-bad-fraction", type=float, default=0.5, help="stop when more samples than this fail")
@@ -493,7 +507,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=2000, help="linear warmup steps")
     p.add_argument("--wd", type=float, default=0.2)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
     # system
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -513,16 +527,16 @@ def parse_args(argv=None):
     # benchmark
     p.add_argument("--bench", action="store_true", help="time training steps on synthetic in-memory batches")
     p.add_argument("--bench-steps", type=int, default=20)
+    p.add_argument("--bench-ablate", action="store_true", help="also time without trimming / fused SDPA / fused loss")
     p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
+    if p.parse_known_args(argv)[0].demo:  # small enough for 2 CPU cores in about 3 minutes; flags still win
+        p.set_defaults(model="tiny", batch_size=128, steps=300, warmup=25, lr=2e-3, workers=1, save_every=300,
+                       output="runs/demo")
     args = p.parse_args(argv)
-    if args.demo:  # small enough for 2 CPU cores in about 3 minutes, unless overridden
-        defaults = {"model": "tiny", "batch_size": 128, "steps": 300, "warmup": 25, "lr": 2e-3, "workers": 1,
-                    "log_every": 50, "save_every": 300, "output": "runs/demo"}
-        for k, v in defaults.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
-    elif not args.data and not args.bench:
+    if not (args.data or args.demo or args.bench):
         p.error("--data is required (or --demo, or --bench)")
+    if args.keep < 1:
+        p.error("--keep must be at least 1")
     return args
 
 
@@ -545,7 +559,9 @@ def train(args):
 
     raw_model = create_model(args.model, args.quick_gelu)
     if args.init:
-        obj = read_weights(args.init)
+        obj, openai = read_weights(args.init)
+        if openai and not args.quick_gelu:
+            raise SystemExit(f"--init {args.init}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
         raw_model.load_state_dict(obj["model"] if "model" in obj and "config" in obj else clean_state_dict(obj))
         log(f"initialised from {args.init}")
     raw_model.set_grad_checkpointing(args.grad_checkpointing)
@@ -561,7 +577,8 @@ def train(args):
     loader = data.make_train_loader(
         args.data, image_size=raw_model.config.image_size, batch_size=args.batch_size, seed=args.seed, rank=rank,
         world_size=world_size, workers=args.workers, captions=args.captions, missing_caption=args.missing_caption,
-        resampled=args.resampled, num_samples=args.train_num_samples, max_bad_fraction=args.max_bad_fraction)
+        resampled=args.resampled, num_samples=args.train_num_samples, max_bad_fraction=args.max_bad_fraction,
+        text_ext=args.text_ext, caption_ext=args.caption_ext)
     steps_per_epoch = loader.steps_per_epoch // args.accum_steps
     if steps_per_epoch < 1:
         raise SystemExit(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps} "
@@ -574,6 +591,12 @@ def train(args):
     step = 0
     os.makedirs(args.output, exist_ok=True)
     ckpt_path = latest_checkpoint(args.output) if args.resume else None
+    if world_size > 1:
+        seen = [None] * world_size
+        dist.all_gather_object(seen, ckpt_path and os.path.basename(ckpt_path))
+        if len(set(seen)) > 1:
+            raise SystemExit(f"--resume: ranks see different checkpoints in {args.output} ({sorted(set(map(str, seen)))}); "
+                             f"--output must be on a filesystem every node shares")
     if args.resume and ckpt_path is None:
         log(f"--resume: no checkpoint in {args.output} yet, starting from scratch")
     if ckpt_path:
@@ -619,10 +642,10 @@ def train(args):
         results = {"step": step}
         if args.eval_zeroshot:
             results.update({f"zeroshot/{k}": v for k, v in evaluation.zeroshot(
-                raw_model, args.eval_zeroshot, device=device).items()})
+                raw_model, args.eval_zeroshot, device=device, workers=args.workers).items()})
         if args.eval_retrieval:
             results.update({f"retrieval/{k}": v for k, v in evaluation.retrieval(
-                raw_model, args.eval_retrieval, device=device).items()})
+                raw_model, args.eval_retrieval, device=device, workers=args.workers).items()})
         log("eval " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
         log_metrics(results)
 
@@ -633,9 +656,16 @@ def train(args):
     signal.signal(signal.SIGINT, on_signal)
 
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    def embed(images, text, caption):  # one image pass; one text pass over raw texts and captions stacked
+        texts = text if args.loss == "clip" else torch.cat([text, caption])
+        with autocast:
+            x, tc = model(images, texts)
+        return (x, tc, None) if args.loss == "clip" else (x, *tc.chunk(2))
+
     batches = iter(loader)
     bad_steps, t0, t_log, skipped_logged = 0, time.time(), time.time(), {}
-    start_step = step
+    start_step = last_log_step = step
     model.train()
     while step < total:
         # Gradient accumulation for a contrastive loss: the loss couples every sample of the step, so first
@@ -649,13 +679,6 @@ def train(args):
                 batch = next(batches)
             micro.append([b.to(device, non_blocking=True) for b in batch])
         K = len(micro)
-
-        def embed(images, text, caption):
-            texts = text if args.loss == "clip" else torch.cat([text, caption])
-            with autocast:
-                x, tc = model(images, texts)
-            return (x, tc, None) if args.loss == "clip" else (x, *tc.chunk(2))
-
         cache = None
         if K > 1:
             with torch.no_grad():
@@ -673,12 +696,14 @@ def train(args):
                                                 scale_grad=j == K - 1)
                 scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
+        # A non-finite loss would also poison the gates' running means. Non-finite gradients under fp16 are the
+        # gradient scaler's business: it skips the step and lowers its scale.
+        finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) | (amp_dtype == torch.float16))
         stop_now = torch.tensor([float(not finite), float(stop["signal"] is not None)], device=device)
         if world_size > 1:  # every rank must agree to skip or to stop
             dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
-        if stop_now[0] > 0 and amp_dtype != torch.float16:
+        if stop_now[0] > 0:
             bad_steps += 1
             for h, h0 in zip(gates.buffers(), H_before):  # the running means must not absorb a NaN
                 h.copy_(h0)
@@ -690,6 +715,7 @@ def train(args):
                                  f"{args.output} is intact; lower --lr or check the data, then --resume.")
             continue
         bad_steps = 0
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         scaler.step(optimizer)  # fp16: the scaler itself skips steps with inf gradients
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -699,14 +725,16 @@ def train(args):
         step += 1
 
         if step % args.log_every == 0 or step == total:
-            dt = time.time() - t_log
-            t_log = time.time()
-            done = step - start_step
-            rate = args.log_every * K * args.batch_size * world_size / dt
-            eta = (time.time() - t0) / max(done, 1) * (total - step)
-            record = {"step": step, "loss": loss.item(), **{k: float(v) for k, v in logs.items()},
-                      "logit_scale": raw_model.logit_scale.exp().item(), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm.item(), "samples_per_s": rate}
+            rate = (step - last_log_step) * K * args.batch_size * world_size / (time.time() - t_log)
+            t_log, last_log_step = time.time(), step
+            eta = (time.time() - t0) / (step - start_step) * (total - step)
+            values = torch.stack([loss.detach(), *(v.float() for v in logs.values())])
+            if world_size > 1:  # each rank holds its local loss and weights; log the global means
+                dist.all_reduce(values)
+                values /= world_size
+            record = {"step": step, **dict(zip(["loss", *logs], values.tolist())), "lr": lr,
+                      "logit_scale": raw_model.logit_scale.exp().item(), "grad_norm": grad_norm.item(),
+                      "samples_per_s": rate}
             skipped = dict(loader.skipped)
             if skipped != skipped_logged:
                 record["skipped"] = skipped_logged = skipped
@@ -748,6 +776,8 @@ def flops_per_sample(cfg, text_len, loss="alip"):
 
 
 def bench(args):
+    """Time training steps; with --bench-ablate also without text trimming, fused attention or the fused loss."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     device, _, _ = setup_distributed(args.device)
     amp_dtype, reason = choose_precision(device, args.precision)
     torch.manual_seed(args.seed)
@@ -762,8 +792,13 @@ def bench(args):
     texts = torch.randint(1, 49406, (2 * B, cfg.context_length), device=device)
     texts[:, 0], texts[:, text_len - 1], texts[:, text_len:] = 49406, 49407, 0
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    peak = args.peak_tflops or (989.0 if amp_dtype is not None and any(
+        h in name for h in ("H100", "H200")) else None)  # dense bf16/fp16 tensor-core peak of the SXM parts
+    flops = flops_per_sample(cfg, text_len, args.loss) * B  # useful work: trimmed text, whatever the variant
 
-    def step():
+    def step(loss_fn):
         with autocast:
             x, tc = compiled(images, texts if args.loss == "alip" else texts[:B])
         t, c = tc.chunk(2) if args.loss == "alip" else (tc, None)
@@ -772,26 +807,31 @@ def bench(args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):  # warm-up: compilation, allocator, autotuning
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.bench_steps):
-        step()
-    sync()
-    dt = (time.perf_counter() - t0) / args.bench_steps
-    flops = flops_per_sample(cfg, text_len if model.trim_text else cfg.context_length, args.loss) * B / dt
-    peak = args.peak_tflops or (989.0 if device.type == "cuda" and "H100" in torch.cuda.get_device_name() else
-                                989.0 if device.type == "cuda" and "H200" in torch.cuda.get_device_name() else None)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    result = {"device": name, "model": args.model, "batch_size": B, "precision": reason, "loss": loss_reason,
-              "step_ms": dt * 1e3, "samples_per_s": B / dt, "tflops": flops / 1e12,
-              "mfu": flops / 1e12 / peak if peak else None,
-              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    print(f"{name} {args.model} batch {B}: {dt * 1e3:.1f} ms/step, {B / dt:.1f} samples/s, "
-          f"{flops / 1e12:.2f} TFLOP/s" + (f", MFU {100 * flops / 1e12 / peak:.1f}% of {peak:.0f}" if peak else ""))
-    print(json.dumps(result))
+    variants = [("as configured", True, None, loss_fn)]
+    if args.bench_ablate:
+        variants += [("no text trimming (77 tokens)", False, None, loss_fn),
+                     ("math attention (no fused SDPA)", True, SDPBackend.MATH, loss_fn),
+                     ("reference loss", True, None, contrastive_loss)]
+    results = []
+    for variant, trim, backend, fn in variants:
+        model.trim_text = trim
+        with sdpa_kernel(backend) if backend else nullcontext():
+            for _ in range(3):  # warm-up: compilation, allocator, autotuning
+                step(fn)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.bench_steps):
+                step(fn)
+            sync()
+        dt = (time.perf_counter() - t0) / args.bench_steps
+        results.append({"device": name, "model": args.model, "batch_size": B, "variant": variant,
+                        "precision": reason, "loss": loss_reason if fn is loss_fn else "reference",
+                        "step_ms": dt * 1e3, "samples_per_s": B / dt, "tflops": flops / dt / 1e12,
+                        "mfu": flops / dt / 1e12 / peak if peak else None,
+                        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
+        print(f"{name} {args.model} batch {B}, {variant}: {dt * 1e3:.1f} ms/step, {B / dt:.1f} samples/s, "
+              f"{flops / dt / 1e12:.2f} TFLOP/s" + (f", MFU {100 * flops / dt / 1e12 / peak:.1f}%" if peak else ""))
+    print(json.dumps(results))
 
 # -----------------------------------------------------------------------------
 # entry point

@@ -224,3 +224,15 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert abs(loss_j.item() - loss.item()) < 1e-5
     for a, b in zip(big, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: report(a, b))
+
+
+def test_logit_scale_keeps_its_gradient_at_the_cap():
+    """OpenAI's weights start at ln(100): the clamp must not cut the temperature's gradient there."""
+    gen = torch.Generator().manual_seed(8)
+    model = alip.create_model("tiny")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100))
+    x, t, c = (torch.randn(6, 128, generator=gen) for _ in range(3))
+    loss, _, _ = alip.alip_loss(model, x, t, c, alip.Gates(), args_for(), alip.contrastive_loss, 1, 0)
+    loss.backward()
+    assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0

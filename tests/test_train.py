@@ -110,3 +110,15 @@ def test_fused_kernel_trains_like_the_reference(shards, tmp_path):
         curves[kernel] = losses(tmp_path / kernel)
     for step in range(1, 5):
         assert abs(curves["fused"][step] - curves["reference"][step]) < 1e-4, curves
+
+
+def test_accumulation_trains_like_the_larger_batch(shards, tmp_path):
+    """Two micro-batches of 8 with cached features take the same steps as one batch of 16."""
+    curves = []
+    for flags in (["--batch-size", "16"], ["--batch-size", "8", "--accum-steps", "2"]):
+        out = tmp_path / flags[-1]
+        r = run(command(shards, out, "--steps", "3", *flags))
+        assert r.returncode == 0, r.stderr[-3000:]
+        curves.append(losses(out))
+    for step in (1, 2, 3):
+        assert abs(curves[0][step] - curves[1][step]) < 1e-4, curves
