@@ -23,6 +23,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -314,7 +315,11 @@ def gather_with_grad(x, world_size):
     if world_size == 1:
         return x
     import torch.distributed.nn.functional as dist_fn
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    # Deprecated in torch 2.13 in favour of private functional collectives that are still being renamed;
+    # this public one works from torch 2.0 on, NCCL and gloo alike.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
 def alip_loss(model, x, t, c, gates, args, loss_fn, world_size, rank, weights=None, scale_grad=True):
@@ -550,9 +555,13 @@ def train(args):
     log(f"device {device} x {world_size}, precision: {reason}")
 
     if args.demo and not args.data:
-        root = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(root, exist_ok=True)
-        paths = data.write_demo(os.path.join(root, "demo_data"))
+        root = os.path.join(os.path.dirname(os.path.abspath(args.output)), "demo_data")
+        if master:
+            os.makedirs(os.path.dirname(root), exist_ok=True)
+            data.write_demo(root)
+        if world_size > 1:  # the other ranks reuse what rank 0 wrote
+            dist.barrier()
+        paths = data.write_demo(root)
         args.data = paths["train"]
         args.eval_zeroshot = args.eval_zeroshot or paths["test"]
         args.eval_retrieval = args.eval_retrieval or paths["test"]
