@@ -51,6 +51,21 @@ def test_open_clip_weights_give_open_clip_features(act, tmp_path):
         assert not torch.allclose(wrong.encode_image(fx["images"]), fx["image_features"], atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_equals_multihead_attention(causal):
+    """Several heads (the open_clip fixture above has one): same parameters, same outputs as nn.MultiheadAttention."""
+    torch.manual_seed(9)
+    ours, mha = alip.Attention(64, 4), torch.nn.MultiheadAttention(64, 4, batch_first=True)
+    for p in ours.parameters():  # biases start at zero: randomise them so that their layout is checked too
+        torch.nn.init.normal_(p, std=0.1)
+    mha.load_state_dict(ours.state_dict())  # strict: the names match
+    x = torch.randn(3, 11, 64)
+    mask = torch.triu(torch.full((11, 11), float("-inf")), 1) if causal else None
+    with torch.no_grad():
+        a, b = ours(x, causal), mha(x, x, x, attn_mask=mask, need_weights=False)[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: report(a, b))
+
+
 def random_tokens(lengths, context_length=77):
     tokens = torch.zeros(len(lengths), context_length, dtype=torch.long)
     for i, n in enumerate(lengths):  # n = tokens between SOT and EOT
