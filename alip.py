@@ -230,6 +230,15 @@ def clean_state_dict(sd):
     return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
 
 
+def model_state(obj):
+    """The model's state dict, from one of our checkpoints or from any CLIP state dict."""
+    return obj["model"] if is_ours(obj) else clean_state_dict(obj)
+
+
+def is_ours(obj):
+    return "model" in obj and "config" in obj
+
+
 def read_weights(path):
     """(state dict or checkpoint, is_openai): OpenAI's own files are TorchScript archives, trained with QuickGELU."""
     try:
@@ -251,13 +260,12 @@ def load_model(path, name=None, quick_gelu=False):
         raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
     obj, openai = read_weights(path)
     quick_gelu = quick_gelu or openai
-    if "model" in obj and "config" in obj:  # ours
+    sd = model_state(obj)
+    if is_ours(obj):  # the architecture is saved with the weights
         model = CLIP(ModelConfig(**obj["config"]))
-        model.load_state_dict(obj["model"])
     else:
-        sd = clean_state_dict(obj)
         model = create_model(name, quick_gelu) if name else CLIP(config_from_state_dict(sd, quick_gelu))
-        model.load_state_dict(sd)
+    model.load_state_dict(sd)
     return model.eval()
 
 # -----------------------------------------------------------------------------
@@ -571,7 +579,7 @@ def train(args):
         obj, openai = read_weights(args.init)
         if openai and not args.quick_gelu:
             raise SystemExit(f"--init {args.init}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
-        raw_model.load_state_dict(obj["model"] if "model" in obj and "config" in obj else clean_state_dict(obj))
+        raw_model.load_state_dict(model_state(obj))
         log(f"initialised from {args.init}")
     raw_model.set_grad_checkpointing(args.grad_checkpointing)
     raw_model.to(device)
@@ -631,11 +639,10 @@ def train(args):
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint_state():
-        rngs = [None] * world_size
+        rngs = [rng_state()]
         if world_size > 1:
+            rngs = [None] * world_size
             dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
         return {"model": raw_model.state_dict(), "config": asdict(raw_model.config), "args": vars(args),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "gates": gates.state_dict(), "data": loader.state_dict(),
