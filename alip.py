@@ -286,12 +286,13 @@ class Gates(nn.Module):
 
     @torch.no_grad()
     def forward(self, x, t, c):  # each (N, D)
-        x, t, c = x.float(), t.float(), c.float()
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 when the features are
+        x, t, c = x.to(acc), t.to(acc), c.to(acc)
         s_tc, s_xt, s_xc = (t * c).sum(-1), (x * t).sum(-1), (x * c).sum(-1)  # (N,)
         m = self.momentum
         for H, s in ((self.H_tc, s_tc), (self.H_xt, s_xt), (self.H_xc, s_xc)):  # Eq. 1: H updated before use
             H.mul_(m).add_((1 - m) * s.double().mean())
-        gate = lambda s, H: torch.exp(self.gamma * (s - H.float()))
+        gate = lambda s, H: torch.exp(self.gamma * (s - H.to(acc)))
         w_s = gate(s_tc, self.H_tc).clamp(max=1.0)  # Eq. 2, LCG: raw text far from its caption -> small weight
         noisy = w_s < 1  # Eq. 3-4, DCG: only samples the LCG flags get pair weights; not clipped
         w_t = torch.where(noisy, gate(s_xt, self.H_xt), torch.ones_like(s_xt))
@@ -336,7 +337,8 @@ def alip_loss(model, x, t, c, gates, args, loss_fn, world_size, rank, weights=No
     Gradient accumulation reuses the gate `weights` of the whole step in every micro-step, and lets only one
     micro-step give the logit scale its gradient (each micro-step's loss covers the whole step's batch).
     """
-    x, t = F.normalize(x.float(), dim=-1), F.normalize(t.float(), dim=-1)  # gates and loss in fp32
+    acc = torch.promote_types(x.dtype, torch.float32)  # gates and loss in fp32 (float64 stays float64)
+    x, t = F.normalize(x.to(acc), dim=-1), F.normalize(t.to(acc), dim=-1)
     x_all, t_all = gather_with_grad(x, world_size), gather_with_grad(t, world_size)
     n, offset = x.shape[0], rank * x.shape[0]
     s = model.logit_scale.clamp(max=math.log(100)).exp()  # clamp before exp: exp(ln 100) rounds above 100
@@ -344,7 +346,7 @@ def alip_loss(model, x, t, c, gates, args, loss_fn, world_size, rank, weights=No
     if args.loss == "clip":
         loss = loss_fn(x, t, s, None, x_all=x_all, t_all=t_all, offset=offset)
         return loss, {"loss_raw": loss.detach()}, None
-    c = F.normalize(c.float(), dim=-1)
+    c = F.normalize(c.to(acc), dim=-1)
     c_all = gather_with_grad(c, world_size)
     if weights is None:
         w_s, w_t, w_c = gates(x_all, t_all, c_all)  # (N,) each, identical on every rank
