@@ -12,7 +12,8 @@ samples (Language Consistency Gate) and noisy image-text pairs (Description Cons
     python alip.py --bench --model ViT-B-32 --batch-size 512   # throughput on synthetic batches
 
 Sections, in the paper's order: config -> model -> gates (Eq. 1-4) -> loss (Eq. 5-6) -> optimizer and schedule
--> device / DDP setup -> checkpoints -> training loop -> benchmark -> entry point.
+-> device, DDP and precision -> checkpoints and loading weights -> training -> benchmark -> entry point.
+Imports point one way: data.py and kernels/ know nothing of this file, eval.py's functions take any model.
 """
 import argparse
 import glob
@@ -21,7 +22,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -32,10 +32,16 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
+
+import data
+import eval as evaluation
+import kernels
 
 # -----------------------------------------------------------------------------
 # config
@@ -205,69 +211,6 @@ def create_model(name, quick_gelu=False):
     return CLIP(ModelConfig(**{**asdict(PRESETS[name]), "quick_gelu": quick_gelu}))
 
 
-def config_from_state_dict(sd, quick_gelu=False):
-    """Read the architecture off a CLIP state dict's shapes (as OpenAI's build_model does).
-
-    Head counts assume 64-wide heads, as in every OpenAI CLIP; for other models pass the preset name instead.
-    """
-    def layers(prefix):
-        return len({k[len(prefix):].split(".")[2] for k in sd if k.startswith(prefix + ".resblocks.")})
-    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    text_width = sd["ln_final.weight"].shape[0]
-    return ModelConfig(
-        embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
-        vision_width=vision_width, vision_layers=layers("visual.transformer"), vision_heads=vision_width // 64,
-        text_width=text_width, text_layers=layers("transformer"), text_heads=text_width // 64,
-        context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-        quick_gelu=quick_gelu)
-
-
-def clean_state_dict(sd):
-    """Accept a bare state dict, {"state_dict": ...}, DDP's "module." prefixes and OpenAI's metadata keys."""
-    sd = sd.get("state_dict", sd)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-
-
-def model_state(obj):
-    """The model's state dict, from one of our checkpoints or from any CLIP state dict."""
-    return obj["model"] if is_ours(obj) else clean_state_dict(obj)
-
-
-def is_ours(obj):
-    return "model" in obj and "config" in obj
-
-
-def read_weights(path):
-    """(state dict or checkpoint, is_openai): OpenAI's own files are TorchScript archives, trained with QuickGELU."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True), False
-    except RuntimeError as e:
-        if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
-            raise
-        return torch.jit.load(path, map_location="cpu").state_dict(), True
-
-
-def load_model(path, name=None, quick_gelu=False):
-    """A CLIP in eval mode on the CPU from a run directory, one of our checkpoints, or a CLIP state dict."""
-    if os.path.isdir(path):
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
-        path = ckpt
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
-    obj, openai = read_weights(path)
-    quick_gelu = quick_gelu or openai
-    sd = model_state(obj)
-    if is_ours(obj):  # the architecture is saved with the weights
-        model = CLIP(ModelConfig(**obj["config"]))
-    else:
-        model = create_model(name, quick_gelu) if name else CLIP(config_from_state_dict(sd, quick_gelu))
-    model.load_state_dict(sd)
-    return model.eval()
-
 # -----------------------------------------------------------------------------
 # gates (paper Sec. 3.2, Eq. 1-4): weights from the agreement of raw text, caption and image
 
@@ -275,12 +218,17 @@ def load_model(path, name=None, quick_gelu=False):
 class Gates(nn.Module):
     """Running means H of three similarities, and the detached sample and pair weights they give.
 
-    Takes L2-normalized features of the *global* batch, so every rank computes the same weights.
+    Takes L2-normalized features of the *global* batch, so every rank computes the same weights. `mode` is the
+    paper's Table 4 ablation: "all" gates, only the sample weight ("lcg"), only the pair weights ("dcg"), "none".
     """
 
-    def __init__(self, momentum=0.99, gamma=2.0, init=1.0):
+    MODES = ("all", "lcg", "dcg", "none")
+
+    def __init__(self, momentum=0.99, gamma=2.0, init=1.0, mode="all"):
         super().__init__()
-        self.momentum, self.gamma = momentum, gamma
+        if mode not in self.MODES:
+            raise ValueError(f"gates mode {mode!r}: choose one of {', '.join(self.MODES)}")
+        self.momentum, self.gamma, self.mode = momentum, gamma, mode
         for name in ("H_tc", "H_xt", "H_xc"):  # buffers: checkpointed with the model state
             self.register_buffer(name, torch.tensor(init, dtype=torch.float64))
 
@@ -297,7 +245,12 @@ class Gates(nn.Module):
         noisy = w_s < 1  # Eq. 3-4, DCG: only samples the LCG flags get pair weights; not clipped
         w_t = torch.where(noisy, gate(s_xt, self.H_xt), torch.ones_like(s_xt))
         w_c = torch.where(noisy, gate(s_xc, self.H_xc), torch.ones_like(s_xc))
-        return w_s, w_t, w_c
+        ones = torch.ones_like(w_s)
+        if self.mode in ("none", "dcg"):  # "dcg" keeps the pair weights on the samples the LCG flags
+            w_s = ones
+        if self.mode in ("none", "lcg"):
+            w_t, w_c = ones, ones
+        return w_s, w_t, w_c  # (N,) each
 
 # -----------------------------------------------------------------------------
 # loss (Eq. 5-6): a symmetric InfoNCE whose per-sample terms carry the gate weights
@@ -308,7 +261,8 @@ def contrastive_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, 
 
     x, t: (n, D) L2-normalized; logit_scale: the scale s. With x_all, t_all (N, D), the local loss of
     multi-GPU training: this rank's n rows, which are rows offset..offset+n-1 of the gathered N, against all N.
-    kernels.gated_clip_loss computes the same without materialising the n x N logits.
+    kernels.gated_clip_loss computes the same without materialising the n x N logits. The kernel file keeps a
+    PyTorch reference of its own, as each kernel file does; tests/test_alip.py pins the two equal.
     """
     x_all = x if x_all is None else x_all
     t_all = t if t_all is None else t_all
@@ -316,63 +270,63 @@ def contrastive_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, 
     ce_xt = F.cross_entropy(logit_scale * x @ t_all.T, labels, reduction="none")  # (n,) image -> texts
     ce_tx = F.cross_entropy(logit_scale * t @ x_all.T, labels, reduction="none")  # (n,) text -> images
     per_sample = (ce_xt + ce_tx) / 2
-    return (per_sample if weight is None else weight * per_sample).mean()
+    return (per_sample if weight is None else weight * per_sample).mean()  # Eq. 5: one path, gate-weighted
 
 
 def gather_with_grad(x, world_size):
     """Concatenate every rank's rows; gradients flow back to the rank that owns them."""
     if world_size == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
     # Deprecated in torch 2.13 in favour of private functional collectives that are still being renamed;
     # this public one works from torch 2.0 on, NCCL and gloo alike.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(dist_fn.all_gather(x), dim=0)
+        return torch.cat(dist_nn.all_gather(x), dim=0)
 
 
-def alip_loss(model, x, t, c, gates, args, loss_fn, world_size, rank, weights=None, scale_grad=True):
-    """The training objective on this rank's features; returns (loss, logs, weights).
+def alip_loss(x, t, c, logit_scale, gates, loss_fn=contrastive_loss, *, bipath=True, world_size=1, rank=0,
+              weights=None, scale_grad=True):
+    """The training objective on this rank's image, raw-text and caption features: (loss, logs, weights).
 
-    Gradient accumulation reuses the gate `weights` of the whole step in every micro-step, and lets only one
-    micro-step give the logit scale its gradient (each micro-step's loss covers the whole step's batch).
+    bipath=False is the CLIP baseline: the raw-text path alone, without gates (c is not used). Gradient
+    accumulation reuses the gate `weights` of the whole step in every micro-step, and lets only one micro-step
+    give the logit scale its gradient (each micro-step's loss covers the whole step's batch).
     """
     acc = torch.promote_types(x.dtype, torch.float32)  # gates and loss in fp32 (float64 stays float64)
     x, t = F.normalize(x.to(acc), dim=-1), F.normalize(t.to(acc), dim=-1)
     x_all, t_all = gather_with_grad(x, world_size), gather_with_grad(t, world_size)
     n, offset = x.shape[0], rank * x.shape[0]
-    s = model.logit_scale.clamp(max=math.log(100)).exp()  # clamp before exp: exp(ln 100) rounds above 100
+    s = logit_scale.clamp(max=math.log(100)).exp()  # clamp before exp: exp(ln 100) rounds above 100
     s = s if scale_grad else s.detach()
-    if args.loss == "clip":
+    if not bipath:
         loss = loss_fn(x, t, s, None, x_all=x_all, t_all=t_all, offset=offset)
         return loss, {"loss_raw": loss.detach()}, None
     c = F.normalize(c.to(acc), dim=-1)
     c_all = gather_with_grad(c, world_size)
     if weights is None:
-        w_s, w_t, w_c = gates(x_all, t_all, c_all)  # (N,) each, identical on every rank
-        ones = torch.ones_like(w_s)
-        if args.gates in ("none", "dcg"):  # Table 4 ablations: drop the LCG sample weight...
-            w_s = ones
-        if args.gates in ("none", "lcg"):  # ...and / or the DCG pair weights
-            w_t, w_c = ones, ones
-        weights = (w_s, w_t, w_c)
+        weights = gates(x_all, t_all, c_all)  # Eq. 1-4 on the global batch: the same weights on every rank
     w_s, w_t, w_c = (w[offset:offset + n] for w in weights)  # this rank's rows
-    loss_raw = loss_fn(x, t, s, w_s * w_t, x_all=x_all, t_all=t_all, offset=offset)
-    loss_cap = loss_fn(x, c, s, w_s * w_c, x_all=x_all, t_all=c_all, offset=offset)
+    loss_raw = loss_fn(x, t, s, w_s * w_t, x_all=x_all, t_all=t_all, offset=offset)  # Eq. 5, image-raw text
+    loss_cap = loss_fn(x, c, s, w_s * w_c, x_all=x_all, t_all=c_all, offset=offset)  # Eq. 5, image-caption
     logs = {"loss_raw": loss_raw.detach(), "loss_caption": loss_cap.detach(), "w_s": w_s.mean(),
             "w_t": w_t.mean(), "w_c": w_c.mean(), "H_tc": gates.H_tc, "H_xt": gates.H_xt, "H_xc": gates.H_xc}
-    return loss_raw + loss_cap, logs, weights
+    return loss_raw + loss_cap, logs, weights  # Eq. 6: the two paths summed
 
 
 def select_loss_fn(kind, device):
-    """--kernel auto|fused|reference -> (function, reason); auto is fused on CUDA, reference elsewhere."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if kind == "reference" or (kind == "auto" and device.type != "cuda"):
-        return contrastive_loss, "reference (PyTorch; fused runs on CUDA only)" if kind == "auto" else "reference"
-    if device.type != "cuda" and not interpret:
+    """--kernel auto|fused|reference -> (function, reason); auto is fused on CUDA, reference elsewhere.
+
+    Where the Triton kernels can run is kernels.fused_available's to say (CUDA, or the interpreter)."""
+    if kind == "auto":
+        if device.type != "cuda":
+            return contrastive_loss, "reference (PyTorch; fused runs on CUDA only)"
+        kind = "fused"
+    if kind == "reference":
+        return contrastive_loss, "reference"
+    if not kernels.fused_available(device):
         raise SystemExit("--kernel fused needs a CUDA device, or TRITON_INTERPRET=1 to run Triton on the CPU")
-    import kernels
-    return kernels.gated_clip_loss, "fused Triton kernel" + (" (interpreted)" if interpret else "")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return kernels.gated_clip_loss, "fused Triton kernel" + (" (interpreted)" if interpreted else "")
 
 # -----------------------------------------------------------------------------
 # optimizer and schedule
@@ -402,11 +356,12 @@ def cosine_schedule(optimizer, warmup, total):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 # -----------------------------------------------------------------------------
-# device / DDP setup
+# device, DDP and precision
 
 
 def setup_distributed(device_arg):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process."""
+    rank, world_size = 0, 1
     if "RANK" in os.environ:
         local_rank = int(os.environ["LOCAL_RANK"])
         use_cuda = torch.cuda.is_available() and device_arg != "cpu"
@@ -415,26 +370,27 @@ def setup_distributed(device_arg):
         if use_cuda:
             torch.cuda.set_device(local_rank)
         device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-        return device, dist.get_rank(), dist.get_world_size()
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device_arg), 0, 1
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_arg == "auto" else device_arg)
+    if device.type == "cuda":  # fp32 matmuls (the gates and the loss on fp32 features) on tensor cores: tf32
+        torch.set_float32_matmul_precision("high")
+    return device, rank, world_size
 
 
 def choose_precision(device, precision):
-    """Decided here, once: (autocast dtype or None, reason)."""
+    """Decided here, once, for training and evaluation alike: (autocast dtype or None, reason)."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    if device.type == "cuda":  # fp32 matmuls (the gates and the loss on fp32 features) on tensor cores: tf32
-        torch.set_float32_matmul_precision("high")
     reasons = {"bf16": "bf16 autocast, fp32 master weights, gates and loss (tf32 matmuls)",
                "fp16": "fp16 autocast with a gradient scaler, fp32 master weights",
                "fp32": "fp32 (the CPU default: bf16 matmuls are slow on most CPUs)"}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     return dtype, reasons[precision]
 
+
 # -----------------------------------------------------------------------------
-# checkpoints: everything needed to continue bit for bit, written atomically
+# checkpoints (everything needed to continue bit for bit, written atomically) and loading weights
 
 
 def latest_checkpoint(out_dir):
@@ -486,8 +442,73 @@ def trim_metrics(out_dir, step):
         f.writelines(lines)
     os.replace(path + ".tmp", path)
 
+
+def read_weights(path):
+    """(state dict or checkpoint, is_openai): OpenAI's own files are TorchScript archives, trained with QuickGELU."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), False
+    except RuntimeError as e:
+        if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
+            raise
+        return torch.jit.load(path, map_location="cpu").state_dict(), True
+
+
+def is_ours(obj):
+    return "model" in obj and "config" in obj
+
+
+def clean_state_dict(sd):
+    """Accept a bare state dict, {"state_dict": ...}, DDP's "module." prefixes and OpenAI's metadata keys."""
+    sd = sd.get("state_dict", sd)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+
+
+def model_state(obj):
+    """The model's state dict, from one of our checkpoints or from any CLIP state dict."""
+    return obj["model"] if is_ours(obj) else clean_state_dict(obj)
+
+
+def config_from_state_dict(sd, quick_gelu=False):
+    """Read the architecture off a CLIP state dict's shapes (as OpenAI's build_model does).
+
+    Head counts assume 64-wide heads, as in every OpenAI CLIP; for other models pass the preset name instead.
+    """
+    def layers(prefix):
+        return len({k[len(prefix):].split(".")[2] for k in sd if k.startswith(prefix + ".resblocks.")})
+    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    return ModelConfig(
+        embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
+        vision_width=vision_width, vision_layers=layers("visual.transformer"), vision_heads=vision_width // 64,
+        text_width=text_width, text_layers=layers("transformer"), text_heads=text_width // 64,
+        context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+        quick_gelu=quick_gelu)
+
+
+def load_model(path, name=None, quick_gelu=False):
+    """A CLIP in eval mode on the CPU from a run directory, one of our checkpoints, or a CLIP state dict."""
+    if os.path.isdir(path):
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
+        path = ckpt
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
+    obj, openai = read_weights(path)
+    quick_gelu = quick_gelu or openai
+    sd = model_state(obj)
+    if is_ours(obj):  # the architecture is saved with the weights
+        model = CLIP(ModelConfig(**obj["config"]))
+    else:
+        model = create_model(name, quick_gelu) if name else CLIP(config_from_state_dict(sd, quick_gelu))
+    model.load_state_dict(sd)
+    return model.eval()
+
+
 # -----------------------------------------------------------------------------
-# training loop
+# training: a Run holds what every step uses, train_step is one optimizer step, train() is the loop
 
 
 def parse_args(argv=None):
@@ -510,7 +531,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     # method
     p.add_argument("--loss", default="alip", choices=["alip", "clip"], help="alip: bi-path; clip: raw text only")
-    p.add_argument("--gates", default="all", choices=["all", "lcg", "dcg", "none"], help="Table 4 ablations")
+    p.add_argument("--gates", default="all", choices=Gates.MODES, help="Table 4 ablations")
     p.add_argument("--gamma", type=float, default=2.0, help="gate sharpness")
     p.add_argument("--momentum", type=float, default=0.99, help="running-mean momentum of the gates")
     p.add_argument("--kernel", default="auto", choices=["auto", "fused", "reference"], help="loss implementation")
@@ -555,225 +576,265 @@ def parse_args(argv=None):
     return args
 
 
-def train(args):
-    import data
-    device, rank, world_size = setup_distributed(args.device)
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)  # same initial weights on every rank; data randomness is seeded separately
-    amp_dtype, reason = choose_precision(device, args.precision)
-    log(f"device {device} x {world_size}, precision: {reason}")
+class Run:
+    """What every step uses, built from the flags: device, model, gates, loss, data, optimizer and schedule."""
 
-    if args.demo and not args.data:
-        root = os.path.join(os.path.dirname(os.path.abspath(args.output)), "demo_data")
-        if master:
+    def __init__(self, args):
+        self.args, self.bipath = args, args.loss == "alip"  # bipath: ALIP; else the CLIP baseline
+        self.device, self.rank, self.world_size = device, rank, world_size = setup_distributed(args.device)
+        torch.manual_seed(args.seed)  # same initial weights on every rank; data randomness is seeded separately
+        self.amp_dtype, self.precision = choose_precision(device, args.precision)
+        self.log(f"device {device} x {world_size}, precision: {self.precision}")
+        if args.demo and not args.data:
+            self.use_demo_data()
+        self.raw_model = create_model(args.model, args.quick_gelu)  # saved and evaluated, also when compiled
+        if args.init:
+            obj, openai = read_weights(args.init)
+            if openai and not args.quick_gelu:
+                raise SystemExit(f"--init {args.init}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
+            self.raw_model.load_state_dict(model_state(obj))
+            self.log(f"initialised from {args.init}")
+        self.raw_model.set_grad_checkpointing(args.grad_checkpointing)
+        self.raw_model.to(device)
+        self.gates = Gates(args.momentum, args.gamma, mode=args.gates).to(device)
+        self.model = torch.compile(self.raw_model) if args.compile else self.raw_model  # what the step calls
+        if world_size > 1:
+            self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.loss_fn, self.loss_reason = select_loss_fn(args.kernel, device)
+        self.log(f"model {args.model}: {sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.1f}M parameters; "
+                 f"loss {args.loss} (gates: {args.gates}), {self.loss_reason}")
+        self.loader, self.total = None, args.bench_steps + 3  # --bench: synthetic batches, no data
+        if not args.bench:
+            self.use_data()
+        self.optimizer = configure_optimizer(self.raw_model, args.lr, args.wd, device)
+        self.scheduler = cosine_schedule(self.optimizer, args.warmup, self.total)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+
+    def use_data(self):
+        args, world_size = self.args, self.world_size
+        self.loader = data.TrainLoader(
+            args.data, image_size=self.raw_model.config.image_size, batch_size=args.batch_size, seed=args.seed,
+            rank=self.rank, world_size=world_size, workers=args.workers, captions=args.captions,
+            missing_caption=args.missing_caption, resampled=args.resampled, num_samples=args.train_num_samples,
+            max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext)
+        steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
+        if steps_per_epoch < 1:
+            raise SystemExit(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps} "
+                             f"samples but an epoch has fewer; lower --batch-size or --accum-steps")
+        self.total = args.steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
+
+    @property
+    def master(self):  # prints, writes metrics and checkpoints, evaluates
+        return self.rank == 0
+
+    def log(self, message):
+        if self.master:
+            print(message)
+
+    def log_metrics(self, record):
+        if self.master:
+            with open(os.path.join(self.args.output, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def use_demo_data(self):
+        """--demo without --data: rank 0 writes the demo set next to --output; train and evaluate on it."""
+        args, root = self.args, os.path.join(os.path.dirname(os.path.abspath(self.args.output)), "demo_data")
+        if self.master:
             os.makedirs(os.path.dirname(root), exist_ok=True)
             data.write_demo(root)
-        if world_size > 1:  # the other ranks reuse what rank 0 wrote
+        if self.world_size > 1:  # the other ranks reuse what rank 0 wrote
             dist.barrier()
         paths = data.write_demo(root)
         args.data = paths["train"]
         args.eval_zeroshot = args.eval_zeroshot or paths["test"]
         args.eval_retrieval = args.eval_retrieval or paths["test"]
 
-    raw_model = create_model(args.model, args.quick_gelu)
-    if args.init:
-        obj, openai = read_weights(args.init)
-        if openai and not args.quick_gelu:
-            raise SystemExit(f"--init {args.init}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
-        raw_model.load_state_dict(model_state(obj))
-        log(f"initialised from {args.init}")
-    raw_model.set_grad_checkpointing(args.grad_checkpointing)
-    raw_model.to(device)
-    gates = Gates(args.momentum, args.gamma).to(device)
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn, loss_reason = select_loss_fn(args.kernel, device)
-    log(f"model {args.model}: {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters; "
-        f"loss {args.loss} (gates: {args.gates}), {loss_reason}")
 
-    loader = data.make_train_loader(
-        args.data, image_size=raw_model.config.image_size, batch_size=args.batch_size, seed=args.seed, rank=rank,
-        world_size=world_size, workers=args.workers, captions=args.captions, missing_caption=args.missing_caption,
-        resampled=args.resampled, num_samples=args.train_num_samples, max_bad_fraction=args.max_bad_fraction,
-        text_ext=args.text_ext, caption_ext=args.caption_ext)
-    steps_per_epoch = loader.steps_per_epoch // args.accum_steps
-    if steps_per_epoch < 1:
-        raise SystemExit(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps} "
-                         f"samples but an epoch has fewer; lower --batch-size or --accum-steps")
-    total = args.steps or math.ceil(args.epochs * steps_per_epoch)
-    optimizer = configure_optimizer(raw_model, args.lr, args.wd, device)
-    scheduler = cosine_schedule(optimizer, args.warmup, total)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    step = 0
+def resume(run):
+    """The step to start from: 0, or with --resume that of the latest checkpoint in --output, all state restored."""
+    args = run.args
     os.makedirs(args.output, exist_ok=True)
-    ckpt_path = latest_checkpoint(args.output) if args.resume else None
-    if world_size > 1:
-        seen = [None] * world_size
-        dist.all_gather_object(seen, ckpt_path and os.path.basename(ckpt_path))
+    path = latest_checkpoint(args.output) if args.resume else None
+    if run.world_size > 1:
+        seen = [None] * run.world_size
+        dist.all_gather_object(seen, path and os.path.basename(path))
         if len(set(seen)) > 1:
             raise SystemExit(f"--resume: ranks see different checkpoints in {args.output} ({sorted(set(map(str, seen)))}); "
                              f"--output must be on a filesystem every node shares")
-    if args.resume and ckpt_path is None:
-        log(f"--resume: no checkpoint in {args.output} yet, starting from scratch")
-    if ckpt_path:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        gates.load_state_dict(ckpt["gates"])
-        loader.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    if args.resume and path is None:
+        run.log(f"--resume: no checkpoint in {args.output} yet, starting from scratch")
+    step = 0
+    if path:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        for name, key in (("raw_model", "model"), ("optimizer", "optimizer"), ("scheduler", "scheduler"),
+                          ("scaler", "scaler"), ("gates", "gates"), ("loader", "data")):
+            getattr(run, name).load_state_dict(ckpt[key])
+        set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         step = ckpt["step"]
-        if master:
+        if run.master:
             trim_metrics(args.output, step)
-        log(f"resumed from {ckpt_path} at step {step}")
-    if master:
+        run.log(f"resumed from {path} at step {step}")
+    if run.master:
         with open(os.path.join(args.output, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "model": asdict(raw_model.config)}, f, indent=1)
+            json.dump({"args": vars(args), "model": asdict(run.raw_model.config)}, f, indent=1)
+    return step
 
-    def log_metrics(record):
-        if master:
-            with open(os.path.join(args.output, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    def checkpoint_state():
-        rngs = [rng_state()]
-        if world_size > 1:
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng_state())
-        return {"model": raw_model.state_dict(), "config": asdict(raw_model.config), "args": vars(args),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "gates": gates.state_dict(), "data": loader.state_dict(),
-                "rng": rngs, "step": step}
+def save(run, step):
+    """Every rank takes part (the RNG states are gathered); rank 0 writes."""
+    rngs = [rng_state()]
+    if run.world_size > 1:
+        rngs = [None] * run.world_size
+        dist.all_gather_object(rngs, rng_state())
+    state = {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "args": vars(run.args),
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "scaler": run.scaler.state_dict(), "gates": run.gates.state_dict(), "data": run.loader.state_dict(),
+             "rng": rngs, "step": step}
+    if run.master:
+        run.log(f"saved {save_checkpoint(run.args.output, state, run.args.keep)}")
 
-    def save():
-        state = checkpoint_state()  # every rank takes part (RNG states are gathered)
-        if master:
-            log(f"saved {save_checkpoint(args.output, state, args.keep)}")
 
-    def evaluate():
-        import eval as evaluation
-        results = {"step": step}
-        if args.eval_zeroshot:
-            results.update({f"zeroshot/{k}": v for k, v in evaluation.zeroshot(
-                raw_model, args.eval_zeroshot, device=device, workers=args.workers).items()})
-        if args.eval_retrieval:
-            results.update({f"retrieval/{k}": v for k, v in evaluation.retrieval(
-                raw_model, args.eval_retrieval, device=device, workers=args.workers).items()})
-        log("eval " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
-        log_metrics(results)
+def evaluate(run, step):
+    """Rank 0: zero-shot and retrieval on the --eval-* sets, in the training precision."""
+    args, results = run.args, {"step": step}
+    kw = dict(device=run.device, workers=args.workers, dtype=run.amp_dtype)
+    for task, fn, dataset in (("zeroshot", evaluation.zeroshot, args.eval_zeroshot),
+                              ("retrieval", evaluation.retrieval, args.eval_retrieval)):
+        if dataset:
+            results.update({f"{task}/{k}": v for k, v in fn(run.raw_model, dataset, **kw).items()})
+    run.log("eval " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
+    run.log_metrics(results)
 
-    stop = {"signal": None}  # SIGTERM (preemption) and SIGINT: finish the step, save, exit cleanly
+
+class Progress:
+    """What the log lines report beyond the step itself: samples/s since the last line, ETA, new skips."""
+
+    def __init__(self, run, step):
+        self.run, self.t0, self.t, self.start, self.last, self.skipped = run, time.time(), time.time(), step, step, {}
+
+    def log(self, step, out):
+        run, args = self.run, self.run.args
+        rate = (step - self.last) * args.accum_steps * args.batch_size * run.world_size / (time.time() - self.t)
+        self.t, self.last = time.time(), step
+        eta = (time.time() - self.t0) / (step - self.start) * (run.total - step)
+        values = torch.stack([out["loss"], *(v.float() for v in out["logs"].values())])
+        if run.world_size > 1:  # each rank holds its local loss and weights; log the global means
+            dist.all_reduce(values)
+            values /= run.world_size
+        r = {"step": step, **dict(zip(["loss", *out["logs"]], values.tolist())), "lr": out["lr"],
+             "logit_scale": run.raw_model.logit_scale.exp().item(), "grad_norm": out["grad_norm"].item(),
+             "samples_per_s": rate}
+        skipped = dict(run.loader.skipped)
+        if skipped != self.skipped:
+            r["skipped"] = self.skipped = skipped
+        run.log(f"step {step}/{run.total} loss {r['loss']:.4f} "
+                + (f"(raw {r['loss_raw']:.3f} cap {r['loss_caption']:.3f}) "
+                   f"w_s {r['w_s']:.3f} w_t {r['w_t']:.3f} w_c {r['w_c']:.3f} "
+                   f"H_tc {r['H_tc']:.3f} H_xt {r['H_xt']:.3f} H_xc {r['H_xc']:.3f} " if run.bipath else "")
+                + f"scale {r['logit_scale']:.1f} lr {r['lr']:.2e} {rate:.0f} samples/s ETA {eta / 60:.1f} min"
+                + (f" skipped {sum(skipped.values())}" if skipped else ""))
+        run.log_metrics(r)
+
+
+def embed(run, images, text, caption):
+    """One image pass; one text pass over raw texts and captions stacked (raw texts only for CLIP)."""
+    with torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext():
+        x, tc = run.model(images, torch.cat([text, caption]) if run.bipath else text)
+    return (x, *tc.chunk(2)) if run.bipath else (x, tc, None)
+
+
+def train_step(run, micro, stop_requested):
+    """One optimizer step on the micro-batches `micro`: embed, gates, loss, backward, update. Returns (out, stop);
+    out is None if a non-finite loss or gradient on any rank skipped the step, leaving all state as it was."""
+    K, gates, optimizer, scaler = len(micro), run.gates, run.optimizer, run.scaler
+    # Gradient accumulation for a contrastive loss: the loss couples every sample of the step, so first embed
+    # all micro-batches without grad, then recompute one micro-batch at a time with grad and put it back
+    # among the cached features (as open_clip's --accum-freq does).
+    cache = None
+    if K > 1:
+        with torch.no_grad():
+            cache = [embed(run, *b) for b in micro]
+    H_before = [h.clone() for h in gates.buffers()]
+    weights = None
+    for j, b in enumerate(micro):
+        with nullcontext() if j == K - 1 or run.world_size == 1 else run.model.no_sync():
+            feats = embed(run, *b)
+            if cache is not None:  # this micro-batch with grad, the others from the cache
+                feats = [None if f is None else torch.cat([c[i] if k != j else f for k, c in enumerate(cache)])
+                         for i, f in enumerate(feats)]
+            loss, logs, weights = alip_loss(*feats, run.raw_model.logit_scale, gates, run.loss_fn,
+                                            bipath=run.bipath, world_size=run.world_size,
+                                            rank=run.rank, weights=weights, scale_grad=j == K - 1)
+            scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.args.grad_clip or float("inf"))
+    # A non-finite loss would also poison the gates' running means. Non-finite gradients under fp16 are the
+    # gradient scaler's business: it skips the step and lowers its scale.
+    finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) | (run.amp_dtype == torch.float16))
+    flags = torch.tensor([float(not finite), float(stop_requested)], device=run.device)
+    if run.world_size > 1:  # every rank must agree to skip or to stop
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0] > 0:
+        for h, h0 in zip(gates.buffers(), H_before):  # the running means must not absorb a NaN
+            h.copy_(h0)
+        optimizer.zero_grad(set_to_none=True)
+        return None, False  # a stop waits for the next good step, which saves
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+    scaler.step(optimizer)  # fp16: the scaler itself skips steps with inf gradients
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    with torch.no_grad():  # the paper clamps the learnable temperature to at most 100
+        run.raw_model.logit_scale.clamp_(0, math.log(100))
+    return {"loss": loss.detach(), "logs": logs, "grad_norm": grad_norm, "lr": lr}, bool(flags[1] > 0)
+
+
+def stop_on_signals():
+    """SIGTERM (preemption) and SIGINT only set a flag: the loop finishes the step, saves and exits cleanly."""
+    stop = {"signal": None}
     def on_signal(signum, frame):
         stop["signal"] = signum
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    return stop
 
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
-    def embed(images, text, caption):  # one image pass; one text pass over raw texts and captions stacked
-        texts = text if args.loss == "clip" else torch.cat([text, caption])
-        with autocast:
-            x, tc = model(images, texts)
-        return (x, tc, None) if args.loss == "clip" else (x, *tc.chunk(2))
+def device_batches(loader, device):
+    """The loader's batches on the device, epoch after epoch (the loader moves on to the next by itself)."""
+    while True:
+        for batch in loader:
+            yield [b.to(device, non_blocking=True) for b in batch]
 
-    batches = iter(loader)
-    bad_steps, t0, t_log, skipped_logged = 0, time.time(), time.time(), {}
-    start_step = last_log_step = step
-    model.train()
-    while step < total:
-        # Gradient accumulation for a contrastive loss: the loss couples every sample of the step, so first
-        # embed all micro-batches without grad, then recompute one micro-batch at a time with grad and put it
-        # back among the cached features (as open_clip's --accum-freq does).
-        micro = []
-        for _ in range(args.accum_steps):
-            batch = next(batches, None)
-            if batch is None:  # epoch boundary: the loader moves on to the next epoch by itself
-                batches = iter(loader)
-                batch = next(batches)
-            micro.append([b.to(device, non_blocking=True) for b in batch])
-        K = len(micro)
-        cache = None
-        if K > 1:
-            with torch.no_grad():
-                cache = [embed(*b) for b in micro]
-        H_before = [h.clone() for h in gates.buffers()]
-        weights = None
-        for j, b in enumerate(micro):
-            sync = nullcontext() if (j == K - 1 or world_size == 1) else model.no_sync()
-            with sync:
-                feats = embed(*b)
-                if cache is not None:  # this micro-batch with grad, the others from the cache
-                    feats = [None if f is None else torch.cat([c[i] if k != j else f for k, c in enumerate(cache)])
-                             for i, f in enumerate(feats)]
-                loss, logs, weights = alip_loss(raw_model, *feats, gates, args, loss_fn, world_size, rank, weights,
-                                                scale_grad=j == K - 1)
-                scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))
-        # A non-finite loss would also poison the gates' running means. Non-finite gradients under fp16 are the
-        # gradient scaler's business: it skips the step and lowers its scale.
-        finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) | (amp_dtype == torch.float16))
-        stop_now = torch.tensor([float(not finite), float(stop["signal"] is not None)], device=device)
-        if world_size > 1:  # every rank must agree to skip or to stop
-            dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
-        if stop_now[0] > 0:
+
+def train(args):
+    run = Run(args)
+    step = resume(run)
+    stop, batches = stop_on_signals(), device_batches(run.loader, run.device)
+    progress, bad_steps = Progress(run, step), 0
+    run.model.train()
+    while step < run.total:
+        out, stopping = train_step(run, [next(batches) for _ in range(args.accum_steps)], stop["signal"] is not None)
+        if out is None:
             bad_steps += 1
-            for h, h0 in zip(gates.buffers(), H_before):  # the running means must not absorb a NaN
-                h.copy_(h0)
-            optimizer.zero_grad(set_to_none=True)
-            log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-            log_metrics({"step": step + 1, "warning": "non-finite loss, step skipped"})
+            run.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+            run.log_metrics({"step": step + 1, "warning": "non-finite loss, step skipped"})
             if bad_steps >= args.max_bad_steps:
                 raise SystemExit(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint in "
                                  f"{args.output} is intact; lower --lr or check the data, then --resume.")
             continue
-        bad_steps = 0
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        scaler.step(optimizer)  # fp16: the scaler itself skips steps with inf gradients
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        with torch.no_grad():  # the paper clamps the learnable temperature to at most 100
-            raw_model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-
-        if step % args.log_every == 0 or step == total:
-            rate = (step - last_log_step) * K * args.batch_size * world_size / (time.time() - t_log)
-            t_log, last_log_step = time.time(), step
-            eta = (time.time() - t0) / (step - start_step) * (total - step)
-            values = torch.stack([loss.detach(), *(v.float() for v in logs.values())])
-            if world_size > 1:  # each rank holds its local loss and weights; log the global means
-                dist.all_reduce(values)
-                values /= world_size
-            record = {"step": step, **dict(zip(["loss", *logs], values.tolist())), "lr": lr,
-                      "logit_scale": raw_model.logit_scale.exp().item(), "grad_norm": grad_norm.item(),
-                      "samples_per_s": rate}
-            skipped = dict(loader.skipped)
-            if skipped != skipped_logged:
-                record["skipped"] = skipped_logged = skipped
-            log(f"step {step}/{total} loss {record['loss']:.4f} "
-                + (f"(raw {record['loss_raw']:.3f} cap {record['loss_caption']:.3f}) "
-                   f"w_s {record['w_s']:.3f} w_t {record['w_t']:.3f} w_c {record['w_c']:.3f} "
-                   f"H_tc {record['H_tc']:.3f} H_xt {record['H_xt']:.3f} H_xc {record['H_xc']:.3f} "
-                   if args.loss == "alip" else "")
-                + f"scale {record['logit_scale']:.1f} lr {record['lr']:.2e} {rate:.0f} samples/s ETA {eta / 60:.1f} min"
-                + (f" skipped {sum(skipped.values())}" if skipped else ""))
-            log_metrics(record)
-        if step % args.save_every == 0 or step == total or stop_now[1] > 0:
-            save()
-        if stop_now[1] > 0:
-            log(f"stopped by signal {int(stop['signal'] or 0)} at step {step}; continue with --resume")
+        bad_steps, step = 0, step + 1
+        if step % args.log_every == 0 or step == run.total:
+            progress.log(step, out)
+        if step % args.save_every == 0 or step == run.total or stopping:
+            save(run, step)
+        if stopping:
+            run.log(f"stopped by signal {int(stop['signal'] or 0)} at step {step}; continue with --resume")
             break
-        if master and args.eval_every and step % args.eval_every == 0 and step < total:
-            evaluate()
-    if master and step == total and (args.eval_zeroshot or args.eval_retrieval):
-        evaluate()
-    if world_size > 1:
+        if run.master and args.eval_every and step % args.eval_every == 0 and step < run.total:
+            evaluate(run, step)
+    if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval):
+        evaluate(run, step)
+    if run.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
 
@@ -794,37 +855,21 @@ def flops_per_sample(cfg, text_len, loss="alip"):
 
 
 def bench(args):
-    """Time training steps; with --bench-ablate also without text trimming, fused attention or the fused loss."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    device, _, _ = setup_distributed(args.device)
-    amp_dtype, reason = choose_precision(device, args.precision)
-    torch.manual_seed(args.seed)
-    model = create_model(args.model).to(device)
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    compiled = torch.compile(model) if args.compile else model
-    gates, optimizer = Gates().to(device), configure_optimizer(model, args.lr, args.wd, device)
-    loss_fn, loss_reason = select_loss_fn(args.kernel, device)
-    cfg, B = model.config, args.batch_size
+    """Time train_step on synthetic in-memory batches; with --bench-ablate also without text trimming, fused
+    attention or the fused loss."""
+    run = Run(args)
+    cfg, B, device = run.raw_model.config, args.batch_size, run.device
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)
     text_len = 32  # a typical web alt-text / caption length in tokens, EOT included
     texts = torch.randint(1, 49406, (2 * B, cfg.context_length), device=device)
     texts[:, 0], texts[:, text_len - 1], texts[:, text_len:] = 49406, 49407, 0
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    micro = [[images, texts[:B], texts[B:]]]  # one batch, whatever --accum-steps
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    peak = args.peak_tflops or (989.0 if amp_dtype is not None and any(
+    peak = args.peak_tflops or (989.0 if run.amp_dtype is not None and any(
         h in name for h in ("H100", "H200")) else None)  # dense bf16/fp16 tensor-core peak of the SXM parts
     flops = flops_per_sample(cfg, text_len, args.loss) * B  # useful work: trimmed text, whatever the variant
-
-    def step(loss_fn):
-        with autocast:
-            x, tc = compiled(images, texts if args.loss == "alip" else texts[:B])
-        t, c = tc.chunk(2) if args.loss == "alip" else (tc, None)
-        loss, _, _ = alip_loss(model, x, t, c, gates, args, loss_fn, 1, 0)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    loss_fn = run.loss_fn
     variants = [("as configured", True, None, loss_fn)]
     if args.bench_ablate:
         variants += [("no text trimming (77 tokens)", False, None, loss_fn),
@@ -832,18 +877,18 @@ def bench(args):
                      ("reference loss", True, None, contrastive_loss)]
     results = []
     for variant, trim, backend, fn in variants:
-        model.trim_text = trim
+        run.raw_model.trim_text, run.loss_fn = trim, fn
         with sdpa_kernel(backend) if backend else nullcontext():
             for _ in range(3):  # warm-up: compilation, allocator, autotuning
-                step(fn)
+                train_step(run, micro, False)
             sync()
             t0 = time.perf_counter()
             for _ in range(args.bench_steps):
-                step(fn)
+                train_step(run, micro, False)
             sync()
         dt = (time.perf_counter() - t0) / args.bench_steps
         results.append({"device": name, "model": args.model, "batch_size": B, "variant": variant,
-                        "precision": reason, "loss": loss_reason if fn is loss_fn else "reference",
+                        "precision": run.precision, "loss": run.loss_reason if fn is loss_fn else "reference",
                         "step_ms": dt * 1e3, "samples_per_s": B / dt, "tflops": flops / dt / 1e12,
                         "mfu": flops / dt / 1e12 / peak if peak else None,
                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})

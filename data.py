@@ -131,7 +131,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_SCALE = (0.7, 1.0)  # ALIP's RandomResizedCrop: area share and aspect ratio
 CROP_RATIO = (0.8, 1.25)
 MAX_PIXELS = 8192 * 8192  # decompression-bomb cap, checked from the header before any pixel is decoded
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members of a shard; clip_benchmark's wds_* exports use webp
 
 
 def decode_image(raw, min_side=0):
@@ -204,18 +204,14 @@ def train_min_side(image_size, scale=CROP_SCALE, ratio=CROP_RATIO):
     return math.ceil(image_size / math.sqrt(scale[0] / ratio[1]))
 
 
-def _crop_flip(img, generator, image_size):
+def random_crop_flip(img, generator, image_size):
+    """The training augmentation: random resized crop, bilinear resize, flip p=0.5 -> (3, S, S) uint8.
+    normalize() comes after, on whole batches at once in the loader, which is cheaper."""
     left, top, w, h = crop_params(img.width, img.height, generator)
     # resize(box=...) crops and resizes in one pass, without materialising the crop.
     img = img.resize((image_size, image_size), Image.BILINEAR, box=(left, top, left + w, top + h))
     x = _to_uint8(img)
     return x.flip(2) if torch.rand(1, generator=generator).item() < 0.5 else x
-
-
-def train_transform(image_size):
-    """callable(img, generator) -> (3, S, S): random resized crop, bilinear resize, flip p=0.5, normalise.
-    (The loader runs the same steps but normalises whole uint8 batches at once, which is cheaper.)"""
-    return lambda img, generator: normalize(_crop_flip(img, generator, image_size))
 
 
 def eval_transform(image_size):
@@ -554,7 +550,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
                 # Seeded by the sample, not the worker: the same crop and flip for any worker count.
                 shard = os.path.basename(sample["__shard__"])
                 g = torch.Generator().manual_seed(_seed(L.seed, epoch, shard, sample["__key__"], sample["__pass__"]))
-                images.append(_crop_flip(image, g, L.image_size))
+                images.append(random_crop_flip(image, g, L.image_size))
                 texts.append(text)
                 captions.append(caption)
             if failed_shards:  # whole-shard losses count too, though no sample failed
@@ -585,8 +581,10 @@ class _BatchStream(torch.utils.data.IterableDataset):
 
 class TrainLoader:
     """Exactly steps_per_epoch batches per epoch on every rank: (images (B,3,S,S), text (B,77), caption (B,77)).
-    state_dict()/load_state_dict() store the data position; resuming is exact for the same world size
-    and worker count. skipped: Counter of skipped samples (and broken shards) by reason."""
+    state_dict()/load_state_dict() store the data position (an epoch ends by moving on to the next one);
+    resuming is exact for the same world size and worker count. captions: JSONL path or {key: caption};
+    text_ext and caption_ext name the tar members holding raw text and caption.
+    skipped: Counter of skipped samples (and broken shards) by reason."""
 
     def __init__(self, spec, *, image_size, batch_size, seed=0, rank=0, world_size=1, workers=2,
                  captions=None, missing_caption="skip", resampled=False, num_samples=None,
@@ -615,11 +613,6 @@ class TrainLoader:
         self.skipped = collections.Counter()
         self._done_epochs_skipped = collections.Counter()  # counts of epochs finished before this one
 
-    def set_epoch(self, epoch):
-        # Keeps a position restored by load_state_dict when the caller then sets that same epoch.
-        if epoch != self.epoch:
-            self.epoch, self.start_batch = epoch, 0
-
     def state_dict(self):
         if self.start_batch >= self.steps_per_epoch:
             return {"epoch": self.epoch + 1, "batch": 0, "skipped": dict(self.skipped)}
@@ -629,9 +622,6 @@ class TrainLoader:
         self.epoch, self.start_batch = int(sd["epoch"]), int(sd["batch"])
         self._done_epochs_skipped = collections.Counter(sd.get("skipped", {}))
         self.skipped = collections.Counter(self._done_epochs_skipped)
-
-    def __len__(self):
-        return self.steps_per_epoch
 
     def __iter__(self):
         W = max(self.workers, 1)
@@ -656,17 +646,6 @@ def _ignore_stop_signals(worker_id):
     # saves a checkpoint and then shuts its workers down, so they must not die first.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def make_train_loader(spec, *, image_size, batch_size, seed=0, rank=0, world_size=1, workers=2,
-                      captions=None, missing_caption="skip", resampled=False, num_samples=None,
-                      max_bad_fraction=0.5, text_ext="txt", caption_ext="syn.txt"):
-    """The training loader; see TrainLoader. captions: JSONL path or {key: caption}; text_ext and
-    caption_ext name the tar members holding raw text and caption."""
-    return TrainLoader(spec, image_size=image_size, batch_size=batch_size, seed=seed, rank=rank,
-                       world_size=world_size, workers=workers, captions=captions, missing_caption=missing_caption,
-                       resampled=resampled, num_samples=num_samples, max_bad_fraction=max_bad_fraction,
-                       text_ext=text_ext, caption_ext=caption_ext)
 
 
 # -----------------------------------------------------------------------------
@@ -978,7 +957,7 @@ def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
     min_side = train_min_side(image_size)
 
     def ours(raw):
-        return normalize(_crop_flip(decode_image(raw, min_side), g, image_size))
+        return normalize(random_crop_flip(decode_image(raw, min_side), g, image_size))
 
     def rates(fns):
         # Alternate short rounds so that load from other processes on a shared machine hits all alike.
@@ -997,8 +976,8 @@ def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
     result = {"image_size": image_size, "images": len(raws), "mean_pixels": float(np.mean([w * h for w, h in sizes]))}
     result["baseline_per_core"], result["ours_per_core"] = rates([baseline, ours])
     result["speedup"] = result["ours_per_core"] / result["baseline_per_core"]
-    loader = make_train_loader(spec, image_size=image_size, batch_size=batch_size, workers=workers,
-                               num_samples=10 ** 9, missing_caption="raw")
+    loader = TrainLoader(spec, image_size=image_size, batch_size=batch_size, workers=workers,
+                         num_samples=10 ** 9, missing_caption="raw")
     n, it = 0, iter(loader)
     next(it)  # worker start-up is not throughput
     t0 = time.perf_counter()

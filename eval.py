@@ -20,6 +20,9 @@ Dataset layouts, told apart by the path:
   Karpathy      dataset_coco.json / dataset_flickr30k.json plus the image folder (--images)
 --split picks the CIFAR or Karpathy split (default test); for the other layouts the path is the split.
 
+Features are computed under the autocast dtype the caller passes (dtype=None: fp32); the command line
+takes it from alip.choose_precision, as training does (bf16 on CUDA, fp32 on the CPU).
+
 Templates hold the class name as "{c}" (CLIP_benchmark's placeholder); it is substituted with
 str.replace, so class names with braces are safe. Ties in any ranking go to the lower index, exactly as
 a stable descending sort would order them, so every metric is deterministic.
@@ -43,9 +46,7 @@ from PIL import Image
 
 import data
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # clip_benchmark's wds_* exports use webp
 ZEROSHOT_LOGIT_SCALE = 100.0  # CLIP's fixed zero-shot temperature; irrelevant to the ranking, kept for the logits
 
 
@@ -130,7 +131,7 @@ def load_templates(spec):
     if isinstance(spec, (list, tuple)):
         templates = list(spec)
     else:
-        with open(os.path.join(ASSETS, "templates.json")) as f:
+        with open(os.path.join(data.ASSETS, "templates.json")) as f:
             named = json.load(f)
         if spec in named:
             templates = named[spec]
@@ -148,7 +149,7 @@ def load_templates(spec):
 
 def load_classnames(spec):
     """A text file (one name per line, in label order) or "imagenet" for assets/imagenet_classnames.txt."""
-    path = os.path.join(ASSETS, "imagenet_classnames.txt") if spec == "imagenet" else spec
+    path = os.path.join(data.ASSETS, "imagenet_classnames.txt") if spec == "imagenet" else spec
     if not os.path.isfile(path):
         raise EvalError(f"class names {spec!r}: no such file; give a text file with one class name per line, "
                         "in label order")
@@ -250,7 +251,7 @@ def _shard_list(path):
 def _iter_shard_samples(shards, key, parse, skipped):
     """(image bytes, parse(sample[key])) per sample; samples lacking either are counted in skipped."""
     for sample in data.iter_samples(shards, skipped):
-        image = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
+        image = next((sample[k] for k in data.IMAGE_EXTS if k in sample), None)
         if image is None or key not in sample:
             skipped[f"no image or no .{key}"] += 1
             continue
@@ -336,9 +337,8 @@ def _open_image(source):
 # feature extraction
 
 
-def _autocast(device):
-    # bf16 on CUDA as in training; the CPU stays in fp32, where bf16 is slow and buys nothing
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def _autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def _progress(what, done, total, state, final=False):
@@ -381,7 +381,7 @@ def _loaded_batches(samples, load, batch_size, workers):
 
 
 @torch.no_grad()
-def encode_images(model, samples, device, batch_size=256, workers=0, total=None):
+def encode_images(model, samples, device, batch_size=256, workers=0, total=None, dtype=None):
     """Normalized fp32 image features (N, D) on the CPU and the samples' targets, in order."""
     transform = data.eval_transform(model.config.image_size)
 
@@ -395,7 +395,7 @@ def encode_images(model, samples, device, batch_size=256, workers=0, total=None)
     features, targets, state = [], [], {}
     for batch in _loaded_batches(samples, load, batch_size, workers):
         images = torch.stack([image for image, _ in batch]).to(device, non_blocking=True)  # (B, 3, S, S)
-        with _autocast(device):
+        with _autocast(device, dtype):
             x = model.encode_image(images)
         features.append(F.normalize(x.float(), dim=-1).cpu())
         targets += [target for _, target in batch]
@@ -407,12 +407,12 @@ def encode_images(model, samples, device, batch_size=256, workers=0, total=None)
 
 
 @torch.no_grad()
-def encode_texts(model, texts, device, batch_size=256):
+def encode_texts(model, texts, device, batch_size=256, dtype=None):
     """Normalized fp32 text features (N, D) on the CPU."""
     features, state = [], {}
     for start in range(0, len(texts), batch_size):
         tokens = data.tokenize(texts[start:start + batch_size], context_length=model.config.context_length)
-        with _autocast(device):
+        with _autocast(device, dtype):
             t = model.encode_text(tokens.to(device))
         features.append(F.normalize(t.float(), dim=-1).cpu())
         _progress("texts", min(start + batch_size, len(texts)), len(texts), state)
@@ -437,23 +437,23 @@ def _eval_mode(model, device):
 # zero-shot classification
 
 
-def zeroshot_classifier(model, classnames, templates, device, batch_size=256):
+def zeroshot_classifier(model, classnames, templates, device, batch_size=256, dtype=None):
     """(C, D): per class, the mean of its normalized template embeddings, renormalized (CLIP's recipe)."""
     texts = [template.replace("{c}", name) for name in classnames for template in templates]
-    t = encode_texts(model, texts, device, batch_size)  # (C * T, D)
+    t = encode_texts(model, texts, device, batch_size, dtype)  # (C * T, D)
     return F.normalize(t.view(len(classnames), len(templates), -1).mean(1), dim=-1)
 
 
-def _zeroshot(model, dataset, classnames, templates, batch_size, workers, device, split):
+def _zeroshot(model, dataset, classnames, templates, batch_size, workers, device, split, dtype=None):
     samples, names, skipped = read_classification(dataset, split, classnames)
     if names is None:
         raise EvalError(f"{dataset}: no class names; put classnames.txt (one per line, in label order) next to "
                         "the shards or pass --classnames FILE")
     templates = load_templates(templates)
     with _eval_mode(model, device) as device:
-        w = zeroshot_classifier(model, names, templates, device, batch_size)  # (C, D)
+        w = zeroshot_classifier(model, names, templates, device, batch_size, dtype)  # (C, D)
         x, labels = encode_images(model, samples, device, batch_size, workers,
-                                  total=len(samples) if isinstance(samples, list) else None)
+                                  total=len(samples) if isinstance(samples, list) else None, dtype=dtype)
     labels = torch.tensor(labels)
     if labels.min() < 0 or labels.max() >= len(names):
         raise EvalError(f"{dataset}: labels span {labels.min().item()}..{labels.max().item()} but there are "
@@ -465,30 +465,31 @@ def _zeroshot(model, dataset, classnames, templates, batch_size, workers, device
 
 
 def zeroshot(model, dataset, *, classnames=None, templates="simple", batch_size=256, workers=0, device=None,
-             split="test"):
+             split="test", dtype=None):
     """Zero-shot top-1/top-5 accuracy and mean per-class recall of model on dataset (a path)."""
-    return _zeroshot(model, dataset, classnames, templates, batch_size, workers, device, split)[0]
+    return _zeroshot(model, dataset, classnames, templates, batch_size, workers, device, split, dtype)[0]
 
 
 # -----------------------------------------------------------------------------
 # retrieval
 
 
-def _retrieval(model, dataset, images, split, prefix, batch_size, workers, device):
+def _retrieval(model, dataset, images, split, prefix, batch_size, workers, device, dtype=None):
     samples, skipped = read_retrieval(dataset, images, split)
     with _eval_mode(model, device) as device:
         x, captions = encode_images(model, samples, device, batch_size, workers,
-                                    total=len(samples) if isinstance(samples, list) else None)
+                                    total=len(samples) if isinstance(samples, list) else None, dtype=dtype)
         texts = [prefix + c for caps in captions for c in caps]
-        t = encode_texts(model, texts, device, batch_size)
+        t = encode_texts(model, texts, device, batch_size, dtype)
     text_to_image = [i for i, caps in enumerate(captions) for _ in caps]
     info = {"num_images": len(x), "num_captions": len(t), "skipped": dict(skipped)}
     return retrieval_metrics(x, t, text_to_image), info
 
 
-def retrieval(model, dataset, *, images=None, split="test", prefix="", batch_size=256, workers=0, device=None):
+def retrieval(model, dataset, *, images=None, split="test", prefix="", batch_size=256, workers=0, device=None,
+              dtype=None):
     """Image->text and text->image R@1/5/10 of model on dataset (a Karpathy JSON or caption shards)."""
-    return _retrieval(model, dataset, images, split, prefix, batch_size, workers, device)[0]
+    return _retrieval(model, dataset, images, split, prefix, batch_size, workers, device, dtype)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -547,19 +548,19 @@ def probe(train_x, train_y, test_x, test_y, num_classes=None, *, val_fraction=0.
             "l2": 10.0 ** exponent, "val_acc1": scores[exponent]}
 
 
-def _features(model, dataset, split, batch_size, workers, device):
+def _features(model, dataset, split, batch_size, workers, device, dtype):
     samples, _, _ = read_classification(dataset, split)
     x, labels = encode_images(model, samples, device, batch_size, workers,
-                              total=len(samples) if isinstance(samples, list) else None)
+                              total=len(samples) if isinstance(samples, list) else None, dtype=dtype)
     return x, torch.tensor(labels)
 
 
-def linear_probe(model, train, test, *, batch_size=256, workers=0, device=None, seed=0):
+def linear_probe(model, train, test, *, batch_size=256, workers=0, device=None, seed=0, dtype=None):
     """Linear-probe acc1 and mean per-class recall: features of train (its "train" split for CIFAR) and
-    test (its "test" split), normalized, frozen; the fit runs on the model's device."""
+    test (its "test" split), normalized, frozen; the fit runs on the model's device, in fp32."""
     with _eval_mode(model, device) as device:
-        train_x, train_y = _features(model, train, "train", batch_size, workers, device)
-        test_x, test_y = _features(model, test, "test", batch_size, workers, device)
+        train_x, train_y = _features(model, train, "train", batch_size, workers, device, dtype)
+        test_x, test_y = _features(model, test, "test", batch_size, workers, device, dtype)
     result = probe(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), seed=seed)
     result.update(num_train=len(train_x), num_test=len(test_x))
     return result
@@ -569,13 +570,12 @@ def linear_probe(model, train, test, *, batch_size=256, workers=0, device=None, 
 # command line
 
 
-def _load_model(args):
-    import alip  # here, not at the top: alip imports eval for --eval-every
+def _load_model(args, load_model):
     if not os.path.exists(args.checkpoint):
         raise EvalError(f"checkpoint {args.checkpoint}: no such file or directory; pass a run directory, a "
                         "ckpt-*.pt file, or a CLIP state dict (with --model NAME)")
     try:
-        model = alip.load_model(args.checkpoint, args.model, args.quick_gelu)
+        model = load_model(args.checkpoint, args.model, args.quick_gelu)
     except FileNotFoundError as e:  # a run directory without checkpoints
         raise EvalError(str(e)) from e
     except (KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
@@ -596,7 +596,8 @@ def _report(title, metrics, info, as_json):
         print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}))
 
 
-def main(argv=None):
+def main(argv=None, *, load_model, choose_precision):
+    """The command line; load_model(path, name, quick_gelu) and choose_precision(device, "auto") are alip's."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -628,8 +629,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:
-        model = _load_model(args)
-        common_kw = dict(batch_size=args.batch_size, workers=args.workers, device=args.device)
+        model = _load_model(args, load_model)
+        dtype, _ = choose_precision(torch.device(args.device), "auto")
+        common_kw = dict(batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=dtype)
         if args.command == "zeroshot":
             metrics, info = _zeroshot(model, args.dataset, args.classnames, args.templates, split=args.split,
                                       **common_kw)
@@ -648,4 +650,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # The one place that names alip: eval.py's functions take any model with encode_image / encode_text and
+    # alip.py trains with them, so only this command line, above both, hands eval our loader and precision.
+    import alip
+    main(load_model=alip.load_model, choose_precision=alip.choose_precision)

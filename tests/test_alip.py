@@ -2,7 +2,6 @@
 import json
 import math
 import os
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import alip
+import kernels
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -188,8 +188,23 @@ def test_local_losses_average_to_the_global_loss_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def args_for(loss="alip", gates="all"):
-    return Namespace(loss=loss, gates=gates)
+@pytest.mark.parametrize("gathered", [False, True])
+def test_contrastive_loss_equals_the_kernel_files_reference(gathered):
+    """Two readable references of the same loss on purpose (the kernel file keeps its own): equal in float64."""
+    gen = torch.Generator().manual_seed(10)
+    N, n, offset, D = 24, 8, 8, 16
+    x_all, t_all = unit(N, D, gen).requires_grad_(), unit(N, D, gen).requires_grad_()
+    s = torch.tensor(30.0, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(n if gathered else N, generator=gen, dtype=torch.float64) + 0.5
+    for weight in (None, w):
+        if gathered:  # this rank's rows of the gathered features, as on one of several ranks
+            x, t, kw = x_all[offset:offset + n], t_all[offset:offset + n], dict(x_all=x_all, t_all=t_all, offset=offset)
+        else:
+            x, t, kw = x_all, t_all, {}
+        got = [(loss, *torch.autograd.grad(loss, (x_all, t_all, s))) for loss in
+               (fn(x, t, s, weight, **kw) for fn in (alip.contrastive_loss, kernels.gated_clip_loss_reference))]
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: report(a, b))
 
 
 @pytest.mark.parametrize("mode", ["all", "lcg", "dcg", "none"])
@@ -198,8 +213,8 @@ def test_alip_loss_is_two_weighted_paths(mode):
     model = alip.create_model("tiny").double()
     x, t = torch.randn(9, 128, generator=gen, dtype=torch.float64), torch.randn(9, 128, generator=gen, dtype=torch.float64)
     c = t + 0.5 * torch.randn(9, 128, generator=gen, dtype=torch.float64)
-    gates, twin = alip.Gates(), alip.Gates()
-    loss, logs, (w_s, w_t, w_c) = alip.alip_loss(model, x, t, c, gates, args_for(gates=mode), alip.contrastive_loss, 1, 0)
+    gates, twin = alip.Gates(mode=mode), alip.Gates()
+    loss, logs, (w_s, w_t, w_c) = alip.alip_loss(x, t, c, model.logit_scale, gates, alip.contrastive_loss)
     ws, wt, wc = twin(*(F.normalize(v, dim=-1) for v in (x, t, c)))
     ones = torch.ones(9, dtype=torch.float64)
     ws = ws if mode in ("all", "lcg") else ones
@@ -216,14 +231,12 @@ def test_gradient_accumulation_equals_one_big_batch():
     torch.manual_seed(7)
     model = alip.create_model("tiny").double()  # other batch shapes sum in other orders: compare in float64
     images, text, caption = torch.randn(8, 3, 64, 64, dtype=torch.float64), random_tokens([3, 5, 2, 7, 4, 6, 1, 9]), random_tokens([4, 4, 4, 4, 2, 2, 2, 2])
-    args = args_for()
-
     def feats(i, j):
         x, tc = model(images[i:j], torch.cat([text[i:j], caption[i:j]]))
         return (x, *tc.chunk(2))
 
     model.zero_grad()
-    loss, _, _ = alip.alip_loss(model, *feats(0, 8), alip.Gates(), args, alip.contrastive_loss, 1, 0)
+    loss, _, _ = alip.alip_loss(*feats(0, 8), model.logit_scale, alip.Gates(), alip.contrastive_loss)
     loss.backward()
     big = [p.grad.clone() for p in model.parameters()]
 
@@ -235,7 +248,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     for j, (i0, i1) in enumerate([(0, 4), (4, 8)]):
         f = feats(i0, i1)
         f = [torch.cat([c[k] if m != j else f[k] for m, c in enumerate(cache)]) for k in range(3)]
-        loss_j, _, weights = alip.alip_loss(model, *f, gates, args, alip.contrastive_loss, 1, 0, weights,
+        loss_j, _, weights = alip.alip_loss(*f, model.logit_scale, gates, alip.contrastive_loss, weights=weights,
                                             scale_grad=j == 1)
         loss_j.backward()
     assert abs(loss_j.item() - loss.item()) < 1e-12 * abs(loss.item())
@@ -251,6 +264,6 @@ def test_logit_scale_keeps_its_gradient_at_the_cap():
     with torch.no_grad():
         model.logit_scale.fill_(math.log(100))
     x, t, c = (torch.randn(6, 128, generator=gen) for _ in range(3))
-    loss, _, _ = alip.alip_loss(model, x, t, c, alip.Gates(), args_for(), alip.contrastive_loss, 1, 0)
+    loss, _, _ = alip.alip_loss(x, t, c, model.logit_scale, alip.Gates(), alip.contrastive_loss)
     loss.backward()
     assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0

@@ -98,7 +98,8 @@ def _text_rows(batches):
 
 def test_train_transform_shape_range_determinism():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
-    t = data.train_transform(32)
+    def t(img, g):
+        return data.normalize(data.random_crop_flip(img, g, 32))
     a = t(img, torch.Generator().manual_seed(1))
     b = t(img, torch.Generator().manual_seed(1))
     c = t(img, torch.Generator().manual_seed(2))
@@ -110,12 +111,14 @@ def test_train_transform_shape_range_determinism():
 
 
 def test_train_transform_flat_colour_and_flip_rate():
-    flat = data.train_transform(16)(Image.new("RGB", (40, 30), (200, 100, 50)), torch.Generator().manual_seed(0))
+    def t(img, g):
+        return data.normalize(data.random_crop_flip(img, g, 16))
+    flat = t(Image.new("RGB", (40, 30), (200, 100, 50)), torch.Generator().manual_seed(0))
     want = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
     torch.testing.assert_close(flat, want.view(3, 1, 1).expand(3, 16, 16))
     half = np.zeros((32, 32, 3), np.uint8)
     half[:, 16:] = 255  # dark left, bright right: a flip makes the left bright
-    img, t = Image.fromarray(half), data.train_transform(16)
+    img = Image.fromarray(half)
     flipped = sum(t(img, torch.Generator().manual_seed(s))[0, :, 0].mean() > 0 for s in range(200))
     assert 70 < flipped < 130
 
@@ -200,7 +203,7 @@ def test_every_broken_kind_is_counted(tmp_path):
 
 def test_broken_data_still_trains(tmp_path):
     spec, expected = _broken_set(tmp_path / "d")
-    loader = data.make_train_loader(spec, image_size=16, batch_size=8, workers=0)
+    loader = data.TrainLoader(spec, image_size=16, batch_size=8, workers=0)
     batches = list(loader)
     assert len(batches) == loader.steps_per_epoch == (100 + 9 + 3) // 8
     assert all(x.shape == (8, 3, 16, 16) and t.shape == c.shape == (8, 77) for x, t, c in batches)
@@ -214,13 +217,13 @@ def test_too_many_bad_samples_raise_naming_the_shard(tmp_path):
     _shards(d, 1, 20)
     data.write_tar(str(d / "mostly_bad.tar"),
                    [(f"b{i:04d}", {"jpg": b"not a jpeg", "txt": b"t", "syn.txt": b"c"}) for i in range(80)])
-    loader = data.make_train_loader(str(d), image_size=16, batch_size=4, workers=0)
+    loader = data.TrainLoader(str(d), image_size=16, batch_size=4, workers=0)
     with pytest.raises(RuntimeError, match=r"max_bad_fraction.*mostly_bad\.tar"):
         list(loader)
     # A whole shard that sizes.json promised 1000 samples for, gone: that is most of the data.
     os.remove(d / "mostly_bad.tar")
     (d / "sizes.json").write_text(json.dumps({"00000.tar": 20, "lost.tar": 1000}))
-    loader = data.make_train_loader(f"{d}/{{00000,lost}}.tar", image_size=16, batch_size=4, workers=0)
+    loader = data.TrainLoader(f"{d}/{{00000,lost}}.tar", image_size=16, batch_size=4, workers=0)
     with pytest.raises(RuntimeError, match=r"lost\.tar \(unreadable_shard\)"):
         list(loader)
 
@@ -240,7 +243,7 @@ def test_captions_side_file_and_missing_modes(tmp_path):
     samples = {s["__key__"]: s for s in data.iter_samples(data.expand_shards(d))}
     assert data.parse_sample(samples["000003"], stats, missing_caption="raw")[2] == "sample 3"
     assert data.parse_sample(samples["000004"], stats, data.load_captions(str(caps)))[1:] == ("sample 4", "side caption 4")
-    loader = data.make_train_loader(d, image_size=16, batch_size=5, workers=0, captions=str(caps))
+    loader = data.TrainLoader(d, image_size=16, batch_size=5, workers=0, captions=str(caps))
     batches = list(loader)
     assert len(batches) == 2  # 10 samples counted, 5 usable: the second batch is a reshuffled pass
     for _, _, caption in batches:  # each pass yields each usable sample once
@@ -256,7 +259,7 @@ def test_two_ranks_two_workers_see_each_sample_once(tmp_path):
     d = _shards(tmp_path / "s", 8, 12)
     rows = []
     for rank in range(2):
-        loader = data.make_train_loader(d, image_size=16, batch_size=4, rank=rank, world_size=2, workers=2, seed=3)
+        loader = data.TrainLoader(d, image_size=16, batch_size=4, rank=rank, world_size=2, workers=2, seed=3)
         batches = list(loader)
         assert len(batches) == loader.steps_per_epoch == 12
         rows += _text_rows(batches)
@@ -268,7 +271,7 @@ def test_fewer_shards_than_slots_split_by_sample(tmp_path, capsys):
     d = _shards(tmp_path / "s", 1, 16)
     rows = []
     for rank in range(2):
-        loader = data.make_train_loader(d, image_size=16, batch_size=4, rank=rank, world_size=2, workers=0)
+        loader = data.TrainLoader(d, image_size=16, batch_size=4, rank=rank, world_size=2, workers=0)
         rows += _text_rows(list(loader))
     assert "warning" in capsys.readouterr().out
     assert len(rows) == len(set(rows)) == 16
@@ -280,13 +283,12 @@ def test_uneven_ranks_give_equal_steps_and_epochs_differ(tmp_path):
     for j, n in enumerate((5, 7, 30)):
         data.write_tar(str(d / f"{j}.tar"), [_good(100 * j + i) for i in range(n)])
     for rank in range(2):
-        loader = data.make_train_loader(str(d), image_size=16, batch_size=4, rank=rank, world_size=2, workers=0)
+        loader = data.TrainLoader(str(d), image_size=16, batch_size=4, rank=rank, world_size=2, workers=0)
         assert loader.steps_per_epoch == 42 // 8
         e0 = _text_rows(list(loader))
-        loader.set_epoch(1)
-        e1 = _text_rows(list(loader))
+        e1 = _text_rows(list(loader))  # a finished epoch moves the loader on to the next
         assert len(e0) == len(e1) == 5 * 4 and e0 != e1
-    resampled = data.make_train_loader(str(d), image_size=16, batch_size=4, workers=0, resampled=True, num_samples=40)
+    resampled = data.TrainLoader(str(d), image_size=16, batch_size=4, workers=0, resampled=True, num_samples=40)
     assert len(list(resampled)) == 10
 
 
@@ -296,11 +298,11 @@ def test_exact_resume(tmp_path, workers, k):
     data.write_tar(str(tmp_path / "s" / "00004.tar"),
                    [_good(500), ("bad", {"jpg": b"junk", "txt": b"t", "syn.txt": b"c"}), _good(501)])
     kw = dict(image_size=16, batch_size=4, workers=workers, seed=5)
-    full = data.make_train_loader(d, **kw)
-    full.set_epoch(2)
+    full = data.TrainLoader(d, **kw)
+    full.load_state_dict({"epoch": 2, "batch": 0})
     want = list(full)
-    first = data.make_train_loader(d, **kw)
-    first.set_epoch(2)
+    first = data.TrainLoader(d, **kw)
+    first.load_state_dict({"epoch": 2, "batch": 0})
     got = []
     for i, batch in enumerate(first):
         got.append(batch)
@@ -308,9 +310,8 @@ def test_exact_resume(tmp_path, workers, k):
             break
     sd = first.state_dict()
     assert (sd["epoch"], sd["batch"]) == (2, k)
-    resumed = data.make_train_loader(d, **kw)
+    resumed = data.TrainLoader(d, **kw)
     resumed.load_state_dict(json.loads(json.dumps(sd)))  # must survive a checkpoint round trip
-    resumed.set_epoch(2)
     got += list(resumed)
     assert len(got) == len(want) == full.steps_per_epoch
     for i, (a, b) in enumerate(zip(got, want)):

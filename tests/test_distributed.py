@@ -5,7 +5,6 @@ the two runs differ by rounding alone. In float64 that rounding is ~1e-16 relati
 is a real difference (a sample counted twice, a missing all-gather gradient, a wrong offset).
 """
 import os
-from argparse import Namespace
 
 import torch
 import torch.distributed as dist
@@ -31,9 +30,8 @@ def global_batch():
 def step(model, images, text, caption, world_size, rank, loss):
     x, tc = model(images, torch.cat([text, caption]))
     gates = alip.Gates(init=0.1)
-    args = Namespace(loss=loss, gates="all")
-    out, logs, weights = alip.alip_loss(alip_module(model), x, *tc.chunk(2), gates, args, alip.contrastive_loss,
-                                        world_size, rank)
+    out, logs, weights = alip.alip_loss(x, *tc.chunk(2), alip_module(model).logit_scale, gates, alip.contrastive_loss,
+                                        bipath=loss == "alip", world_size=world_size, rank=rank)
     out.backward()
     return out.detach(), weights, gates.H_tc.clone()
 

@@ -391,8 +391,13 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
+def main(argv):
+    alip = pytest.importorskip("alip")
+    ev.main(argv, load_model=alip.load_model, choose_precision=alip.choose_precision)
+
+
 def _run_cli(capsys, *argv):
-    ev.main(list(argv) + ["--json", "--workers", "0", "--device", "cpu"])
+    main(list(argv) + ["--json", "--workers", "0", "--device", "cpu"])
     lines = capsys.readouterr().out.strip().splitlines()
     return json.loads(lines[-1]), lines
 
@@ -418,20 +423,20 @@ def test_cli_zeroshot_retrieval_and_probe(capsys, checkpoint, imagefolder, tmp_p
 
 def test_cli_errors(tmp_path, checkpoint, imagefolder):
     with pytest.raises(SystemExit, match="nope.pt: no such file"):
-        ev.main(["zeroshot", "--checkpoint", str(tmp_path / "nope.pt"), "--dataset", imagefolder])
+        main(["zeroshot", "--checkpoint", str(tmp_path / "nope.pt"), "--dataset", imagefolder])
     (tmp_path / "garbage.pt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="garbage.pt: cannot load it"):
-        ev.main(["zeroshot", "--checkpoint", str(tmp_path / "garbage.pt"), "--dataset", imagefolder])
+        main(["zeroshot", "--checkpoint", str(tmp_path / "garbage.pt"), "--dataset", imagefolder])
     with pytest.raises(SystemExit, match="no_dataset: no such file"):
-        ev.main(["zeroshot", "--checkpoint", checkpoint, "--dataset", str(tmp_path / "no_dataset")])
+        main(["zeroshot", "--checkpoint", checkpoint, "--dataset", str(tmp_path / "no_dataset")])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 autocast path)")
 def test_zeroshot_and_retrieval_on_cuda_in_bf16(checkpoint, imagefolder, tmp_path):
     import alip
     model = alip.load_model(checkpoint).cuda().train()
-    m = ev.zeroshot(model, imagefolder, templates="simple")
+    m = ev.zeroshot(model, imagefolder, templates="simple", dtype=torch.bfloat16)
     assert model.training and 0 <= m["acc1"] <= 1
     samples = [{"png": png(solid(n)), "txt": n.encode()} for n in NAMES]
-    m = ev.retrieval(model, write_shards(str(tmp_path / "shards"), samples))
+    m = ev.retrieval(model, write_shards(str(tmp_path / "shards"), samples), dtype=torch.bfloat16)
     assert all(0 <= v <= 1 for v in m.values())
