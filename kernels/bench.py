@@ -5,8 +5,8 @@
     TRITON_INTERPRET=1 python -m kernels.bench --device cpu --sizes 64,128 --dim 64 --out /tmp/b   # smoke test
 
 Rows, on the same inputs (x, t: B x D unit rows, s = 100, gate-like weights w in [0.5, 1.5)) in the same run:
-  reference  kernels.gated_clip_loss_reference, weighted: the same math as the trainer's reference loss
-             (alip.contrastive_loss). It materialises the B x B logits of both directions: 6 GEMMs.
+  reference  kernels.gated_clip_loss_reference, weighted: the same math as the trainer's reference loss in
+             alip.py. It materialises the B x B logits of both directions: 6 GEMMs.
   fused      kernels.gated_clip_loss, weighted: 5 GEMMs (see "Cost in similarity GEMMs" in gated_clip_loss.py).
   floor      the least similarity-GEMM work any exact method needs for one path, forward and backward: 4 GEMMs
              (a forward sweep of S = x t^T for the LSEs, a backward recompute of S, and the two products
