@@ -1,0 +1,100 @@
+"""kernels.bench: a tiny run end to end (Triton interpreter on CPU, compiled on CUDA), the GEMM counts its rows
+claim, its Inf-CL call, and its flag checks."""
+
+import glob
+import json
+import os
+import re
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from kernels import bench, fused_available, gated_clip_loss_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {"fp32": 1e-5, "bf16": 1e-2}  # loss vs reference: fp32 exact up to summation order; bf16 logits rounded once
+ROW_KEYS = {"impl", "weighted", "B", "D", "dtype", "status", "ms", "peak_mem_mib", "gemms", "tflops", "loss"}
+
+
+@pytest.mark.skipif(not fused_available(DEVICE), reason="needs CUDA, or TRITON_INTERPRET=1 on CPU")
+def test_tiny_run_writes_the_results(tmp_path, capsys):
+    sizes = [16, 40]
+    bench.main(["--sizes", ",".join(map(str, sizes)), "--dim", "32", "--dtypes", "fp32,bf16", "--device", DEVICE,
+                "--rep-ms", "0", "--out", str(tmp_path)])
+    assert "| fused |" in capsys.readouterr().out
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    result = json.load(open(path))
+    assert os.path.basename(path) == f"{result['slug']}-{result['date']}.json"
+    assert re.fullmatch(r"[a-z0-9-]+", result["slug"]) and re.fullmatch(r"\d{4}-\d\d-\d\d", result["date"])
+    for key in ("device", "torch", "triton", "commit", "date", "rows"):
+        assert result[key], key
+    assert result["torch"] == torch.__version__
+    rows = {(r["impl"], r["weighted"], r["dtype"], r["B"]): r for r in result["rows"]}
+    for dtype in ("fp32", "bf16"):
+        for B in sizes:
+            for impl, weighted in (("reference", True), ("fused", True), ("floor", None)):
+                r = rows[impl, weighted, dtype, B]
+                assert ROW_KEYS <= set(r), set(r) ^ ROW_KEYS
+                assert r["status"] == "ok" and r["ms"] > 0 and r["D"] == 32 and r["gemms"] == bench.GEMMS[impl]
+                assert (r["peak_mem_mib"] is None) == (DEVICE == "cpu")
+            ref, fused = rows["reference", True, dtype, B]["loss"], rows["fused", True, dtype, B]["loss"]
+            assert ref > 0 and abs(fused - ref) <= TOL[dtype] * ref, (dtype, B, fused, ref)
+            assert rows["fused", True, dtype, B]["matches"] is True
+
+
+def test_floor_runs_exactly_four_similarity_gemms():
+    B, D = 40, 24  # three chunks of 16 rows, the last one short
+    x, t = torch.randn(B, D), torch.randn(B, D)
+    with FlopCounterMode(display=False) as flops:
+        bench.floor_fn(x, t, chunk=16)()
+    assert flops.get_total_flops() == bench.GEMMS["floor"] * 2 * B * B * D == 4 * 2 * B * B * D
+
+
+def test_reference_runs_six_similarity_gemms():
+    B, D = 40, 24
+    x, t = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
+    s = torch.tensor(10.0, requires_grad=True)
+    with FlopCounterMode(display=False) as flops:
+        gated_clip_loss_reference(x, t, s, torch.rand(B)).backward()
+    assert flops.get_total_flops() == bench.GEMMS["reference"] * 2 * B * B * D
+
+
+def fake_inf_cl(calls):
+    """inf_cl's cal_flash_loss as its source defines it: per-sample LSE_j(s q_i.k_j) - s q_i.k_i."""
+    def cal_flash_loss(q, k, labels=None, scale=None, head_dim=256):
+        assert q.shape[1] % head_dim == 0
+        calls.append(head_dim)
+        logits = (scale * q) @ k.T
+        return torch.logsumexp(logits, 1) - logits.diagonal()
+    return types.SimpleNamespace(cal_flash_loss=cal_flash_loss)
+
+
+def test_inf_cl_call_is_our_unweighted_symmetric_loss():
+    gen = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(50, 96, generator=gen, dtype=torch.float64), dim=-1)
+    t = F.normalize(torch.randn(50, 96, generator=gen, dtype=torch.float64), dim=-1)
+    s, calls = torch.tensor(30.0, dtype=torch.float64), []
+    got = bench.inf_cl_loss(fake_inf_cl(calls), x, t, s)
+    assert calls == [32, 32]  # two calls, one per direction; 96 = 3 heads of 32
+    assert abs(got.item() - gated_clip_loss_reference(x, t, s).item()) < 1e-12
+
+
+def test_inf_cl_head_dim():
+    assert [bench.inf_cl_head_dim(D) for D in (512, 768, 96, 48, 100)] == [256, 256, 32, 16, None]
+
+
+@pytest.mark.parametrize("argv, flag", [(["--sizes", "4096,lots"], "--sizes"), (["--sizes", "0"], "--sizes"),
+                                        (["--dtypes", "fp64"], "--dtypes"), (["--max-b", "100"], "--max-b"),
+                                        (["--dim", "0"], "--dim"), (["--time-budget", "0"], "--time-budget")])
+def test_bad_flags_give_one_line_naming_the_flag(argv, flag):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(argv)
+    assert flag in str(e.value) and "\n" not in str(e.value)
+
+
+def test_default_sizes_double_from_4096_to_max_b():
+    assert bench.parse_args(["--max-b", "40000"]).sizes == [4096, 8192, 16384, 32768]
+    assert bench.parse_args([]).sizes[-1] == 1_048_576
