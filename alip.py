@@ -324,7 +324,7 @@ def select_loss_fn(kind, device):
     if kind == "reference":
         return contrastive_loss, "reference"
     if not kernels.fused_available(device):
-        raise SystemExit("--kernel fused needs a CUDA device, or TRITON_INTERPRET=1 to run Triton on the CPU")
+        raise data.UserError("--kernel fused needs a CUDA device, or TRITON_INTERPRET=1 to run Triton on the CPU")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return kernels.gated_clip_loss, "fused Triton kernel" + (" (interpreted)" if interpreted else "")
 
@@ -512,17 +512,17 @@ def load_model(path, name=None, quick_gelu=False):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train ALIP (or the CLIP baseline) on tar shards.")
+    p = data.ArgumentParser(description="Train ALIP (or the CLIP baseline) on tar shards.")
     # data
     p.add_argument("--data", help="training shards: directory, glob or brace list; several joined with ::")
     p.add_argument("--captions", help="JSONL side file of synthetic captions {key, caption}, joined by key")
     p.add_argument("--missing-caption", default="skip", choices=["skip", "raw"], help="sample without a caption")
     p.add_argument("--text-ext", default="txt", help="tar member holding the raw text: {key}.EXT")
     p.add_argument("--caption-ext", default="syn.txt", help="tar member holding the synthetic caption")
-    p.add_argument("--train-num-samples", type=int, help="samples per epoch (default: read or count the shards)")
+    p.add_argument("--train-num-samples", type=data.positive_int, help="samples per epoch (default: read or count the shards)")
     p.add_argument("--resampled", action="store_true", help="draw shards with replacement (very large sets)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.5, help="stop when more samples than this fail")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes per rank")
+    p.add_argument("--max-bad-fraction", type=data.fraction, default=0.5, help="stop when more samples than this fail")
+    p.add_argument("--workers", type=data.nonnegative_int, default=4, help="data-loading processes per rank")
     p.add_argument("--demo", action="store_true", help="generate a toy dataset, train `tiny` on it, evaluate")
     # model
     p.add_argument("--model", default="ViT-B-32", choices=list(PRESETS))
@@ -532,47 +532,46 @@ def parse_args(argv=None):
     # method
     p.add_argument("--loss", default="alip", choices=["alip", "clip"], help="alip: bi-path; clip: raw text only")
     p.add_argument("--gates", default="all", choices=Gates.MODES, help="Table 4 ablations")
-    p.add_argument("--gamma", type=float, default=2.0, help="gate sharpness")
-    p.add_argument("--momentum", type=float, default=0.99, help="running-mean momentum of the gates")
+    p.add_argument("--gamma", type=data.nonnegative_float, default=2.0, help="gate sharpness")
+    p.add_argument("--momentum", type=data.fraction, default=0.99, help="running-mean momentum of the gates")
     p.add_argument("--kernel", default="auto", choices=["auto", "fused", "reference"], help="loss implementation")
     # optimization
-    p.add_argument("--batch-size", type=int, default=256, help="per rank, per micro-step")
-    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step (features cached)")
-    p.add_argument("--epochs", type=float, default=32)
-    p.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=2000, help="linear warmup steps")
-    p.add_argument("--wd", type=float, default=0.2)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--batch-size", type=data.positive_int, default=256, help="per rank, per micro-step")
+    p.add_argument("--accum-steps", type=data.positive_int, default=1, help="micro-batches per step (features cached)")
+    p.add_argument("--epochs", type=data.positive_float, default=32)
+    p.add_argument("--steps", type=data.positive_int, help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=data.positive_float, default=1e-3)
+    p.add_argument("--warmup", type=data.nonnegative_int, default=2000, help="linear warmup steps")
+    p.add_argument("--wd", type=data.nonnegative_float, default=0.2)
+    p.add_argument("--grad-clip", type=data.nonnegative_float, default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--max-bad-steps", type=data.positive_int, default=5, help="stop after this many non-finite steps in a row")
     # system
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error too (or ALIP_DEBUG=1)")
     # output
     p.add_argument("--output", default="runs/alip", help="checkpoints and metrics.jsonl go here")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=data.positive_int, default=1000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=data.positive_int, default=3, help="checkpoints to keep")
+    p.add_argument("--log-every", type=data.positive_int, default=50)
     # evaluation
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--eval-every", type=data.nonnegative_int, default=0, help="evaluate every N steps (0: at the end only)")
     p.add_argument("--eval-zeroshot", help="zero-shot classification set (see eval.py)")
     p.add_argument("--eval-retrieval", help="retrieval set (see eval.py)")
     # benchmark
     p.add_argument("--bench", action="store_true", help="time training steps on synthetic in-memory batches")
-    p.add_argument("--bench-steps", type=int, default=20)
+    p.add_argument("--bench-steps", type=data.positive_int, default=20)
     p.add_argument("--bench-ablate", action="store_true", help="also time without trimming / fused SDPA / fused loss")
-    p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
+    p.add_argument("--peak-tflops", type=data.positive_float, help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
     if p.parse_known_args(argv)[0].demo:  # small enough for 2 CPU cores in about 3 minutes; flags still win
         p.set_defaults(model="tiny", batch_size=128, steps=300, warmup=25, lr=2e-3, workers=1, save_every=300,
                        output="runs/demo")
     args = p.parse_args(argv)
     if not (args.data or args.demo or args.bench):
         p.error("--data is required (or --demo, or --bench)")
-    if args.keep < 1:
-        p.error("--keep must be at least 1")
     return args
 
 
@@ -619,7 +618,7 @@ class Run:
             max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext)
         steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
         if steps_per_epoch < 1:
-            raise SystemExit(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps} "
+            raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps} "
                              f"samples but an epoch has fewer; lower --batch-size or --accum-steps")
         self.total = args.steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
 
@@ -909,4 +908,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_command(main)

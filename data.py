@@ -10,7 +10,8 @@ Shards use the WebDataset layout: members "{key}.{ext}" grouped by key, e.g. 000
     python data.py bench --synthetic [--workers 2]            # decode + augment throughput
 
 Bad data never stops a run: every broken sample or shard is skipped and counted by reason
-(loader.skipped), and only an excessive share of failures (max_bad_fraction) raises.
+(loader.skipped), and only an excessive share of failures (max_bad_fraction) raises. Bad input to a
+command (a flag, a path, a line of a file) is a UserError: one line on stderr and exit status 2.
 """
 import argparse
 import collections
@@ -29,9 +30,11 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tarfile
 import tempfile
 import time
+import traceback
 import zlib
 
 import ftfy
@@ -41,6 +44,54 @@ import torch
 from PIL import Image, ImageDraw
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+# -----------------------------------------------------------------------------
+# Errors the user can fix, and the command-line checks that find them first.
+
+
+class UserError(Exception):
+    """Bad input: a flag, a file or a line of one. Each command line prints the message as one line and
+    exits with status 2 (run_command); any other exception is a bug and keeps its traceback."""
+
+
+def run_command(main, argv=None):
+    """main(argv) as a command: a UserError becomes `error: MESSAGE` on stderr and exit status 2, with
+    the traceback too under --debug or ALIP_DEBUG=1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        main(argv)
+    except UserError as e:
+        sys.stdout.flush()
+        if "--debug" in argv or os.environ.get("ALIP_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose complaints are one-line UserErrors instead of a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _number(kind, ok, wanted):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):  # also refuses nan, which compares false
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: 0 < v < math.inf, "a number > 0")
+nonnegative_float = _number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
 # -----------------------------------------------------------------------------
 # Tokenizer: CLIP's byte-level BPE (Radford et al. 2021), same ids as OpenAI's simple_tokenizer.py.
@@ -991,30 +1042,32 @@ def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("demo", help="write the procedural demo dataset")
+    debug = ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
+    p = sub.add_parser("demo", parents=[debug], help="write the procedural demo dataset")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("inspect", help="count usable and skipped samples, show a few")
+    p = sub.add_parser("inspect", parents=[debug], help="count usable and skipped samples, show a few")
     p.add_argument("shards")
     p.add_argument("--captions", help="JSONL side file of {key, caption}")
     p.add_argument("--missing-caption", choices=("skip", "raw"), default="skip")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
-    p = sub.add_parser("make", help="shards from images + a CSV/JSONL table (image, text[, caption])")
+    p = sub.add_parser("make", parents=[debug], help="shards from images + a CSV/JSONL table (image, text[, caption])")
     p.add_argument("src", help="the table, or a directory holding one")
     p.add_argument("out")
-    p.add_argument("--shard-size", type=int, default=10000)
-    p = sub.add_parser("add-captions", help="copy shards, adding {key}.syn.txt from a JSONL side file")
+    p.add_argument("--shard-size", type=positive_int, default=10000)
+    p = sub.add_parser("add-captions", parents=[debug], help="copy shards, adding {key}.syn.txt from a JSONL side file")
     p.add_argument("shards")
     p.add_argument("captions")
     p.add_argument("out")
-    p = sub.add_parser("bench", help="decode + augment images/s")
+    p = sub.add_parser("bench", parents=[debug], help="decode + augment images/s")
     p.add_argument("shards", nargs="?")
     p.add_argument("--synthetic", action="store_true", help="bench on generated 500-px JPEGs")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--image-size", type=positive_int, default=224)
+    p.add_argument("--workers", type=nonnegative_int, default=2)
+    p.add_argument("--seconds", type=positive_float, default=3.0)
     args = parser.parse_args(argv)
 
     if args.cmd == "demo":
@@ -1052,4 +1105,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
