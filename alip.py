@@ -25,7 +25,7 @@ import signal
 import time
 import warnings
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -788,28 +788,47 @@ def train_step(run, micro, stop_requested):
     return {"loss": loss.detach(), "logs": logs, "grad_norm": grad_norm, "lr": lr}, bool(flags[1] > 0)
 
 
+@contextmanager
 def stop_on_signals():
-    """SIGTERM (preemption) and SIGINT only set a flag: the loop finishes the step, saves and exits cleanly."""
+    """SIGTERM (preemption) and SIGINT only set a flag: the loop finishes the step, saves and exits cleanly.
+    A second signal ends the process at once; on leaving, the previous handlers are back."""
     stop = {"signal": None}
     def on_signal(signum, frame):
         stop["signal"] = signum
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
+        signal.signal(signum, signal.SIG_DFL)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def device_batches(loader, device):
-    """The loader's batches on the device, epoch after epoch (the loader moves on to the next by itself)."""
+    """The loader's batches on the device, epoch after epoch (the loader moves on to the next by itself).
+    Closing this generator stops the loader's workers."""
     while True:
-        for batch in loader:
-            yield [b.to(device, non_blocking=True) for b in batch]
+        with closing(iter(loader)) as epoch:
+            for batch in epoch:
+                yield [b.to(device, non_blocking=True) for b in batch]
 
 
 def train(args):
     run = Run(args)
     step = resume(run)
-    stop, batches = stop_on_signals(), device_batches(run.loader, run.device)
-    progress, bad_steps = Progress(run, step), 0
+    # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
+    with stop_on_signals() as stop, closing(device_batches(run.loader, run.device)) as batches:
+        step = train_loop(run, step, stop, batches)
+    if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval):
+        evaluate(run, step)
+    if run.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train_loop(run, step, stop, batches):
+    """Optimizer steps from `step` until run.total or a stop signal; returns the last step done."""
+    args, progress, bad_steps = run.args, Progress(run, step), 0
     run.model.train()
     while step < run.total:
         out, stopping = train_step(run, [next(batches) for _ in range(args.accum_steps)], stop["signal"] is not None)
@@ -831,11 +850,7 @@ def train(args):
             break
         if run.master and args.eval_every and step % args.eval_every == 0 and step < run.total:
             evaluate(run, step)
-    if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval):
-        evaluate(run, step)
-    if run.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    return step
 
 # -----------------------------------------------------------------------------
 # benchmark: training throughput on synthetic in-memory batches (no data loading)

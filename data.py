@@ -568,10 +568,18 @@ class _BatchStream(torch.utils.data.IterableDataset):
                 n += 1
                 yield sample
             if n == 0:
-                raise RuntimeError(f"data: no samples at all in the shards of slot {slot}: "
+                raise UserError(f"data: no samples at all in the shards of slot {slot}: "
                                    f"{mine[:5]}{' ...' if len(mine) > 5 else ''} (skipped so far: {dict(stats)})")
 
     def __iter__(self):
+        # A UserError travels to the training process as a value: the DataLoader would re-raise it there
+        # with the worker's traceback folded into the message.
+        try:
+            yield from self._batches()
+        except UserError as e:
+            yield e
+
+    def _batches(self):
         L = self.loader
         info = torch.utils.data.get_worker_info()
         wid, W = (info.id, info.num_workers) if info else (0, 1)
@@ -625,9 +633,13 @@ class _BatchStream(torch.utils.data.IterableDataset):
             return
         worst = [f"{s} ({r})" for s, r in failed_shards.items()][:5]
         worst += [f"{s} ({n} bad samples)" for s, n in per_shard.most_common(5)]
-        raise RuntimeError(
-            f"data: {bad} of {seen} samples failed ({bad / seen:.0%} > max_bad_fraction={L.max_bad_fraction}); "
-            f"reasons {dict(stats)}; worst shards: {', '.join(worst)}. Run `python data.py inspect` on them.")
+        advice = "Run `python data.py inspect` on them."
+        if isinstance(L.captions_from, str) and stats.most_common(1)[0][0] == "missing_caption":
+            advice = (f"Do the keys in {L.captions_from} match the shards' keys (KEY of KEY.jpg)? "
+                      "`python data.py inspect SHARDS --captions FILE` shows how many do.")
+        raise UserError(
+            f"data: {bad} of {seen} samples failed ({bad / seen:.0%} > --max-bad-fraction {L.max_bad_fraction}); "
+            f"reasons {dict(stats)}; worst shards: {', '.join(worst)}. {advice}")
 
 
 class TrainLoader:
@@ -649,7 +661,8 @@ class TrainLoader:
         self.num_samples = num_samples or sum(self.sizes.values())
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         self.rank, self.world_size, self.workers = rank, world_size, workers
-        self.captions = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
+        self.captions_from = str(captions) if isinstance(captions, (str, os.PathLike)) else None  # for messages
+        self.captions = load_captions(captions) if self.captions_from else captions
         self.missing_caption, self.resampled, self.max_bad_fraction = missing_caption, resampled, max_bad_fraction
         self.text_ext, self.caption_ext = text_ext, caption_ext
         self.steps_per_epoch = self.num_samples // (batch_size * world_size)
@@ -676,17 +689,29 @@ class TrainLoader:
 
     def __iter__(self):
         W = max(self.workers, 1)
-        dl = torch.utils.data.DataLoader(
+        batches = iter(torch.utils.data.DataLoader(
             _BatchStream(self), batch_size=None, num_workers=self.workers, persistent_workers=False,
-            pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals)
+            pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals))
         worker_stats = {}
         base = collections.Counter(self._done_epochs_skipped)
-        for images, text, caption, k, stats in dl:
-            assert k == self.start_batch, f"data: batch {k} arrived when {self.start_batch} was due"
-            worker_stats[k % W] = stats
-            self.skipped = base + sum(map(collections.Counter, worker_stats.values()), collections.Counter())
-            self.start_batch += 1
-            yield images, text, caption
+        try:
+            for item in batches:
+                if isinstance(item, UserError):  # from a worker, see _BatchStream.__iter__
+                    raise item
+                images, text, caption, k, stats = item
+                assert k == self.start_batch, f"data: batch {k} arrived when {self.start_batch} was due"
+                worker_stats[k % W] = stats
+                self.skipped = base + sum(map(collections.Counter, worker_stats.values()), collections.Counter())
+                self.start_batch += 1
+                yield images, text, caption
+        finally:
+            # However the epoch ends (done, an error here or in a worker, the caller closing this generator),
+            # stop the workers now. The DataLoader would stop them only once its iterator is collected, and an
+            # exception's traceback keeps it alive until after multiprocessing's exit handler, which then
+            # waits forever for workers that ignore SIGTERM.
+            shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers
+            if shutdown is not None:
+                shutdown()
         # The epoch is over: fold its counts in and move the position to the next epoch.
         self._done_epochs_skipped = collections.Counter(self.skipped)
         self.epoch, self.start_batch = self.epoch + 1, 0

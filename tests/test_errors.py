@@ -223,3 +223,24 @@ def test_debug_shows_the_traceback(run, inputs, tmp_path):
     for extra, env in (["--debug"], {}), ([], {"ALIP_DEBUG": "1"}):
         r = run(*argv, *extra, env=env)
         assert r.status == 2 and "Traceback" in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_stop_on_bad_data_ends_every_process(run, inputs, tmp_path, workers):
+    """No caption key matches: the loader stops the run, and the run ends, workers and all."""
+    argv = [a.format(train=inputs / "train", out=tmp_path) for a in TRAIN]
+    r = run(*argv, "--workers", workers, "--steps", "2", "--captions", inputs / "caps_nomatch.jsonl", timeout=60)
+    _assert_one_line_error(r, ["caps_nomatch.jsonl", "--max-bad-fraction"])
+    assert r.seconds < 30
+
+
+def test_one_failing_rank_ends_the_whole_run(run, inputs, tmp_path):
+    """Two gloo ranks: the one reading only broken images stops; the other, waiting for it in a
+    collective, must not wait forever, and torchrun reports the failure."""
+    argv = [a.format(train=inputs / "half_bad", out=tmp_path) for a in TRAIN]
+    r = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--monitor-interval", "0.5",
+            *argv, "--workers", "1", "--steps", "2", timeout=120)
+    assert not r.timed_out, f"still running after {r.seconds:.0f} s"
+    assert r.status != 0
+    assert "max_bad_fraction" in r.stderr or "--max-bad-fraction" in r.stderr, r.stderr[-3000:]
+    assert r.seconds < 60
