@@ -444,13 +444,25 @@ def trim_metrics(out_dir, step):
 
 
 def read_weights(path):
-    """(state dict or checkpoint, is_openai): OpenAI's own files are TorchScript archives, trained with QuickGELU."""
+    """(state dict or checkpoint, is_openai): OpenAI's own files are TorchScript archives, trained with QuickGELU.
+    A missing file or one that does not load is a UserError whose message starts with the path."""
+    if not os.path.isfile(path):
+        raise data.UserError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), False
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict):
+            raise data.UserError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
+        return obj, False
     except RuntimeError as e:
-        if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
-            raise
-        return torch.jit.load(path, map_location="cpu").state_dict(), True
+        if "TorchScript" in str(e) or "constants.pkl" in str(e):
+            return torch.jit.load(path, map_location="cpu").state_dict(), True
+        error = e
+    except data.UserError:
+        raise
+    except Exception as e:  # a damaged or foreign file fails in many ways: zip, pickle, EOF, unicode
+        error = e
+    reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+    raise data.UserError(f"{path}: cannot load it: damaged, or not a PyTorch checkpoint ({reason})") from error
 
 
 def is_ours(obj):
@@ -487,15 +499,55 @@ def config_from_state_dict(sd, quick_gelu=False):
         quick_gelu=quick_gelu)
 
 
+SHAPE_FIELDS = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "text_width", "text_layers",
+                "context_length", "vocab_size")  # what a state dict's shapes tell (heads and activation they don't)
+
+
+def preset_of(cfg):
+    """The name of the preset with cfg's parameter shapes, or None."""
+    return next((n for n, p in PRESETS.items() if all(getattr(p, f) == getattr(cfg, f) for f in SHAPE_FIELDS)), None)
+
+
+def describe_config(cfg):
+    """'preset NAME' (with QuickGELU), or the shapes of a config that no preset has."""
+    name = preset_of(cfg)
+    if name is None:
+        return "no preset (" + ", ".join(f"{f} {getattr(cfg, f)}" for f in SHAPE_FIELDS) + ")"
+    return f"preset {name}" + (" with QuickGELU" if cfg.quick_gelu else "")
+
+
+def flags_for(found, current):
+    """What to pass to build `found` instead of `current`."""
+    name = preset_of(found)
+    if name is None:
+        return f"no preset fits; --model is one of {', '.join(PRESETS)}"
+    gelu = " --quick-gelu" if found.quick_gelu else " without --quick-gelu" if current.quick_gelu else ""
+    return f"pass --model {name}{gelu}"
+
+
+def check_weights(sd, model, path, found=None):
+    """A UserError unless state dict sd fits model; a wrong architecture is named by its preset (from `found`,
+    the file's own config, or else read off the shapes), instead of load_state_dict's list of mismatches."""
+    want, cfg = {k: v.shape for k, v in model.state_dict().items()}, model.config
+    if set(sd) != set(want):
+        missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+        if "visual.conv1.weight" not in sd or "ln_final.weight" not in sd:
+            raise data.UserError(f"{path}: not a CLIP state dict in OpenAI's layout ({len(missing)} keys missing, "
+                                 f"e.g. {missing[0]}; {len(extra)} unexpected{', e.g. ' + extra[0] if extra else ''})")
+    elif all(sd[k].shape == shape for k, shape in want.items()):
+        return
+    found = found or config_from_state_dict(sd)
+    raise data.UserError(f"{path}: weights of {describe_config(found)}, not of {describe_config(cfg)}; "
+                         f"{flags_for(found, cfg)}")
+
+
 def load_model(path, name=None, quick_gelu=False):
     """A CLIP in eval mode on the CPU from a run directory, one of our checkpoints, or a CLIP state dict."""
     if os.path.isdir(path):
         ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise FileNotFoundError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
+            raise data.UserError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
         path = ckpt
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
     obj, openai = read_weights(path)
     quick_gelu = quick_gelu or openai
     sd = model_state(obj)
@@ -503,6 +555,7 @@ def load_model(path, name=None, quick_gelu=False):
         model = CLIP(ModelConfig(**obj["config"]))
     else:
         model = create_model(name, quick_gelu) if name else CLIP(config_from_state_dict(sd, quick_gelu))
+    check_weights(sd, model, path, model.config if is_ours(obj) else None)
     model.load_state_dict(sd)
     return model.eval()
 
@@ -588,10 +641,15 @@ class Run:
             self.use_demo_data()
         self.raw_model = create_model(args.model, args.quick_gelu)  # saved and evaluated, also when compiled
         if args.init:
-            obj, openai = read_weights(args.init)
-            if openai and not args.quick_gelu:
-                raise SystemExit(f"--init {args.init}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
-            self.raw_model.load_state_dict(model_state(obj))
+            try:
+                obj, openai = read_weights(args.init)
+                if openai and not args.quick_gelu:
+                    raise data.UserError(f"{args.init}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
+                sd, ours = model_state(obj), is_ours(obj)
+                check_weights(sd, self.raw_model, args.init, ModelConfig(**obj["config"]) if ours else None)
+            except data.UserError as e:
+                raise data.UserError(f"--init {e}") from e
+            self.raw_model.load_state_dict(sd)
             self.log(f"initialised from {args.init}")
         self.raw_model.set_grad_checkpointing(args.grad_checkpointing)
         self.raw_model.to(device)

@@ -311,6 +311,18 @@ def expand_shards(spec):
     return out
 
 
+def find_shards(spec):
+    """expand_shards(spec) for a command's input: a UserError if none of them exists."""
+    shards = expand_shards(spec)
+    if any(os.path.exists(s) for s in shards):
+        return shards
+    if not shards:
+        there = "a directory without .tar shards" if os.path.isdir(str(spec)) else "no shards match it"
+        raise UserError(f"{spec}: {there}")
+    raise UserError(f"{spec}: no such file or directory" if len(shards) == 1 else
+                    f"{spec}: none of its {len(shards)} shards exists, e.g. {shards[0]}")
+
+
 def _split_name(name):
     # WebDataset convention: key = path up to the first "." of the basename, ext = the rest.
     dirname, base = os.path.split(name)
@@ -440,12 +452,19 @@ def _write_atomic(path, data):
 
 def load_captions(path):
     """{key: caption} from a JSONL side file of {"key": ..., "caption": ...} lines."""
-    captions = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                captions[str(row["key"])] = row["caption"]
+    captions, n = {}, 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    captions[str(row["key"])] = str(row["caption"])
+    except OSError as e:
+        raise UserError(f"captions file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}, line {n + 1}: not UTF-8 text") from e
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not an object with "key" and "caption"
+        raise UserError(f'{path}, line {n}: expected {{"key": ..., "caption": ...}}, got {line.strip()[:60]!r}') from e
     return captions
 
 
@@ -654,9 +673,7 @@ class TrainLoader:
                  max_bad_fraction=0.5, text_ext="txt", caption_ext="syn.txt"):
         if missing_caption not in ("skip", "raw"):
             raise ValueError(f"missing_caption must be 'skip' or 'raw', not {missing_caption!r}")
-        self.shards = expand_shards(spec)
-        if not self.shards:
-            raise FileNotFoundError(f"data: no shards match {spec!r}")
+        self.shards = find_shards(spec)
         self.sizes = {} if num_samples else shard_sizes(self.shards)
         self.num_samples = num_samples or sum(self.sizes.values())
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
@@ -667,8 +684,8 @@ class TrainLoader:
         self.text_ext, self.caption_ext = text_ext, caption_ext
         self.steps_per_epoch = self.num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"data: {self.num_samples} samples is less than one global batch "
-                             f"({batch_size} x {world_size} ranks)")
+            raise UserError(f"{spec}: {self.num_samples} samples in {len(self.shards)} shards, fewer than one "
+                            f"global batch ({batch_size} x {world_size} ranks); lower --batch-size or add data")
         n_slots = world_size * max(workers, 1)
         if not resampled and len(self.shards) < n_slots and rank == 0:
             print(f"data: warning: {len(self.shards)} shards for {n_slots} rank x worker slots; "
@@ -905,7 +922,7 @@ def write_demo(out_dir, seed=0):
 
 def inspect(spec, captions=None, missing_caption="skip", previews=3):
     """Scan shards as training would (decoding every image) and report what is usable and why the rest is not."""
-    shards = expand_shards(spec)
+    shards = find_shards(spec)
     caps = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
     stats, coverage, shown = collections.Counter(), collections.Counter(), []
     usable = total = 0
@@ -926,11 +943,30 @@ def inspect(spec, captions=None, missing_caption="skip", previews=3):
 
 
 def _read_table(path):
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    """The rows of a CSV (with a header) or JSONL table, each a dict that has an "image"."""
+    rows, n = [], 0
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        rows.append(json.loads(line))
+                        if not isinstance(rows[-1], dict) or "image" not in rows[-1]:
+                            raise UserError(f'{path}, line {n}: expected {{"image": ..., "text": ...}}')
+            else:
+                reader = csv.DictReader(f)
+                if "image" not in (reader.fieldnames or []):
+                    raise UserError(f"{path}: no column 'image' (its header: {', '.join(reader.fieldnames or [])}); "
+                                    "the table needs the columns image, text and optionally caption")
+                rows = list(reader)
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from e
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{path}, line {n}: not a JSON object ({e})" if path.endswith(".jsonl")
+                        else f"{path}: not a UTF-8 CSV table ({e})") from e
+    if not rows:
+        raise UserError(f"{path}: the table has no rows")
+    return rows
 
 
 def make_shards(src, out_dir, shard_size=10000):
@@ -939,13 +975,13 @@ def make_shards(src, out_dir, shard_size=10000):
     if os.path.isdir(src):
         tables = [p for p in sorted(os.listdir(src)) if p.endswith((".csv", ".jsonl"))]
         if len(tables) != 1:
-            raise ValueError(f"data: expected one .csv or .jsonl in {src}, found {tables}")
+            raise UserError(f"{src}: expected one .csv or .jsonl table in it, found {len(tables)} {tables[:5]}")
         src = os.path.join(src, tables[0])
     rows, root = _read_table(src), os.path.dirname(os.path.abspath(src))
-    os.makedirs(out_dir, exist_ok=True)
-    sizes, samples, missing = {}, [], 0
+    sizes, samples, missing = {}, [], []
 
     def flush():
+        os.makedirs(out_dir, exist_ok=True)
         name = f"{len(sizes):05d}.tar"
         write_tar(os.path.join(out_dir, name), samples)
         sizes[name] = len(samples)
@@ -958,7 +994,7 @@ def make_shards(src, out_dir, shard_size=10000):
             with open(path, "rb") as f:
                 files = {ext: f.read()}
         except OSError:
-            missing += 1
+            missing.append(path)
             continue
         files["txt"] = str(row.get("text") or "").encode()
         if row.get("caption"):
@@ -968,8 +1004,13 @@ def make_shards(src, out_dir, shard_size=10000):
             flush()
     if samples:
         flush()
+    if missing:
+        where = f"e.g. {missing[0]}; image paths are relative to the table's folder"
+        if not sizes:
+            raise UserError(f"{src}: none of its {len(rows)} images was found, {where}")
+        print(f"data: warning: {len(missing)} of {len(rows)} images not found, skipped ({where})", file=sys.stderr)
     _write_sizes(out_dir, sizes)
-    return {"samples": sum(sizes.values()), "shards": len(sizes), "missing_image_files": missing}
+    return {"samples": sum(sizes.values()), "shards": len(sizes), "missing_image_files": len(missing)}
 
 
 def add_captions(spec, captions, out_dir):
@@ -977,7 +1018,7 @@ def add_captions(spec, captions, out_dir):
     caps = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
     os.makedirs(out_dir, exist_ok=True)
     stats, sizes, counts = collections.Counter(), {}, collections.Counter()
-    for shard in expand_shards(spec):
+    for shard in find_shards(spec):
         samples = []
         for sample in iter_samples([shard], stats):
             files = {k: v for k, v in sample.items() if not k.startswith("__")}
@@ -1018,9 +1059,9 @@ def _synthetic_jpegs(out_dir, n=200, seed=0):
 def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
     """Images/s in one process for a baseline (full decode, convert, crop, bilinear resize) and for our
     path (draft decode, fused crop+resize), then through the real loader with `workers` processes."""
-    raws = [s[e] for s in iter_samples(expand_shards(spec)) for e in IMAGE_EXTS if e in s][:500]
+    raws = [s[e] for s in iter_samples(find_shards(spec)) for e in IMAGE_EXTS if e in s][:500]
     if not raws:
-        raise ValueError(f"data: no images in {spec!r}")
+        raise UserError(f"{spec}: no images in these shards")
     g = torch.Generator().manual_seed(0)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
 

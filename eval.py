@@ -287,7 +287,11 @@ def read_classification(path, split="test", classnames=None):
     else:
         raise EvalError(f"{path}: a Karpathy retrieval file; classification needs an ImageFolder, CIFAR or shards")
     if classnames is not None:
-        names = load_classnames(classnames) if isinstance(classnames, str) else list(classnames)
+        given = load_classnames(classnames) if isinstance(classnames, str) else list(classnames)
+        if names is not None and len(given) != len(names):
+            raise EvalError(f"class names {classnames if isinstance(classnames, str) else ''}: {len(given)} names, but "
+                            f"{path} has {len(names)} classes; give one name per class, in label order")
+        names = given
     return samples, names, skipped
 
 
@@ -572,15 +576,16 @@ def linear_probe(model, train, test, *, batch_size=256, workers=0, device=None, 
 
 def _load_model(args, load_model):
     if not os.path.exists(args.checkpoint):
-        raise EvalError(f"checkpoint {args.checkpoint}: no such file or directory; pass a run directory, a "
+        raise EvalError(f"--checkpoint {args.checkpoint}: no such file or directory; pass a run directory, a "
                         "ckpt-*.pt file, or a CLIP state dict (with --model NAME)")
     try:
         model = load_model(args.checkpoint, args.model, args.quick_gelu)
-    except FileNotFoundError as e:  # a run directory without checkpoints
-        raise EvalError(str(e)) from e
+    except data.UserError as e:  # names the file and what is wrong with it
+        raise EvalError(f"--checkpoint {e}") from e
     except (KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-        raise EvalError(f"checkpoint {args.checkpoint}: cannot load it ({type(e).__name__}: {e}); for a bare state "
-                        "dict pass --model (e.g. ViT-B-32), and --quick-gelu for OpenAI's weights") from e
+        raise EvalError(f"--checkpoint {args.checkpoint}: cannot load it ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0]}); for a bare state dict pass --model (e.g. ViT-B-32), "
+                        "and --quick-gelu for OpenAI's weights") from e
     return model.to(args.device)
 
 
