@@ -22,6 +22,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -707,22 +708,71 @@ class Run:
         args.eval_retrieval = args.eval_retrieval or paths["test"]
 
 
+CHECKPOINT_KEYS = {"model", "config", "optimizer", "scheduler", "scaler", "gates", "data", "rng", "step"}
+
+
+def newest_resumable(out_dir, config):
+    """(path, checkpoint, passed): the newest checkpoint in out_dir that loads and has this architecture
+    (config, a dict), and the newer ones passed over as [(path, why, kind)]; path is None if none qualifies."""
+    passed = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")), reverse=True):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated, zeroed or overwritten file fails in many ways (zip, pickle, EOF)
+            passed.append((path, f"unreadable, {type(e).__name__}", "damaged"))
+            continue
+        if isinstance(ckpt, dict) and is_ours(ckpt) and ckpt["config"] != config:
+            passed.append((path, f"another architecture, {describe_config(ModelConfig(**ckpt['config']))}",
+                           "architecture"))
+        elif not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+            passed.append((path, "not a complete training checkpoint", "damaged"))
+        else:
+            return path, ckpt, passed
+    return None, None, passed
+
+
+def move_aside(path):
+    """Rename PATH to PATH.bad (or .bad.1, ...): kept for a look, never deleted, and out of the ckpt-*.pt that
+    resuming and pruning read."""
+    aside, n = path + ".bad", 0
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.bad.{n}"
+    os.replace(path, aside)
+    return aside
+
+
 def resume(run):
-    """The step to start from: 0, or with --resume that of the latest checkpoint in --output, all state restored."""
+    """The step to start from: 0, or with --resume that of the newest checkpoint in --output that loads, all
+    state restored. Newer checkpoints that do not load, or are of another architecture, are moved aside."""
     args = run.args
     os.makedirs(args.output, exist_ok=True)
-    path = latest_checkpoint(args.output) if args.resume else None
+    path, ckpt, passed = None, None, []
+    if args.resume:
+        path, ckpt, passed = newest_resumable(args.output, asdict(run.raw_model.config))
     if run.world_size > 1:
         seen = [None] * run.world_size
         dist.all_gather_object(seen, path and os.path.basename(path))
         if len(set(seen)) > 1:
-            raise SystemExit(f"--resume: ranks see different checkpoints in {args.output} ({sorted(set(map(str, seen)))}); "
-                             f"--output must be on a filesystem every node shares")
+            raise data.UserError(f"--resume: ranks see different checkpoints in {args.output} "
+                                 f"({sorted(set(map(str, seen)))}); --output must be on a filesystem every node shares")
+    if path is None and passed:  # nothing to resume from, and starting afresh would prune the files there
+        newest, why, _ = passed[0]
+        if all(kind == "architecture" for _, _, kind in passed):
+            found = ModelConfig(**torch.load(newest, map_location="cpu", weights_only=True)["config"])
+            raise data.UserError(f"--resume: the checkpoints in {args.output} are of {describe_config(found)}, this run "
+                                 f"is of {describe_config(run.raw_model.config)}; "
+                                 f"{flags_for(found, run.raw_model.config)}, or another --output")
+        raise data.UserError(f"--resume: no checkpoint in {args.output} can be resumed from (the newest, {newest}: "
+                             f"{why}); move them out of the way to start afresh, or pass another --output")
+    if passed and run.master:
+        moved = "; ".join(f"{os.path.basename(p)} ({why}) to {os.path.basename(move_aside(p))}" for p, why, _ in passed)
+        print(f"--resume: moved aside the newer checkpoints in {args.output} that cannot be resumed from: {moved}",
+              file=sys.stderr)
     if args.resume and path is None:
         run.log(f"--resume: no checkpoint in {args.output} yet, starting from scratch")
     step = 0
     if path:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         for name, key in (("raw_model", "model"), ("optimizer", "optimizer"), ("scheduler", "scheduler"),
                           ("scaler", "scaler"), ("gates", "gates"), ("loader", "data")):
             getattr(run, name).load_state_dict(ckpt[key])

@@ -168,6 +168,8 @@ ROWS = [
     ("init-truncated", TRAIN + ["--init", "{inputs}/truncated.pt"], ["--init", "truncated.pt"]),
     ("init-other-preset", TRAIN + ["--init", "{inputs}/b32_state_dict.pt"], ["ViT-B-32", "--model"]),
     ("init-other-preset-ours", TRAIN + ["--init", "{inputs}/b32_ckpt.pt"], ["ViT-B-32", "--model"]),
+    ("resume-other-preset", TRAIN + ["--resume"], ["ViT-B-32", "--model"]),
+    ("resume-nothing-loads", TRAIN + ["--resume"], ["ckpt-00000002.pt"]),
     ("inspect-missing", ["data.py", "inspect", "{inputs}/no/such/dir"], ["no/such/dir"]),
     ("inspect-captions-malformed", ["data.py", "inspect", "{train}", "--captions", "{inputs}/caps_malformed.jsonl"],
      ["caps_malformed.jsonl", "line 2"]),
@@ -270,3 +272,35 @@ def test_one_failing_rank_ends_the_whole_run(run, inputs, tmp_path):
     assert r.status != 0
     assert "max_bad_fraction" in r.stderr or "--max-bad-fraction" in r.stderr, r.stderr[-3000:]
     assert r.seconds < 60
+
+
+def test_resume_moves_bad_newer_checkpoints_aside(run, inputs, good_run, tmp_path):
+    """Newer than the good checkpoint of step 1: one truncated, one of zero bytes, one of random bytes and
+    one of another run's architecture. Resuming moves the four aside, byte for byte, and goes on from step 1."""
+    out = tmp_path / "run"
+    os.makedirs(out)
+    os.link(good_run / "ckpt-00000001.pt", out / "ckpt-00000001.pt")  # only read: the run writes new files
+    shutil.copy(good_run / "metrics.jsonl", out / "metrics.jsonl")
+    raw = (good_run / "ckpt-00000002.pt").read_bytes()
+    bad = {2: raw[:len(raw) // 3], 3: b"", 4: np.random.default_rng(0).integers(0, 256, 10 ** 5, np.uint8).tobytes()}
+    for step, content in bad.items():
+        (out / f"ckpt-{step:08d}.pt").write_bytes(content)
+    other = torch.load(good_run / "ckpt-00000002.pt", weights_only=True)
+    cfg = replace(alip.PRESETS["tiny"], embed_dim=64)
+    other["model"], other["config"], other["step"] = alip.CLIP(cfg).state_dict(), asdict(cfg), 5
+    torch.save(other, out / "ckpt-00000005.pt")
+    bad[5] = (out / "ckpt-00000005.pt").read_bytes()
+
+    argv = [a.format(train=inputs / "train", out=out) for a in TRAIN]
+    r = run(*argv, "--steps", "2", "--log-every", "1", "--resume")
+    assert r.status == 0, r.stderr[-3000:]
+    assert f"resumed from {out / 'ckpt-00000001.pt'} at step 1" in r.stdout, r.stdout
+    for step, content in bad.items():
+        name = f"ckpt-{step:08d}.pt"
+        assert name in r.stderr, r.stderr
+        assert (out / (name + ".bad")).read_bytes() == content, os.listdir(out)  # kept as it was
+    assert "another architecture" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p for p in os.listdir(out) if p.endswith(".pt")) == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
+    assert torch.load(out / "ckpt-00000002.pt", weights_only=True)["step"] == 2  # written by the resumed run
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2]
