@@ -35,6 +35,7 @@ import tarfile
 import tempfile
 import time
 import traceback
+import warnings
 import zlib
 
 import ftfy
@@ -182,6 +183,11 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_SCALE = (0.7, 1.0)  # ALIP's RandomResizedCrop: area share and aspect ratio
 CROP_RATIO = (0.8, 1.25)
 MAX_PIXELS = 8192 * 8192  # decompression-bomb cap, checked from the header before any pixel is decoded
+# Pillow warns about images above its own, higher limit (89M pixels), on every open, in every worker. Each
+# of them is above MAX_PIXELS as well, so it is refused and counted as image_too_large: the warning says
+# nothing that loader.skipped does not.
+assert Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members of a shard; clip_benchmark's wds_* exports use webp
 
 

@@ -274,6 +274,14 @@ def test_one_failing_rank_ends_the_whole_run(run, inputs, tmp_path):
     assert r.seconds < 60
 
 
+def test_decompression_bomb_is_skipped_without_a_warning(run, inputs):
+    """12000 x 12000 in the header: above Pillow's warning threshold, below its error threshold."""
+    r = run("data.py", "inspect", inputs / "bomb", "--json")
+    assert r.status == 0, r.stderr[-3000:]
+    assert "DecompressionBomb" not in r.stderr + r.stdout, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["skipped"] == {"image_too_large": 20}
+
+
 def test_resume_moves_bad_newer_checkpoints_aside(run, inputs, good_run, tmp_path):
     """Newer than the good checkpoint of step 1: one truncated, one of zero bytes, one of random bytes and
     one of another run's architecture. Resuming moves the four aside, byte for byte, and goes on from step 1."""
