@@ -1021,10 +1021,11 @@ def make_shards(src, out_dir, shard_size=10000):
 
 def add_captions(spec, captions, out_dir):
     """Copy shards to out_dir with each sample's caption from the JSONL side file added as {key}.syn.txt."""
+    shards = find_shards(spec)
     caps = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
     os.makedirs(out_dir, exist_ok=True)
     stats, sizes, counts = collections.Counter(), {}, collections.Counter()
-    for shard in find_shards(spec):
+    for shard in shards:
         samples = []
         for sample in iter_samples([shard], stats):
             files = {k: v for k, v in sample.items() if not k.startswith("__")}
