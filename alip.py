@@ -462,7 +462,10 @@ def read_weights(path):
         raise
     except Exception as e:  # a damaged or foreign file fails in many ways: zip, pickle, EOF, unicode
         error = e
-    reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+    reason = type(error).__name__
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if first and not first.startswith("Weights only load failed"):  # torch's advice there is to trust the file
+        reason += f": {first[:100]}"
     raise data.UserError(f"{path}: cannot load it: damaged, or not a PyTorch checkpoint ({reason})") from error
 
 
@@ -573,7 +576,8 @@ def parse_args(argv=None):
     p.add_argument("--missing-caption", default="skip", choices=["skip", "raw"], help="sample without a caption")
     p.add_argument("--text-ext", default="txt", help="tar member holding the raw text: {key}.EXT")
     p.add_argument("--caption-ext", default="syn.txt", help="tar member holding the synthetic caption")
-    p.add_argument("--train-num-samples", type=data.positive_int, help="samples per epoch (default: read or count the shards)")
+    p.add_argument("--train-num-samples", type=data.positive_int,
+                   help="samples per epoch (default: read or count the shards)")
     p.add_argument("--resampled", action="store_true", help="draw shards with replacement (very large sets)")
     p.add_argument("--max-bad-fraction", type=data.fraction, default=0.5, help="stop when more samples than this fail")
     p.add_argument("--workers", type=data.nonnegative_int, default=4, help="data-loading processes per rank")
@@ -598,7 +602,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=data.nonnegative_int, default=2000, help="linear warmup steps")
     p.add_argument("--wd", type=data.nonnegative_float, default=0.2)
     p.add_argument("--grad-clip", type=data.nonnegative_float, default=1.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--max-bad-steps", type=data.positive_int, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--max-bad-steps", type=data.positive_int, default=5,
+                   help="stop after this many non-finite steps in a row")
     # system
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
@@ -607,19 +612,22 @@ def parse_args(argv=None):
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error too (or ALIP_DEBUG=1)")
     # output
     p.add_argument("--output", default="runs/alip", help="checkpoints and metrics.jsonl go here")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    p.add_argument("--save-every", type=data.positive_int, default=1000, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output that loads")
+    p.add_argument("--save-every", type=data.positive_int, default=1000,
+                   help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=data.positive_int, default=3, help="checkpoints to keep")
     p.add_argument("--log-every", type=data.positive_int, default=50)
     # evaluation
-    p.add_argument("--eval-every", type=data.nonnegative_int, default=0, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--eval-every", type=data.nonnegative_int, default=0,
+                   help="evaluate every N steps (0: at the end only)")
     p.add_argument("--eval-zeroshot", help="zero-shot classification set (see eval.py)")
     p.add_argument("--eval-retrieval", help="retrieval set (see eval.py)")
     # benchmark
     p.add_argument("--bench", action="store_true", help="time training steps on synthetic in-memory batches")
     p.add_argument("--bench-steps", type=data.positive_int, default=20)
     p.add_argument("--bench-ablate", action="store_true", help="also time without trimming / fused SDPA / fused loss")
-    p.add_argument("--peak-tflops", type=data.positive_float, help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
+    p.add_argument("--peak-tflops", type=data.positive_float,
+                   help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
     if p.parse_known_args(argv)[0].demo:  # small enough for 2 CPU cores in about 3 minutes; flags still win
         p.set_defaults(model="tiny", batch_size=128, steps=300, warmup=25, lr=2e-3, workers=1, save_every=300,
                        output="runs/demo")
@@ -677,8 +685,8 @@ class Run:
             max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext)
         steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
         if steps_per_epoch < 1:
-            raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps} "
-                             f"samples but an epoch has fewer; lower --batch-size or --accum-steps")
+            raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps}"
+                                 f" samples but an epoch has fewer; lower --batch-size or --accum-steps")
         self.total = args.steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
 
     @property
@@ -713,19 +721,20 @@ CHECKPOINT_KEYS = {"model", "config", "optimizer", "scheduler", "scaler", "gates
 
 def newest_resumable(out_dir, config):
     """(path, checkpoint, passed): the newest checkpoint in out_dir that loads and has this architecture
-    (config, a dict), and the newer ones passed over as [(path, why, kind)]; path is None if none qualifies."""
+    (config, a dict), and the newer ones passed over as [(path, why, their config if it is another)]; path is
+    None if none qualifies."""
     passed = []
     for path in sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")), reverse=True):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated, zeroed or overwritten file fails in many ways (zip, pickle, EOF)
-            passed.append((path, f"unreadable, {type(e).__name__}", "damaged"))
+            passed.append((path, f"unreadable, {type(e).__name__}", None))
             continue
         if isinstance(ckpt, dict) and is_ours(ckpt) and ckpt["config"] != config:
-            passed.append((path, f"another architecture, {describe_config(ModelConfig(**ckpt['config']))}",
-                           "architecture"))
+            other = ModelConfig(**ckpt["config"])
+            passed.append((path, f"another architecture, {describe_config(other)}", other))
         elif not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
-            passed.append((path, "not a complete training checkpoint", "damaged"))
+            passed.append((path, "not a complete training checkpoint", None))
         else:
             return path, ckpt, passed
     return None, None, passed
@@ -757,12 +766,11 @@ def resume(run):
             raise data.UserError(f"--resume: ranks see different checkpoints in {args.output} "
                                  f"({sorted(set(map(str, seen)))}); --output must be on a filesystem every node shares")
     if path is None and passed:  # nothing to resume from, and starting afresh would prune the files there
-        newest, why, _ = passed[0]
-        if all(kind == "architecture" for _, _, kind in passed):
-            found = ModelConfig(**torch.load(newest, map_location="cpu", weights_only=True)["config"])
-            raise data.UserError(f"--resume: the checkpoints in {args.output} are of {describe_config(found)}, this run "
-                                 f"is of {describe_config(run.raw_model.config)}; "
-                                 f"{flags_for(found, run.raw_model.config)}, or another --output")
+        newest, why, found = passed[0]
+        if all(other is not None for _, _, other in passed):  # the flags, not the files, are wrong
+            cfg = run.raw_model.config
+            raise data.UserError(f"--resume: the checkpoints in {args.output} are of {describe_config(found)}, this "
+                                 f"run is of {describe_config(cfg)}; {flags_for(found, cfg)}, or another --output")
         raise data.UserError(f"--resume: no checkpoint in {args.output} can be resumed from (the newest, {newest}: "
                              f"{why}); move them out of the way to start afresh, or pass another --output")
     if passed and run.master:

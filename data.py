@@ -183,10 +183,9 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_SCALE = (0.7, 1.0)  # ALIP's RandomResizedCrop: area share and aspect ratio
 CROP_RATIO = (0.8, 1.25)
 MAX_PIXELS = 8192 * 8192  # decompression-bomb cap, checked from the header before any pixel is decoded
-# Pillow warns about images above its own, higher limit (89M pixels), on every open, in every worker. Each
-# of them is above MAX_PIXELS as well, so it is refused and counted as image_too_large: the warning says
-# nothing that loader.skipped does not.
-assert Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= MAX_PIXELS
+# Pillow warns about images above its own, higher limit (Image.MAX_IMAGE_PIXELS, 89M pixels by default), on
+# every open, in every worker. Each of them is above MAX_PIXELS as well, so it is refused and counted as
+# image_too_large: the warning says nothing that loader.skipped does not.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members of a shard; clip_benchmark's wds_* exports use webp
 
@@ -690,7 +689,7 @@ class TrainLoader:
         self.text_ext, self.caption_ext = text_ext, caption_ext
         self.steps_per_epoch = self.num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
-            raise UserError(f"{spec}: {self.num_samples} samples in {len(self.shards)} shards, fewer than one "
+            raise UserError(f"{spec}: {self.num_samples} samples in {len(self.shards)} shard(s), fewer than one "
                             f"global batch ({batch_size} x {world_size} ranks); lower --batch-size or add data")
         n_slots = world_size * max(workers, 1)
         if not resampled and len(self.shards) < n_slots and rank == 0:

@@ -262,6 +262,19 @@ def test_stop_on_bad_data_ends_every_process(run, inputs, tmp_path, workers):
     assert r.seconds < 30
 
 
+def test_a_bug_in_the_trainer_keeps_its_traceback_and_ends_every_process(run, inputs, tmp_path):
+    """Evaluation after step 1 fails on a damaged CIFAR file, an error no check catches, while a loader
+    worker is running: a traceback and status 1, and no process left behind."""
+    cifar = tmp_path / "cifar-10-batches-py"
+    os.makedirs(cifar)
+    (cifar / "batches.meta").write_bytes(b"not a pickle")
+    argv = [a.format(train=inputs / "train", out=tmp_path / "out") for a in TRAIN]
+    r = run(*argv, "--workers", "1", "--steps", "2", "--eval-every", "1", "--eval-zeroshot", cifar, timeout=60)
+    assert not r.timed_out, f"still running after {r.seconds:.0f} s"
+    assert r.status == 1 and "Traceback" in r.stderr, r.stderr[-3000:]
+    assert r.seconds < 30
+
+
 def test_one_failing_rank_ends_the_whole_run(run, inputs, tmp_path):
     """Two gloo ranks: the one reading only broken images stops; the other, waiting for it in a
     collective, must not wait forever, and torchrun reports the failure."""
