@@ -193,10 +193,9 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def good_run(inputs, server, tmp_path_factory):
-    """Two steps of `tiny`, a checkpoint after each."""
+    """One step of `tiny` and its checkpoint."""
     out = tmp_path_factory.mktemp("good_run")
-    argv = [a.format(train=inputs / "train", out=out) for a in TRAIN] + ["--steps", "2", "--save-every", "1",
-                                                                         "--log-every", "1"]
+    argv = [a.format(train=inputs / "train", out=out) for a in TRAIN] + ["--log-every", "1"]
     server.stdin.write(json.dumps({"argv": argv, "out": str(out / "stdout"), "err": str(out / "stderr"),
                                    "timeout": 120}) + "\n")
     server.stdin.flush()
@@ -237,10 +236,10 @@ def test_bad_input_is_one_line_and_status_2(run, inputs, good_run, tmp_path, row
         shutil.copy(inputs / "b32_ckpt.pt", out / "ckpt-00000005.pt")
     if row == "resume-nothing-loads":
         (out / "ckpt-00000001.pt").write_bytes(b"")
-        (out / "ckpt-00000002.pt").write_bytes((good_run / "ckpt-00000002.pt").read_bytes()[:1000])  # truncated
+        (out / "ckpt-00000002.pt").write_bytes((good_run / "ckpt-00000001.pt").read_bytes()[:1000])  # truncated
     before = _snapshot(out)
     paths = {"train": inputs / "train", "inputs": inputs, "out": out, "folder": inputs / "folder",
-             "ckpt": good_run / "ckpt-00000002.pt"}
+             "ckpt": good_run / "ckpt-00000001.pt"}
     r = run(*[a.format(**paths) for a in argv])
     _assert_one_line_error(r, names)
     assert _snapshot(out) == before, "the output directory changed"
@@ -302,11 +301,11 @@ def test_resume_moves_bad_newer_checkpoints_aside(run, inputs, good_run, tmp_pat
     os.makedirs(out)
     os.link(good_run / "ckpt-00000001.pt", out / "ckpt-00000001.pt")  # only read: the run writes new files
     shutil.copy(good_run / "metrics.jsonl", out / "metrics.jsonl")
-    raw = (good_run / "ckpt-00000002.pt").read_bytes()
+    raw = (good_run / "ckpt-00000001.pt").read_bytes()
     bad = {2: raw[:len(raw) // 3], 3: b"", 4: np.random.default_rng(0).integers(0, 256, 10 ** 5, np.uint8).tobytes()}
     for step, content in bad.items():
         (out / f"ckpt-{step:08d}.pt").write_bytes(content)
-    other = torch.load(good_run / "ckpt-00000002.pt", weights_only=True)
+    other = torch.load(good_run / "ckpt-00000001.pt", weights_only=True)
     cfg = replace(alip.PRESETS["tiny"], embed_dim=64)
     other["model"], other["config"], other["step"] = alip.CLIP(cfg).state_dict(), asdict(cfg), 5
     torch.save(other, out / "ckpt-00000005.pt")
