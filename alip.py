@@ -22,10 +22,11 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import warnings
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -324,7 +325,7 @@ def select_loss_fn(kind, device):
     if kind == "reference":
         return contrastive_loss, "reference"
     if not kernels.fused_available(device):
-        raise SystemExit("--kernel fused needs a CUDA device, or TRITON_INTERPRET=1 to run Triton on the CPU")
+        raise data.UserError("--kernel fused needs a CUDA device, or TRITON_INTERPRET=1 to run Triton on the CPU")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     return kernels.gated_clip_loss, "fused Triton kernel" + (" (interpreted)" if interpreted else "")
 
@@ -444,13 +445,28 @@ def trim_metrics(out_dir, step):
 
 
 def read_weights(path):
-    """(state dict or checkpoint, is_openai): OpenAI's own files are TorchScript archives, trained with QuickGELU."""
+    """(state dict or checkpoint, is_openai): OpenAI's own files are TorchScript archives, trained with QuickGELU.
+    A missing file or one that does not load is a UserError whose message starts with the path."""
+    if not os.path.isfile(path):
+        raise data.UserError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True), False
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict):
+            raise data.UserError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
+        return obj, False
     except RuntimeError as e:
-        if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
-            raise
-        return torch.jit.load(path, map_location="cpu").state_dict(), True
+        if "TorchScript" in str(e) or "constants.pkl" in str(e):
+            return torch.jit.load(path, map_location="cpu").state_dict(), True
+        error = e
+    except data.UserError:
+        raise
+    except Exception as e:  # a damaged or foreign file fails in many ways: zip, pickle, EOF, unicode
+        error = e
+    reason = type(error).__name__
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if first and not first.startswith("Weights only load failed"):  # torch's advice there is to trust the file
+        reason += f": {first[:100]}"
+    raise data.UserError(f"{path}: cannot load it: damaged, or not a PyTorch checkpoint ({reason})") from error
 
 
 def is_ours(obj):
@@ -487,15 +503,55 @@ def config_from_state_dict(sd, quick_gelu=False):
         quick_gelu=quick_gelu)
 
 
+SHAPE_FIELDS = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "text_width", "text_layers",
+                "context_length", "vocab_size")  # what a state dict's shapes tell (heads and activation they don't)
+
+
+def preset_of(cfg):
+    """The name of the preset with cfg's parameter shapes, or None."""
+    return next((n for n, p in PRESETS.items() if all(getattr(p, f) == getattr(cfg, f) for f in SHAPE_FIELDS)), None)
+
+
+def describe_config(cfg):
+    """'preset NAME' (with QuickGELU), or the shapes of a config that no preset has."""
+    name = preset_of(cfg)
+    if name is None:
+        return "no preset (" + ", ".join(f"{f} {getattr(cfg, f)}" for f in SHAPE_FIELDS) + ")"
+    return f"preset {name}" + (" with QuickGELU" if cfg.quick_gelu else "")
+
+
+def flags_for(found, current):
+    """What to pass to build `found` instead of `current`."""
+    name = preset_of(found)
+    if name is None:
+        return f"no preset fits; --model is one of {', '.join(PRESETS)}"
+    gelu = " --quick-gelu" if found.quick_gelu else " without --quick-gelu" if current.quick_gelu else ""
+    return f"pass --model {name}{gelu}"
+
+
+def check_weights(sd, model, path, found=None):
+    """A UserError unless state dict sd fits model; a wrong architecture is named by its preset (from `found`,
+    the file's own config, or else read off the shapes), instead of load_state_dict's list of mismatches."""
+    want, cfg = {k: v.shape for k, v in model.state_dict().items()}, model.config
+    if set(sd) != set(want):
+        missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+        if "visual.conv1.weight" not in sd or "ln_final.weight" not in sd:
+            raise data.UserError(f"{path}: not a CLIP state dict in OpenAI's layout ({len(missing)} keys missing, "
+                                 f"e.g. {missing[0]}; {len(extra)} unexpected{', e.g. ' + extra[0] if extra else ''})")
+    elif all(sd[k].shape == shape for k, shape in want.items()):
+        return
+    found = found or config_from_state_dict(sd)
+    raise data.UserError(f"{path}: weights of {describe_config(found)}, not of {describe_config(cfg)}; "
+                         f"{flags_for(found, cfg)}")
+
+
 def load_model(path, name=None, quick_gelu=False):
     """A CLIP in eval mode on the CPU from a run directory, one of our checkpoints, or a CLIP state dict."""
     if os.path.isdir(path):
         ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise FileNotFoundError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
+            raise data.UserError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
         path = ckpt
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
     obj, openai = read_weights(path)
     quick_gelu = quick_gelu or openai
     sd = model_state(obj)
@@ -503,6 +559,7 @@ def load_model(path, name=None, quick_gelu=False):
         model = CLIP(ModelConfig(**obj["config"]))
     else:
         model = create_model(name, quick_gelu) if name else CLIP(config_from_state_dict(sd, quick_gelu))
+    check_weights(sd, model, path, model.config if is_ours(obj) else None)
     model.load_state_dict(sd)
     return model.eval()
 
@@ -512,17 +569,18 @@ def load_model(path, name=None, quick_gelu=False):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train ALIP (or the CLIP baseline) on tar shards.")
+    p = data.ArgumentParser(description="Train ALIP (or the CLIP baseline) on tar shards.")
     # data
     p.add_argument("--data", help="training shards: directory, glob or brace list; several joined with ::")
     p.add_argument("--captions", help="JSONL side file of synthetic captions {key, caption}, joined by key")
     p.add_argument("--missing-caption", default="skip", choices=["skip", "raw"], help="sample without a caption")
     p.add_argument("--text-ext", default="txt", help="tar member holding the raw text: {key}.EXT")
     p.add_argument("--caption-ext", default="syn.txt", help="tar member holding the synthetic caption")
-    p.add_argument("--train-num-samples", type=int, help="samples per epoch (default: read or count the shards)")
+    p.add_argument("--train-num-samples", type=data.positive_int,
+                   help="samples per epoch (default: read or count the shards)")
     p.add_argument("--resampled", action="store_true", help="draw shards with replacement (very large sets)")
-    p.add_argument("--max-bad-fraction", type=float, default=0.5, help="stop when more samples than this fail")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes per rank")
+    p.add_argument("--max-bad-fraction", type=data.fraction, default=0.5, help="stop when more samples than this fail")
+    p.add_argument("--workers", type=data.nonnegative_int, default=4, help="data-loading processes per rank")
     p.add_argument("--demo", action="store_true", help="generate a toy dataset, train `tiny` on it, evaluate")
     # model
     p.add_argument("--model", default="ViT-B-32", choices=list(PRESETS))
@@ -532,47 +590,50 @@ def parse_args(argv=None):
     # method
     p.add_argument("--loss", default="alip", choices=["alip", "clip"], help="alip: bi-path; clip: raw text only")
     p.add_argument("--gates", default="all", choices=Gates.MODES, help="Table 4 ablations")
-    p.add_argument("--gamma", type=float, default=2.0, help="gate sharpness")
-    p.add_argument("--momentum", type=float, default=0.99, help="running-mean momentum of the gates")
+    p.add_argument("--gamma", type=data.nonnegative_float, default=2.0, help="gate sharpness")
+    p.add_argument("--momentum", type=data.fraction, default=0.99, help="running-mean momentum of the gates")
     p.add_argument("--kernel", default="auto", choices=["auto", "fused", "reference"], help="loss implementation")
     # optimization
-    p.add_argument("--batch-size", type=int, default=256, help="per rank, per micro-step")
-    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step (features cached)")
-    p.add_argument("--epochs", type=float, default=32)
-    p.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=2000, help="linear warmup steps")
-    p.add_argument("--wd", type=float, default=0.2)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--batch-size", type=data.positive_int, default=256, help="per rank, per micro-step")
+    p.add_argument("--accum-steps", type=data.positive_int, default=1, help="micro-batches per step (features cached)")
+    p.add_argument("--epochs", type=data.positive_float, default=32)
+    p.add_argument("--steps", type=data.positive_int, help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=data.positive_float, default=1e-3)
+    p.add_argument("--warmup", type=data.nonnegative_int, default=2000, help="linear warmup steps")
+    p.add_argument("--wd", type=data.nonnegative_float, default=0.2)
+    p.add_argument("--grad-clip", type=data.nonnegative_float, default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--max-bad-steps", type=data.positive_int, default=5,
+                   help="stop after this many non-finite steps in a row")
     # system
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an input error too (or ALIP_DEBUG=1)")
     # output
     p.add_argument("--output", default="runs/alip", help="checkpoints and metrics.jsonl go here")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output that loads")
+    p.add_argument("--save-every", type=data.positive_int, default=1000,
+                   help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=data.positive_int, default=3, help="checkpoints to keep")
+    p.add_argument("--log-every", type=data.positive_int, default=50)
     # evaluation
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--eval-every", type=data.nonnegative_int, default=0,
+                   help="evaluate every N steps (0: at the end only)")
     p.add_argument("--eval-zeroshot", help="zero-shot classification set (see eval.py)")
     p.add_argument("--eval-retrieval", help="retrieval set (see eval.py)")
     # benchmark
     p.add_argument("--bench", action="store_true", help="time training steps on synthetic in-memory batches")
-    p.add_argument("--bench-steps", type=int, default=20)
+    p.add_argument("--bench-steps", type=data.positive_int, default=20)
     p.add_argument("--bench-ablate", action="store_true", help="also time without trimming / fused SDPA / fused loss")
-    p.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
+    p.add_argument("--peak-tflops", type=data.positive_float,
+                   help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
     if p.parse_known_args(argv)[0].demo:  # small enough for 2 CPU cores in about 3 minutes; flags still win
         p.set_defaults(model="tiny", batch_size=128, steps=300, warmup=25, lr=2e-3, workers=1, save_every=300,
                        output="runs/demo")
     args = p.parse_args(argv)
     if not (args.data or args.demo or args.bench):
         p.error("--data is required (or --demo, or --bench)")
-    if args.keep < 1:
-        p.error("--keep must be at least 1")
     return args
 
 
@@ -589,10 +650,15 @@ class Run:
             self.use_demo_data()
         self.raw_model = create_model(args.model, args.quick_gelu)  # saved and evaluated, also when compiled
         if args.init:
-            obj, openai = read_weights(args.init)
-            if openai and not args.quick_gelu:
-                raise SystemExit(f"--init {args.init}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
-            self.raw_model.load_state_dict(model_state(obj))
+            try:
+                obj, openai = read_weights(args.init)
+                if openai and not args.quick_gelu:
+                    raise data.UserError(f"{args.init}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
+                sd, ours = model_state(obj), is_ours(obj)
+                check_weights(sd, self.raw_model, args.init, ModelConfig(**obj["config"]) if ours else None)
+            except data.UserError as e:
+                raise data.UserError(f"--init {e}") from e
+            self.raw_model.load_state_dict(sd)
             self.log(f"initialised from {args.init}")
         self.raw_model.set_grad_checkpointing(args.grad_checkpointing)
         self.raw_model.to(device)
@@ -619,8 +685,8 @@ class Run:
             max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext)
         steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
         if steps_per_epoch < 1:
-            raise SystemExit(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps} "
-                             f"samples but an epoch has fewer; lower --batch-size or --accum-steps")
+            raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps}"
+                                 f" samples but an epoch has fewer; lower --batch-size or --accum-steps")
         self.total = args.steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
 
     @property
@@ -650,22 +716,71 @@ class Run:
         args.eval_retrieval = args.eval_retrieval or paths["test"]
 
 
+CHECKPOINT_KEYS = {"model", "config", "optimizer", "scheduler", "scaler", "gates", "data", "rng", "step"}
+
+
+def newest_resumable(out_dir, config):
+    """(path, checkpoint, passed): the newest checkpoint in out_dir that loads and has this architecture
+    (config, a dict), and the newer ones passed over as [(path, why, their config if it is another)]; path is
+    None if none qualifies."""
+    passed = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")), reverse=True):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated, zeroed or overwritten file fails in many ways (zip, pickle, EOF)
+            passed.append((path, f"unreadable, {type(e).__name__}", None))
+            continue
+        if isinstance(ckpt, dict) and is_ours(ckpt) and ckpt["config"] != config:
+            other = ModelConfig(**ckpt["config"])
+            passed.append((path, f"another architecture, {describe_config(other)}", other))
+        elif not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+            passed.append((path, "not a complete training checkpoint", None))
+        else:
+            return path, ckpt, passed
+    return None, None, passed
+
+
+def move_aside(path):
+    """Rename PATH to PATH.bad (or .bad.1, ...): kept for a look, never deleted, and out of the ckpt-*.pt that
+    resuming and pruning read."""
+    aside, n = path + ".bad", 0
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.bad.{n}"
+    os.replace(path, aside)
+    return aside
+
+
 def resume(run):
-    """The step to start from: 0, or with --resume that of the latest checkpoint in --output, all state restored."""
+    """The step to start from: 0, or with --resume that of the newest checkpoint in --output that loads, all
+    state restored. Newer checkpoints that do not load, or are of another architecture, are moved aside."""
     args = run.args
     os.makedirs(args.output, exist_ok=True)
-    path = latest_checkpoint(args.output) if args.resume else None
+    path, ckpt, passed = None, None, []
+    if args.resume:
+        path, ckpt, passed = newest_resumable(args.output, asdict(run.raw_model.config))
     if run.world_size > 1:
         seen = [None] * run.world_size
         dist.all_gather_object(seen, path and os.path.basename(path))
         if len(set(seen)) > 1:
-            raise SystemExit(f"--resume: ranks see different checkpoints in {args.output} ({sorted(set(map(str, seen)))}); "
-                             f"--output must be on a filesystem every node shares")
+            raise data.UserError(f"--resume: ranks see different checkpoints in {args.output} "
+                                 f"({sorted(set(map(str, seen)))}); --output must be on a filesystem every node shares")
+    if path is None and passed:  # nothing to resume from, and starting afresh would prune the files there
+        newest, why, found = passed[0]
+        if all(other is not None for _, _, other in passed):  # the flags, not the files, are wrong
+            cfg = run.raw_model.config
+            raise data.UserError(f"--resume: the checkpoints in {args.output} are of {describe_config(found)}, this "
+                                 f"run is of {describe_config(cfg)}; {flags_for(found, cfg)}, or another --output")
+        raise data.UserError(f"--resume: no checkpoint in {args.output} can be resumed from (the newest, {newest}: "
+                             f"{why}); move them out of the way to start afresh, or pass another --output")
+    if passed and run.master:
+        moved = "; ".join(f"{os.path.basename(p)} ({why}) to {os.path.basename(move_aside(p))}" for p, why, _ in passed)
+        print(f"--resume: moved aside the newer checkpoints in {args.output} that cannot be resumed from: {moved}",
+              file=sys.stderr)
     if args.resume and path is None:
         run.log(f"--resume: no checkpoint in {args.output} yet, starting from scratch")
     step = 0
     if path:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         for name, key in (("raw_model", "model"), ("optimizer", "optimizer"), ("scheduler", "scheduler"),
                           ("scaler", "scaler"), ("gates", "gates"), ("loader", "data")):
             getattr(run, name).load_state_dict(ckpt[key])
@@ -789,28 +904,47 @@ def train_step(run, micro, stop_requested):
     return {"loss": loss.detach(), "logs": logs, "grad_norm": grad_norm, "lr": lr}, bool(flags[1] > 0)
 
 
+@contextmanager
 def stop_on_signals():
-    """SIGTERM (preemption) and SIGINT only set a flag: the loop finishes the step, saves and exits cleanly."""
+    """SIGTERM (preemption) and SIGINT only set a flag: the loop finishes the step, saves and exits cleanly.
+    A second signal ends the process at once; on leaving, the previous handlers are back."""
     stop = {"signal": None}
     def on_signal(signum, frame):
         stop["signal"] = signum
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
+        signal.signal(signum, signal.SIG_DFL)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def device_batches(loader, device):
-    """The loader's batches on the device, epoch after epoch (the loader moves on to the next by itself)."""
+    """The loader's batches on the device, epoch after epoch (the loader moves on to the next by itself).
+    Closing this generator stops the loader's workers."""
     while True:
-        for batch in loader:
-            yield [b.to(device, non_blocking=True) for b in batch]
+        with closing(iter(loader)) as epoch:
+            for batch in epoch:
+                yield [b.to(device, non_blocking=True) for b in batch]
 
 
 def train(args):
     run = Run(args)
     step = resume(run)
-    stop, batches = stop_on_signals(), device_batches(run.loader, run.device)
-    progress, bad_steps = Progress(run, step), 0
+    # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
+    with stop_on_signals() as stop, closing(device_batches(run.loader, run.device)) as batches:
+        step = train_loop(run, step, stop, batches)
+    if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval):
+        evaluate(run, step)
+    if run.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train_loop(run, step, stop, batches):
+    """Optimizer steps from `step` until run.total or a stop signal; returns the last step done."""
+    args, progress, bad_steps = run.args, Progress(run, step), 0
     run.model.train()
     while step < run.total:
         out, stopping = train_step(run, [next(batches) for _ in range(args.accum_steps)], stop["signal"] is not None)
@@ -832,11 +966,7 @@ def train(args):
             break
         if run.master and args.eval_every and step % args.eval_every == 0 and step < run.total:
             evaluate(run, step)
-    if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval):
-        evaluate(run, step)
-    if run.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    return step
 
 # -----------------------------------------------------------------------------
 # benchmark: training throughput on synthetic in-memory batches (no data loading)
@@ -909,4 +1039,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_command(main)

@@ -10,7 +10,8 @@ Shards use the WebDataset layout: members "{key}.{ext}" grouped by key, e.g. 000
     python data.py bench --synthetic [--workers 2]            # decode + augment throughput
 
 Bad data never stops a run: every broken sample or shard is skipped and counted by reason
-(loader.skipped), and only an excessive share of failures (max_bad_fraction) raises.
+(loader.skipped), and only an excessive share of failures (max_bad_fraction) raises. Bad input to a
+command (a flag, a path, a line of a file) is a UserError: one line on stderr and exit status 2.
 """
 import argparse
 import collections
@@ -29,9 +30,12 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tarfile
 import tempfile
 import time
+import traceback
+import warnings
 import zlib
 
 import ftfy
@@ -41,6 +45,54 @@ import torch
 from PIL import Image, ImageDraw
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+# -----------------------------------------------------------------------------
+# Errors the user can fix, and the command-line checks that find them first.
+
+
+class UserError(Exception):
+    """Bad input: a flag, a file or a line of one. Each command line prints the message as one line and
+    exits with status 2 (run_command); any other exception is a bug and keeps its traceback."""
+
+
+def run_command(main, argv=None):
+    """main(argv) as a command: a UserError becomes `error: MESSAGE` on stderr and exit status 2, with
+    the traceback too under --debug or ALIP_DEBUG=1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        main(argv)
+    except UserError as e:
+        sys.stdout.flush()
+        if "--debug" in argv or os.environ.get("ALIP_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose complaints are one-line UserErrors instead of a usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _number(kind, ok, wanted):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):  # also refuses nan, which compares false
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: 0 < v < math.inf, "a number > 0")
+nonnegative_float = _number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
 # -----------------------------------------------------------------------------
 # Tokenizer: CLIP's byte-level BPE (Radford et al. 2021), same ids as OpenAI's simple_tokenizer.py.
@@ -131,6 +183,10 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 CROP_SCALE = (0.7, 1.0)  # ALIP's RandomResizedCrop: area share and aspect ratio
 CROP_RATIO = (0.8, 1.25)
 MAX_PIXELS = 8192 * 8192  # decompression-bomb cap, checked from the header before any pixel is decoded
+# Pillow warns about images above its own, higher limit (Image.MAX_IMAGE_PIXELS, 89M pixels by default), on
+# every open, in every worker. Each of them is above MAX_PIXELS as well, so it is refused and counted as
+# image_too_large: the warning says nothing that loader.skipped does not.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members of a shard; clip_benchmark's wds_* exports use webp
 
 
@@ -258,6 +314,18 @@ def expand_shards(spec):
             else:
                 out.append(path)
     return out
+
+
+def find_shards(spec):
+    """expand_shards(spec) for a command's input: a UserError if none of them exists."""
+    shards = expand_shards(spec)
+    if any(os.path.exists(s) for s in shards):
+        return shards
+    if not shards:
+        there = "a directory without .tar shards" if os.path.isdir(str(spec)) else "no shards match it"
+        raise UserError(f"{spec}: {there}")
+    raise UserError(f"{spec}: no such file or directory" if len(shards) == 1 else
+                    f"{spec}: none of its {len(shards)} shards exists, e.g. {shards[0]}")
 
 
 def _split_name(name):
@@ -389,12 +457,19 @@ def _write_atomic(path, data):
 
 def load_captions(path):
     """{key: caption} from a JSONL side file of {"key": ..., "caption": ...} lines."""
-    captions = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                captions[str(row["key"])] = row["caption"]
+    captions, n = {}, 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    captions[str(row["key"])] = str(row["caption"])
+    except OSError as e:
+        raise UserError(f"captions file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}, line {n + 1}: not UTF-8 text") from e
+    except (ValueError, KeyError, TypeError) as e:  # not JSON, or not an object with "key" and "caption"
+        raise UserError(f'{path}, line {n}: expected {{"key": ..., "caption": ...}}, got {line.strip()[:60]!r}') from e
     return captions
 
 
@@ -517,10 +592,18 @@ class _BatchStream(torch.utils.data.IterableDataset):
                 n += 1
                 yield sample
             if n == 0:
-                raise RuntimeError(f"data: no samples at all in the shards of slot {slot}: "
+                raise UserError(f"data: no samples at all in the shards of slot {slot}: "
                                    f"{mine[:5]}{' ...' if len(mine) > 5 else ''} (skipped so far: {dict(stats)})")
 
     def __iter__(self):
+        # A UserError travels to the training process as a value: the DataLoader would re-raise it there
+        # with the worker's traceback folded into the message.
+        try:
+            yield from self._batches()
+        except UserError as e:
+            yield e
+
+    def _batches(self):
         L = self.loader
         info = torch.utils.data.get_worker_info()
         wid, W = (info.id, info.num_workers) if info else (0, 1)
@@ -574,9 +657,13 @@ class _BatchStream(torch.utils.data.IterableDataset):
             return
         worst = [f"{s} ({r})" for s, r in failed_shards.items()][:5]
         worst += [f"{s} ({n} bad samples)" for s, n in per_shard.most_common(5)]
-        raise RuntimeError(
-            f"data: {bad} of {seen} samples failed ({bad / seen:.0%} > max_bad_fraction={L.max_bad_fraction}); "
-            f"reasons {dict(stats)}; worst shards: {', '.join(worst)}. Run `python data.py inspect` on them.")
+        advice = "Run `python data.py inspect` on them."
+        if isinstance(L.captions_from, str) and stats.most_common(1)[0][0] == "missing_caption":
+            advice = (f"Do the keys in {L.captions_from} match the shards' keys (KEY of KEY.jpg)? "
+                      "`python data.py inspect SHARDS --captions FILE` shows how many do.")
+        raise UserError(
+            f"data: {bad} of {seen} samples failed ({bad / seen:.0%} > --max-bad-fraction {L.max_bad_fraction}); "
+            f"reasons {dict(stats)}; worst shards: {', '.join(worst)}. {advice}")
 
 
 class TrainLoader:
@@ -591,20 +678,19 @@ class TrainLoader:
                  max_bad_fraction=0.5, text_ext="txt", caption_ext="syn.txt"):
         if missing_caption not in ("skip", "raw"):
             raise ValueError(f"missing_caption must be 'skip' or 'raw', not {missing_caption!r}")
-        self.shards = expand_shards(spec)
-        if not self.shards:
-            raise FileNotFoundError(f"data: no shards match {spec!r}")
+        self.shards = find_shards(spec)
         self.sizes = {} if num_samples else shard_sizes(self.shards)
         self.num_samples = num_samples or sum(self.sizes.values())
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         self.rank, self.world_size, self.workers = rank, world_size, workers
-        self.captions = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
+        self.captions_from = str(captions) if isinstance(captions, (str, os.PathLike)) else None  # for messages
+        self.captions = load_captions(captions) if self.captions_from else captions
         self.missing_caption, self.resampled, self.max_bad_fraction = missing_caption, resampled, max_bad_fraction
         self.text_ext, self.caption_ext = text_ext, caption_ext
         self.steps_per_epoch = self.num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"data: {self.num_samples} samples is less than one global batch "
-                             f"({batch_size} x {world_size} ranks)")
+            raise UserError(f"{spec}: {self.num_samples} samples in {len(self.shards)} shard(s), fewer than one "
+                            f"global batch ({batch_size} x {world_size} ranks); lower --batch-size or add data")
         n_slots = world_size * max(workers, 1)
         if not resampled and len(self.shards) < n_slots and rank == 0:
             print(f"data: warning: {len(self.shards)} shards for {n_slots} rank x worker slots; "
@@ -625,17 +711,29 @@ class TrainLoader:
 
     def __iter__(self):
         W = max(self.workers, 1)
-        dl = torch.utils.data.DataLoader(
+        batches = iter(torch.utils.data.DataLoader(
             _BatchStream(self), batch_size=None, num_workers=self.workers, persistent_workers=False,
-            pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals)
+            pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals))
         worker_stats = {}
         base = collections.Counter(self._done_epochs_skipped)
-        for images, text, caption, k, stats in dl:
-            assert k == self.start_batch, f"data: batch {k} arrived when {self.start_batch} was due"
-            worker_stats[k % W] = stats
-            self.skipped = base + sum(map(collections.Counter, worker_stats.values()), collections.Counter())
-            self.start_batch += 1
-            yield images, text, caption
+        try:
+            for item in batches:
+                if isinstance(item, UserError):  # from a worker, see _BatchStream.__iter__
+                    raise item
+                images, text, caption, k, stats = item
+                assert k == self.start_batch, f"data: batch {k} arrived when {self.start_batch} was due"
+                worker_stats[k % W] = stats
+                self.skipped = base + sum(map(collections.Counter, worker_stats.values()), collections.Counter())
+                self.start_batch += 1
+                yield images, text, caption
+        finally:
+            # However the epoch ends (done, an error here or in a worker, the caller closing this generator),
+            # stop the workers now. The DataLoader would stop them only once its iterator is collected, and an
+            # exception's traceback keeps it alive until after multiprocessing's exit handler, which then
+            # waits forever for workers that ignore SIGTERM.
+            shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers
+            if shutdown is not None:
+                shutdown()
         # The epoch is over: fold its counts in and move the position to the next epoch.
         self._done_epochs_skipped = collections.Counter(self.skipped)
         self.epoch, self.start_batch = self.epoch + 1, 0
@@ -829,7 +927,7 @@ def write_demo(out_dir, seed=0):
 
 def inspect(spec, captions=None, missing_caption="skip", previews=3):
     """Scan shards as training would (decoding every image) and report what is usable and why the rest is not."""
-    shards = expand_shards(spec)
+    shards = find_shards(spec)
     caps = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
     stats, coverage, shown = collections.Counter(), collections.Counter(), []
     usable = total = 0
@@ -850,11 +948,30 @@ def inspect(spec, captions=None, missing_caption="skip", previews=3):
 
 
 def _read_table(path):
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    """The rows of a CSV (with a header) or JSONL table, each a dict that has an "image"."""
+    rows, n = [], 0
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        rows.append(json.loads(line))
+                        if not isinstance(rows[-1], dict) or "image" not in rows[-1]:
+                            raise UserError(f'{path}, line {n}: expected {{"image": ..., "text": ...}}')
+            else:
+                reader = csv.DictReader(f)
+                if "image" not in (reader.fieldnames or []):
+                    raise UserError(f"{path}: no column 'image' (its header: {', '.join(reader.fieldnames or [])}); "
+                                    "the table needs the columns image, text and optionally caption")
+                rows = list(reader)
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from e
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{path}, line {n}: not a JSON object ({e})" if path.endswith(".jsonl")
+                        else f"{path}: not a UTF-8 CSV table ({e})") from e
+    if not rows:
+        raise UserError(f"{path}: the table has no rows")
+    return rows
 
 
 def make_shards(src, out_dir, shard_size=10000):
@@ -863,13 +980,13 @@ def make_shards(src, out_dir, shard_size=10000):
     if os.path.isdir(src):
         tables = [p for p in sorted(os.listdir(src)) if p.endswith((".csv", ".jsonl"))]
         if len(tables) != 1:
-            raise ValueError(f"data: expected one .csv or .jsonl in {src}, found {tables}")
+            raise UserError(f"{src}: expected one .csv or .jsonl table in it, found {len(tables)} {tables[:5]}")
         src = os.path.join(src, tables[0])
     rows, root = _read_table(src), os.path.dirname(os.path.abspath(src))
-    os.makedirs(out_dir, exist_ok=True)
-    sizes, samples, missing = {}, [], 0
+    sizes, samples, missing = {}, [], []
 
     def flush():
+        os.makedirs(out_dir, exist_ok=True)
         name = f"{len(sizes):05d}.tar"
         write_tar(os.path.join(out_dir, name), samples)
         sizes[name] = len(samples)
@@ -882,7 +999,7 @@ def make_shards(src, out_dir, shard_size=10000):
             with open(path, "rb") as f:
                 files = {ext: f.read()}
         except OSError:
-            missing += 1
+            missing.append(path)
             continue
         files["txt"] = str(row.get("text") or "").encode()
         if row.get("caption"):
@@ -892,16 +1009,22 @@ def make_shards(src, out_dir, shard_size=10000):
             flush()
     if samples:
         flush()
+    if missing:
+        where = f"e.g. {missing[0]}; image paths are relative to the table's folder"
+        if not sizes:
+            raise UserError(f"{src}: none of its {len(rows)} images was found, {where}")
+        print(f"data: warning: {len(missing)} of {len(rows)} images not found, skipped ({where})", file=sys.stderr)
     _write_sizes(out_dir, sizes)
-    return {"samples": sum(sizes.values()), "shards": len(sizes), "missing_image_files": missing}
+    return {"samples": sum(sizes.values()), "shards": len(sizes), "missing_image_files": len(missing)}
 
 
 def add_captions(spec, captions, out_dir):
     """Copy shards to out_dir with each sample's caption from the JSONL side file added as {key}.syn.txt."""
+    shards = find_shards(spec)
     caps = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
     os.makedirs(out_dir, exist_ok=True)
     stats, sizes, counts = collections.Counter(), {}, collections.Counter()
-    for shard in expand_shards(spec):
+    for shard in shards:
         samples = []
         for sample in iter_samples([shard], stats):
             files = {k: v for k, v in sample.items() if not k.startswith("__")}
@@ -942,9 +1065,9 @@ def _synthetic_jpegs(out_dir, n=200, seed=0):
 def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
     """Images/s in one process for a baseline (full decode, convert, crop, bilinear resize) and for our
     path (draft decode, fused crop+resize), then through the real loader with `workers` processes."""
-    raws = [s[e] for s in iter_samples(expand_shards(spec)) for e in IMAGE_EXTS if e in s][:500]
+    raws = [s[e] for s in iter_samples(find_shards(spec)) for e in IMAGE_EXTS if e in s][:500]
     if not raws:
-        raise ValueError(f"data: no images in {spec!r}")
+        raise UserError(f"{spec}: no images in these shards")
     g = torch.Generator().manual_seed(0)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
 
@@ -991,30 +1114,32 @@ def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("demo", help="write the procedural demo dataset")
+    debug = ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
+    p = sub.add_parser("demo", parents=[debug], help="write the procedural demo dataset")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("inspect", help="count usable and skipped samples, show a few")
+    p = sub.add_parser("inspect", parents=[debug], help="count usable and skipped samples, show a few")
     p.add_argument("shards")
     p.add_argument("--captions", help="JSONL side file of {key, caption}")
     p.add_argument("--missing-caption", choices=("skip", "raw"), default="skip")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
-    p = sub.add_parser("make", help="shards from images + a CSV/JSONL table (image, text[, caption])")
+    p = sub.add_parser("make", parents=[debug], help="shards from images + a CSV/JSONL table (image, text[, caption])")
     p.add_argument("src", help="the table, or a directory holding one")
     p.add_argument("out")
-    p.add_argument("--shard-size", type=int, default=10000)
-    p = sub.add_parser("add-captions", help="copy shards, adding {key}.syn.txt from a JSONL side file")
+    p.add_argument("--shard-size", type=positive_int, default=10000)
+    p = sub.add_parser("add-captions", parents=[debug], help="copy shards, adding {key}.syn.txt from a JSONL side file")
     p.add_argument("shards")
     p.add_argument("captions")
     p.add_argument("out")
-    p = sub.add_parser("bench", help="decode + augment images/s")
+    p = sub.add_parser("bench", parents=[debug], help="decode + augment images/s")
     p.add_argument("shards", nargs="?")
     p.add_argument("--synthetic", action="store_true", help="bench on generated 500-px JPEGs")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--image-size", type=positive_int, default=224)
+    p.add_argument("--workers", type=nonnegative_int, default=2)
+    p.add_argument("--seconds", type=positive_float, default=3.0)
     args = parser.parse_args(argv)
 
     if args.cmd == "demo":
@@ -1052,4 +1177,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

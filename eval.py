@@ -50,8 +50,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".
 ZEROSHOT_LOGIT_SCALE = 100.0  # CLIP's fixed zero-shot temperature; irrelevant to the ranking, kept for the logits
 
 
-class EvalError(Exception):
-    """A problem the user can fix (a path, a layout, class names); main() prints it without a traceback."""
+class EvalError(data.UserError):
+    """A problem the user can fix (a path, a layout, class names): one line on stderr, exit status 2."""
 
 
 # -----------------------------------------------------------------------------
@@ -287,7 +287,11 @@ def read_classification(path, split="test", classnames=None):
     else:
         raise EvalError(f"{path}: a Karpathy retrieval file; classification needs an ImageFolder, CIFAR or shards")
     if classnames is not None:
-        names = load_classnames(classnames) if isinstance(classnames, str) else list(classnames)
+        given = load_classnames(classnames) if isinstance(classnames, str) else list(classnames)
+        if names is not None and len(given) != len(names):
+            raise EvalError(f"class names {classnames if isinstance(classnames, str) else ''}: {len(given)} names, but "
+                            f"{path} has {len(names)} classes; give one name per class, in label order")
+        names = given
     return samples, names, skipped
 
 
@@ -572,15 +576,16 @@ def linear_probe(model, train, test, *, batch_size=256, workers=0, device=None, 
 
 def _load_model(args, load_model):
     if not os.path.exists(args.checkpoint):
-        raise EvalError(f"checkpoint {args.checkpoint}: no such file or directory; pass a run directory, a "
+        raise EvalError(f"--checkpoint {args.checkpoint}: no such file or directory; pass a run directory, a "
                         "ckpt-*.pt file, or a CLIP state dict (with --model NAME)")
     try:
         model = load_model(args.checkpoint, args.model, args.quick_gelu)
-    except FileNotFoundError as e:  # a run directory without checkpoints
-        raise EvalError(str(e)) from e
+    except data.UserError as e:  # names the file and what is wrong with it
+        raise EvalError(f"--checkpoint {e}") from e
     except (KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-        raise EvalError(f"checkpoint {args.checkpoint}: cannot load it ({type(e).__name__}: {e}); for a bare state "
-                        "dict pass --model (e.g. ViT-B-32), and --quick-gelu for OpenAI's weights") from e
+        raise EvalError(f"--checkpoint {args.checkpoint}: cannot load it ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0]}); for a bare state dict pass --model (e.g. ViT-B-32), "
+                        "and --quick-gelu for OpenAI's weights") from e
     return model.to(args.device)
 
 
@@ -598,16 +603,17 @@ def _report(title, metrics, info, as_json):
 
 def main(argv=None, *, load_model, choose_precision):
     """The command line; load_model(path, name, quick_gelu) and choose_precision(device, "auto") are alip's."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = data.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="run directory, ckpt-*.pt, or a CLIP state dict")
     common.add_argument("--model", default=None, help="architecture of a bare state dict (e.g. ViT-B-32)")
     common.add_argument("--quick-gelu", action="store_true", help="QuickGELU activations (OpenAI's weights)")
-    common.add_argument("--batch-size", type=int, default=256)
-    common.add_argument("--workers", type=int, default=4, help="image-decoding threads")
+    common.add_argument("--batch-size", type=data.positive_int, default=256)
+    common.add_argument("--workers", type=data.nonnegative_int, default=4, help="image-decoding threads")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--json", action="store_true", help="end the output with one JSON object")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
 
     p = commands.add_parser("zeroshot", parents=[common], help="zero-shot classification")
     p.add_argument("--dataset", required=True, help="ImageFolder, CIFAR python directory, or shards with .cls")
@@ -628,24 +634,21 @@ def main(argv=None, *, load_model, choose_precision):
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     args = parser.parse_args(argv)
 
-    try:
-        model = _load_model(args, load_model)
-        dtype, _ = choose_precision(torch.device(args.device), "auto")
-        common_kw = dict(batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=dtype)
-        if args.command == "zeroshot":
-            metrics, info = _zeroshot(model, args.dataset, args.classnames, args.templates, split=args.split,
-                                      **common_kw)
-            title, info = f"zero-shot {args.dataset}", {"dataset": args.dataset, "templates": args.templates, **info}
-        elif args.command == "retrieval":
-            metrics, info = _retrieval(model, args.dataset, args.images, args.split, args.caption_prefix, **common_kw)
-            title, info = f"retrieval {args.dataset}", {"dataset": args.dataset, **info}
-        else:
-            metrics = linear_probe(model, args.train, args.test, seed=args.seed, **common_kw)
-            info = {"train": args.train, "test": args.test,
-                    "num_train": metrics.pop("num_train"), "num_test": metrics.pop("num_test")}
-            title = f"linear probe {args.train} -> {args.test}"
-    except EvalError as e:
-        sys.exit(f"error: {e}")
+    model = _load_model(args, load_model)
+    dtype, _ = choose_precision(torch.device(args.device), "auto")
+    common_kw = dict(batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=dtype)
+    if args.command == "zeroshot":
+        metrics, info = _zeroshot(model, args.dataset, args.classnames, args.templates, split=args.split,
+                                  **common_kw)
+        title, info = f"zero-shot {args.dataset}", {"dataset": args.dataset, "templates": args.templates, **info}
+    elif args.command == "retrieval":
+        metrics, info = _retrieval(model, args.dataset, args.images, args.split, args.caption_prefix, **common_kw)
+        title, info = f"retrieval {args.dataset}", {"dataset": args.dataset, **info}
+    else:
+        metrics = linear_probe(model, args.train, args.test, seed=args.seed, **common_kw)
+        info = {"train": args.train, "test": args.test,
+                "num_train": metrics.pop("num_train"), "num_test": metrics.pop("num_test")}
+        title = f"linear probe {args.train} -> {args.test}"
     _report(title, metrics, {"task": args.command, "checkpoint": args.checkpoint, **info}, args.json)
 
 
@@ -653,4 +656,4 @@ if __name__ == "__main__":
     # The one place that names alip: eval.py's functions take any model with encode_image / encode_text and
     # alip.py trains with them, so only this command line, above both, hands eval our loader and precision.
     import alip
-    main(load_model=alip.load_model, choose_precision=alip.choose_precision)
+    data.run_command(lambda argv: main(argv, load_model=alip.load_model, choose_precision=alip.choose_precision))

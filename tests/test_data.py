@@ -218,13 +218,13 @@ def test_too_many_bad_samples_raise_naming_the_shard(tmp_path):
     data.write_tar(str(d / "mostly_bad.tar"),
                    [(f"b{i:04d}", {"jpg": b"not a jpeg", "txt": b"t", "syn.txt": b"c"}) for i in range(80)])
     loader = data.TrainLoader(str(d), image_size=16, batch_size=4, workers=0)
-    with pytest.raises(RuntimeError, match=r"max_bad_fraction.*mostly_bad\.tar"):
+    with pytest.raises(data.UserError, match=r"max-bad-fraction.*mostly_bad\.tar"):
         list(loader)
     # A whole shard that sizes.json promised 1000 samples for, gone: that is most of the data.
     os.remove(d / "mostly_bad.tar")
     (d / "sizes.json").write_text(json.dumps({"00000.tar": 20, "lost.tar": 1000}))
     loader = data.TrainLoader(f"{d}/{{00000,lost}}.tar", image_size=16, batch_size=4, workers=0)
-    with pytest.raises(RuntimeError, match=r"lost\.tar \(unreadable_shard\)"):
+    with pytest.raises(data.UserError, match=r"lost\.tar \(unreadable_shard\)"):
         list(loader)
 
 

@@ -422,12 +422,12 @@ def test_cli_zeroshot_retrieval_and_probe(capsys, checkpoint, imagefolder, tmp_p
 
 
 def test_cli_errors(tmp_path, checkpoint, imagefolder):
-    with pytest.raises(SystemExit, match="nope.pt: no such file"):
+    with pytest.raises(ev.EvalError, match="nope.pt: no such file"):
         main(["zeroshot", "--checkpoint", str(tmp_path / "nope.pt"), "--dataset", imagefolder])
     (tmp_path / "garbage.pt").write_text("not a checkpoint")
-    with pytest.raises(SystemExit, match="garbage.pt: cannot load it"):
+    with pytest.raises(ev.EvalError, match="garbage.pt: cannot load it"):
         main(["zeroshot", "--checkpoint", str(tmp_path / "garbage.pt"), "--dataset", imagefolder])
-    with pytest.raises(SystemExit, match="no_dataset: no such file"):
+    with pytest.raises(ev.EvalError, match="no_dataset: no such file"):
         main(["zeroshot", "--checkpoint", checkpoint, "--dataset", str(tmp_path / "no_dataset")])
 
 
