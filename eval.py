@@ -1,5 +1,5 @@
 """Evaluate a CLIP-style model as the ALIP paper does: zero-shot classification, image-text retrieval
-and linear probe.
+and linear probe; check the gates against a data set's truth.
 
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/imagenet/val --templates openai_imagenet
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/cifar-10-batches-py --templates cifar
@@ -119,6 +119,53 @@ def retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 5, 10
     metrics = {f"image_to_text_R@{k}": (i2t < k).double().mean().item() for k in ks}
     metrics.update({f"text_to_image_R@{k}": (t2i < k).double().mean().item() for k in ks})
     return metrics
+
+
+def roc_auc(scores, positive):
+    """ROC AUC of scores for telling the positive samples (bool) from the rest: the Mann-Whitney U statistic,
+    ties counted half. NaN unless both kinds occur."""
+    scores, positive = torch.as_tensor(scores).double().flatten(), torch.as_tensor(positive).bool().flatten()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    below = torch.cumsum(counts, 0) - counts  # samples with a smaller score, per distinct score
+    rank = (below + (counts + 1) / 2)[inverse]  # 1-based ranks, the mean rank over each run of ties
+    return ((rank[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def _mean(x):
+    return x.double().mean().item() if len(x) else math.nan
+
+
+def gate_quality(truth, w_s=None, w_t=None, w_c=None, loss_raw=None, loss_caption=None):
+    """The gates, and the per-sample loss as a plain detector, against the truth a data set records.
+
+    truth (N, 2) int: raw text 0 right, 1 about another image, 2 irrelevant; caption 0 right, 1 wrong; -1 unknown.
+    LCG: mean w_s on right and on wrong raw texts, and the ROC AUC of -w_s for flagging wrong raw texts. DCG: on
+    the samples the LCG flags (w_s < 1) whose raw text is wrong and caption right, the share with w_t < w_c (the
+    pair weights favour the right source). The per-sample raw-text loss gets the same AUC (a high loss flags),
+    and with the caption loss the same share (loss_raw > loss_caption). Only what is given is reported.
+    """
+    truth = torch.as_tensor(truth).long()
+    known, noisy = truth[:, 0] >= 0, truth[:, 0] > 0
+    out = {"n": int(known.sum())}
+    # The DCG's case: raw text wrong, caption right; with w_s, only the samples the LCG flags.
+    case = noisy & (truth[:, 1] == 0)
+    if w_s is not None:
+        w_s = torch.as_tensor(w_s)
+        out.update(w_s_clean=_mean(w_s[known & ~noisy]), w_s_noisy=_mean(w_s[known & noisy]),
+                   lcg_auc=roc_auc(-w_s[known], noisy[known]))
+        case = case & (w_s < 1)
+        if w_t is not None and w_c is not None:
+            w_t, w_c = torch.as_tensor(w_t), torch.as_tensor(w_c)
+            out.update(dcg_n=int(case.sum()), dcg_rate=_mean((w_t < w_c)[case]))
+    if loss_raw is not None:
+        loss_raw = torch.as_tensor(loss_raw)
+        out["loss_auc"] = roc_auc(loss_raw[known], noisy[known])
+        if loss_caption is not None:
+            out["loss_rate"] = _mean((loss_raw > torch.as_tensor(loss_caption))[case])
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -564,6 +611,24 @@ def linear_probe(model, train, test, *, batch_size=256, workers=0, device=None, 
     result = probe(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), seed=seed)
     result.update(num_train=len(train_x), num_test=len(test_x))
     return result
+
+
+# -----------------------------------------------------------------------------
+# training logs: a run directory's metrics.jsonl read back
+
+
+def read_metrics(path):
+    """metrics.jsonl as a list of dicts; lines that are not a JSON object (a torn last line) are skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("step"), (int, float)):
+                records.append(r)
+    return records
 
 
 # -----------------------------------------------------------------------------
