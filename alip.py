@@ -888,6 +888,8 @@ def train(args):
             evaluate(run, step)
     if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval):
         evaluate(run, step)
+    if run.master:
+        run.log(f"curves: {evaluation.plot_runs([args.output], os.path.join(args.output, 'curves.png'))}")
     if run.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -921,6 +923,9 @@ def demo(args):
             finals[loss].append(last_values(os.path.join(run_args.output, "metrics.jsonl")))
     if int(os.environ.get("RANK", 0)) != 0:
         return
+    names = ["clip", "alip"] if args.seeds is None else [f"{loss}-s{seeds[0]}" for loss in finals]
+    runs = [os.path.join(args.output, n) for n in names]
+    print(f"curves: {evaluation.plot_runs(runs, os.path.join(args.output, 'curves.png'))}")
     gates = "" if args.gates == "all" else f" (gates: {args.gates})"
     print(demo_report({"CLIP (raw text only)": finals["clip"], f"ALIP{gates}": finals["alip"]}))
 

@@ -243,6 +243,31 @@ def test_gate_quality_by_hand():
     assert ev.gate_quality(torch.tensor(truth), loss_raw=torch.tensor(loss_raw)) == {"n": 6, "loss_auc": q["loss_auc"]}
 
 
+def test_plot_survives_missing_keys_one_line_and_a_torn_line(tmp_path):
+    full, one, torn = tmp_path / "full", tmp_path / "one", tmp_path / "torn"
+    for d in (full, one, torn):
+        d.mkdir()
+    records = [{"step": s, "loss": 5 - s / 10, "loss_raw": 3 - s / 10, "lr": 1e-3 * s, "w_s": 0.5,
+                "truth/lcg_auc": 0.6 + s / 100} for s in range(1, 11)]
+    records.insert(5, {"step": 5, "zeroshot/acc1": 0.4, "retrieval/image_to_text_R@10": 0.5})  # an evaluation
+    (full / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (one / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss_raw": 2.0}) + "\n")
+    (torn / "metrics.jsonl").write_text(json.dumps({"step": 1, "lr": 1e-3, "logit_scale": 14.3}) + "\n"
+                                        + json.dumps({"step": 2, "lr": 2e-3}) + "\n" + '{"step": 3, "lr": 0.0')
+    assert [r["step"] for r in ev.read_metrics(str(torn / "metrics.jsonl"))] == [1, 2]
+    for runs in ([full], [one], [torn], [full, one, torn]):
+        out = ev.plot_runs([str(d) for d in runs], str(tmp_path / "curves.png"))
+        img = np.asarray(Image.open(out).convert("RGB"))
+        assert img.shape[0] > 300 and img.shape[1] > 400
+        # Something is drawn in the first series colour (blue), beyond the white page and black axes.
+        assert (np.abs(img.astype(int) - ev.COLOURS[0]).sum(-1) < 30).sum() > 20
+    # The command line, with the default output file in the run directory.
+    ev.main(["plot", str(full)], load_model=None, choose_precision=None)
+    assert (full / "curves.png").is_file()
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        ev.main(["plot", str(tmp_path / "nothing")], load_model=None, choose_precision=None)
+
+
 def test_templates_and_classnames_assets(tmp_path):
     assert [len(ev.load_templates(n)) for n in ("openai_imagenet", "cifar", "simple")] == [80, 18, 7]
     cifar = ev.load_templates("cifar")
