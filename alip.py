@@ -5,7 +5,7 @@ A CLIP model (ViT image tower, causal text tower) trained on image / raw-text / 
 The text tower encodes both texts ("bi-path"); two gates computed from the global batch down-weight noisy
 samples (Language Consistency Gate) and noisy image-text pairs (Description Consistency Gate).
 
-    python alip.py --demo                                      # CPU, ~3 minutes: make toy data, train, evaluate
+    python alip.py --demo                                      # CPU, ~2 CPU-minutes: toy data, CLIP vs ALIP
     python alip.py --data shards/ --model ViT-B-32             # one GPU (or CPU)
     torchrun --standalone --nproc_per_node=8 alip.py --data 'shards/{00000..01999}.tar' --batch-size 512
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 alip.py --data ...
