@@ -5,7 +5,7 @@ A CLIP model (ViT image tower, causal text tower) trained on image / raw-text / 
 The text tower encodes both texts ("bi-path"); two gates computed from the global batch down-weight noisy
 samples (Language Consistency Gate) and noisy image-text pairs (Description Consistency Gate).
 
-    python alip.py --demo                                      # CPU, ~3 minutes: make toy data, train, evaluate
+    python alip.py --demo                                      # CPU, ~2 CPU-minutes: toy data, CLIP vs ALIP
     python alip.py --data shards/ --model ViT-B-32             # one GPU (or CPU)
     torchrun --standalone --nproc_per_node=8 alip.py --data 'shards/{00000..01999}.tar' --batch-size 512
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 alip.py --data ...
@@ -64,9 +64,9 @@ class ModelConfig:
     quick_gelu: bool = False  # OpenAI's weights were trained with x*sigmoid(1.702x); ALIP used GELU
 
 
-PRESETS = {  # named as open_clip names them; `tiny` is ours, small enough to train on a laptop CPU
-    "tiny": ModelConfig(embed_dim=128, image_size=64, patch_size=8, vision_width=128, vision_layers=4,
-                        vision_heads=4, text_width=128, text_layers=4, text_heads=4),
+PRESETS = {  # named as open_clip names them; `tiny` is ours, for the demo: two CPU cores train it in a minute
+    "tiny": ModelConfig(embed_dim=64, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
+                        vision_heads=2, text_width=64, text_layers=2, text_heads=2),
     "ViT-B-32": ModelConfig(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12,
                             vision_heads=12, text_width=512, text_layers=12, text_heads=8),
     "ViT-B-16": ModelConfig(embed_dim=512, image_size=224, patch_size=16, vision_width=768, vision_layers=12,
@@ -257,13 +257,14 @@ class Gates(nn.Module):
 # loss (Eq. 5-6): a symmetric InfoNCE whose per-sample terms carry the gate weights
 
 
-def contrastive_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, offset=0):
+def contrastive_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, offset=0, reduction="mean"):
     """mean_i w_i (CE_i(x->t) + CE_i(t->x)) / 2 with logits s * x t^T: the readable reference.
 
     x, t: (n, D) L2-normalized; logit_scale: the scale s. With x_all, t_all (N, D), the local loss of
     multi-GPU training: this rank's n rows, which are rows offset..offset+n-1 of the gathered N, against all N.
-    kernels.gated_clip_loss computes the same without materialising the n x N logits. The kernel file keeps a
-    PyTorch reference of its own, as each kernel file does; tests/test_alip.py pins the two equal.
+    reduction="none": the n per-sample terms instead of their mean. kernels.gated_clip_loss computes the same
+    without materialising the n x N logits. The kernel file keeps a PyTorch reference of its own, as each kernel
+    file does; tests/test_alip.py pins the two equal.
     """
     x_all = x if x_all is None else x_all
     t_all = t if t_all is None else t_all
@@ -271,7 +272,8 @@ def contrastive_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, 
     ce_xt = F.cross_entropy(logit_scale * x @ t_all.T, labels, reduction="none")  # (n,) image -> texts
     ce_tx = F.cross_entropy(logit_scale * t @ x_all.T, labels, reduction="none")  # (n,) text -> images
     per_sample = (ce_xt + ce_tx) / 2
-    return (per_sample if weight is None else weight * per_sample).mean()  # Eq. 5: one path, gate-weighted
+    per_sample = per_sample if weight is None else weight * per_sample
+    return per_sample if reduction == "none" else per_sample.mean()  # Eq. 5: one path, gate-weighted
 
 
 def gather_with_grad(x, world_size):
@@ -581,7 +583,9 @@ def parse_args(argv=None):
     p.add_argument("--resampled", action="store_true", help="draw shards with replacement (very large sets)")
     p.add_argument("--max-bad-fraction", type=data.fraction, default=0.5, help="stop when more samples than this fail")
     p.add_argument("--workers", type=data.nonnegative_int, default=4, help="data-loading processes per rank")
-    p.add_argument("--demo", action="store_true", help="generate a toy dataset, train `tiny` on it, evaluate")
+    p.add_argument("--demo", action="store_true",
+                   help="make the toy data set, train the CLIP baseline and ALIP on it as `tiny`, compare them")
+    p.add_argument("--seeds", type=int, nargs="+", help="--demo: one CLIP and one ALIP run per seed, mean ± sd")
     # model
     p.add_argument("--model", default="ViT-B-32", choices=list(PRESETS))
     p.add_argument("--quick-gelu", action="store_true", help="QuickGELU, as OpenAI's weights need")
@@ -628,9 +632,9 @@ def parse_args(argv=None):
     p.add_argument("--bench-ablate", action="store_true", help="also time without trimming / fused SDPA / fused loss")
     p.add_argument("--peak-tflops", type=data.positive_float,
                    help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
-    if p.parse_known_args(argv)[0].demo:  # small enough for 2 CPU cores in about 3 minutes; flags still win
-        p.set_defaults(model="tiny", batch_size=128, steps=300, warmup=25, lr=2e-3, workers=1, save_every=300,
-                       output="runs/demo")
+    if p.parse_known_args(argv)[0].demo:  # both runs in under 3 minutes on 2 CPU cores; flags still win
+        p.set_defaults(model="tiny", batch_size=256, steps=60, warmup=6, lr=3e-3, workers=1, save_every=60,
+                       log_every=10, eval_every=20, output="runs/demo")
     args = p.parse_args(argv)
     if not (args.data or args.demo or args.bench):
         p.error("--data is required (or --demo, or --bench)")
@@ -682,7 +686,8 @@ class Run:
             args.data, image_size=self.raw_model.config.image_size, batch_size=args.batch_size, seed=args.seed,
             rank=self.rank, world_size=world_size, workers=args.workers, captions=args.captions,
             missing_caption=args.missing_caption, resampled=args.resampled, num_samples=args.train_num_samples,
-            max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext)
+            max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext,
+            truth=True)  # what the data record about their texts, if anything: gate quality is logged against it
         steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
         if steps_per_epoch < 1:
             raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps}"
@@ -827,7 +832,7 @@ class Progress:
     def __init__(self, run, step):
         self.run, self.t0, self.t, self.start, self.last, self.skipped = run, time.time(), time.time(), step, step, {}
 
-    def log(self, step, out):
+    def log(self, step, out, truth=None):
         run, args = self.run, self.run.args
         rate = (step - self.last) * args.accum_steps * args.batch_size * run.world_size / (time.time() - self.t)
         self.t, self.last = time.time(), step
@@ -839,6 +844,7 @@ class Progress:
         r = {"step": step, **dict(zip(["loss", *out["logs"]], values.tolist())), "lr": out["lr"],
              "logit_scale": run.raw_model.logit_scale.exp().item(), "grad_norm": out["grad_norm"].item(),
              "samples_per_s": rate}
+        r.update({f"truth/{k}": v for k, v in (truth or {}).items()})
         skipped = dict(run.loader.skipped)
         if skipped != self.skipped:
             r["skipped"] = self.skipped = skipped
@@ -847,8 +853,52 @@ class Progress:
                    f"w_s {r['w_s']:.3f} w_t {r['w_t']:.3f} w_c {r['w_c']:.3f} "
                    f"H_tc {r['H_tc']:.3f} H_xt {r['H_xt']:.3f} H_xc {r['H_xc']:.3f} " if run.bipath else "")
                 + f"scale {r['logit_scale']:.1f} lr {r['lr']:.2e} {rate:.0f} samples/s ETA {eta / 60:.1f} min"
-                + (f" skipped {sum(skipped.values())}" if skipped else ""))
+                + (f" skipped {sum(skipped.values())}" if skipped else "")
+                + (" | " + truth_summary(truth) if truth else ""))
         run.log_metrics(r)
+
+
+class TruthMeter:
+    """Gate weights and per-sample losses of the steps since the last log line, next to the truth the data
+    record about each sample (data.parse_truth); figures() turns them into eval.gate_quality's numbers."""
+
+    def __init__(self, run):
+        self.run, self.rows = run, []
+
+    @torch.no_grad()
+    def add(self, feats, weights, truth):  # feats: this rank's (x, t, c) of the step; weights: global (N,) each
+        if truth is None or (truth < 0).all():
+            return
+        x, t, c = (None if f is None else F.normalize(f.float(), dim=-1) for f in feats)
+        s = self.run.raw_model.logit_scale.exp()
+        # Each sample's unweighted loss against this rank's batch: the plain detector the gates are compared to.
+        row = {"truth": truth, "loss_raw": contrastive_loss(x, t, s, reduction="none")}
+        if c is not None:
+            row["loss_caption"] = contrastive_loss(x, c, s, reduction="none")
+        if weights is not None:
+            offset = self.run.rank * len(x)
+            row.update(zip(("w_s", "w_t", "w_c"), (w[offset:offset + len(x)] for w in weights)))
+        self.rows.append({k: v.cpu() for k, v in row.items()})
+
+    def figures(self):
+        """eval.gate_quality over every rank's samples since the last call; {} without truth. Every rank calls it."""
+        rows, self.rows = self.rows, []
+        if self.run.world_size > 1:
+            every = [None] * self.run.world_size
+            dist.all_gather_object(every, rows)
+            rows = [r for rank_rows in every for r in rank_rows]
+        if not rows:
+            return {}
+        q = evaluation.gate_quality(**{k: torch.cat([r[k] for r in rows]) for k in rows[0]})
+        return {k: v for k, v in q.items() if math.isfinite(v)}  # NaN: a case without samples (not JSON either)
+
+
+def truth_summary(q):
+    """The progress line's short form of eval.gate_quality's figures."""
+    parts = [f"w_s right/wrong raw {q['w_s_clean']:.2f}/{q['w_s_noisy']:.2f} LCG AUC {q['lcg_auc']:.3f}"
+             if "lcg_auc" in q else "", f"DCG {q['dcg_rate']:.3f}" if "dcg_rate" in q else "",
+             f"loss AUC {q['loss_auc']:.3f}" if "loss_auc" in q else ""]
+    return "truth: " + " ".join(p for p in parts if p)
 
 
 def embed(run, images, text, caption):
@@ -868,12 +918,12 @@ def train_step(run, micro, stop_requested):
     cache = None
     if K > 1:
         with torch.no_grad():
-            cache = [embed(run, *b) for b in micro]
+            cache = [embed(run, *b[:3]) for b in micro]
     H_before = [h.clone() for h in gates.buffers()]
     weights = None
     for j, b in enumerate(micro):
         with nullcontext() if j == K - 1 or run.world_size == 1 else run.model.no_sync():
-            feats = embed(run, *b)
+            feats = embed(run, *b[:3])
             if cache is not None:  # this micro-batch with grad, the others from the cache
                 feats = [None if f is None else torch.cat([c[i] if k != j else f for k, c in enumerate(cache)])
                          for i, f in enumerate(feats)]
@@ -901,7 +951,8 @@ def train_step(run, micro, stop_requested):
     run.scheduler.step()
     with torch.no_grad():  # the paper clamps the learnable temperature to at most 100
         run.raw_model.logit_scale.clamp_(0, math.log(100))
-    return {"loss": loss.detach(), "logs": logs, "grad_norm": grad_norm, "lr": lr}, bool(flags[1] > 0)
+    return {"loss": loss.detach(), "logs": logs, "grad_norm": grad_norm, "lr": lr, "feats": feats,
+            "weights": weights}, bool(flags[1] > 0)
 
 
 @contextmanager
@@ -930,6 +981,7 @@ def device_batches(loader, device):
 
 
 def train(args):
+    """One training run as the flags say; True when it reached its last step (False: stopped by a signal)."""
     run = Run(args)
     step = resume(run)
     # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
@@ -937,17 +989,21 @@ def train(args):
         step = train_loop(run, step, stop, batches)
     if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval):
         evaluate(run, step)
+    if run.master:
+        run.log(f"curves: {evaluation.plot_runs([args.output], os.path.join(args.output, 'curves.png'))}")
     if run.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
+    return step == run.total  # False: stopped early (by a signal)
 
 
 def train_loop(run, step, stop, batches):
     """Optimizer steps from `step` until run.total or a stop signal; returns the last step done."""
-    args, progress, bad_steps = run.args, Progress(run, step), 0
+    args, progress, truth, bad_steps = run.args, Progress(run, step), TruthMeter(run), 0
     run.model.train()
     while step < run.total:
-        out, stopping = train_step(run, [next(batches) for _ in range(args.accum_steps)], stop["signal"] is not None)
+        micro = [next(batches) for _ in range(args.accum_steps)]
+        out, stopping = train_step(run, micro, stop["signal"] is not None)
         if out is None:
             bad_steps += 1
             run.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
@@ -957,8 +1013,9 @@ def train_loop(run, step, stop, batches):
                                  f"{args.output} is intact; lower --lr or check the data, then --resume.")
             continue
         bad_steps, step = 0, step + 1
+        truth.add(out["feats"], out["weights"], torch.cat([b[3] for b in micro]))
         if step % args.log_every == 0 or step == run.total:
-            progress.log(step, out)
+            progress.log(step, out, truth.figures())
         if step % args.save_every == 0 or step == run.total or stopping:
             save(run, step)
         if stopping:
@@ -967,6 +1024,81 @@ def train_loop(run, step, stop, batches):
         if run.master and args.eval_every and step % args.eval_every == 0 and step < run.total:
             evaluate(run, step)
     return step
+
+# -----------------------------------------------------------------------------
+# demo: the paper's comparison on the toy data set, and the gates checked against its truth
+
+
+DEMO_COLUMNS = [("zeroshot/acc1", "zero-shot top-1"), ("zeroshot/acc5", "top-5"),
+                ("retrieval/image_to_text_R@1", "I->T R@1"), ("retrieval/image_to_text_R@10", "I->T R@10"),
+                ("retrieval/text_to_image_R@1", "T->I R@1"), ("retrieval/text_to_image_R@10", "T->I R@10"),
+                ("truth/lcg_auc", "LCG AUC"), ("truth/dcg_rate", "DCG w_t<w_c"), ("truth/loss_auc", "loss AUC")]
+
+
+def demo(args):
+    """--demo: the CLIP baseline (raw text only) and ALIP, trained the same way (data, seed, steps), for each
+    of --seeds; then one table (mean ± sd over the seeds) and one sentence per gate."""
+    # The demo's matrices are 64 wide: a second thread per process gains little and spins on a busy machine; the
+    # loader's worker has the other core. One thread also makes the numbers the same on any machine's CPU.
+    torch.set_num_threads(1)
+    seeds = args.seeds or [args.seed]
+    finals = {"clip": [], "alip": []}
+    for seed in seeds:
+        for loss in finals:
+            name = loss if args.seeds is None else f"{loss}-s{seed}"
+            run_args = argparse.Namespace(**{**vars(args), "loss": loss, "seed": seed,
+                                             "output": os.path.join(args.output, name)})
+            if not train(run_args):
+                return
+            finals[loss].append(last_values(os.path.join(run_args.output, "metrics.jsonl")))
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    names = ["clip", "alip"] if args.seeds is None else [f"{loss}-s{seeds[0]}" for loss in finals]
+    runs = [os.path.join(args.output, n) for n in names]
+    print(f"curves: {evaluation.plot_runs(runs, os.path.join(args.output, 'curves.png'))}")
+    gates = "" if args.gates == "all" else f" (gates: {args.gates})"
+    print(demo_report({"CLIP (raw text only)": finals["clip"], f"ALIP{gates}": finals["alip"]}))
+
+
+def last_values(path):
+    """The last value of every key in a metrics.jsonl."""
+    values = {}
+    for record in evaluation.read_metrics(path):
+        values.update(record)
+    return values
+
+
+def _mean_sd(runs, key, scale=1.0, digits=3):
+    """'mean ± sd' of key over runs (one run: the value alone; none: '-')."""
+    v = [scale * r[key] for r in runs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not v:
+        return "-"
+    return f"{np.mean(v):.{digits}f}" + (f" ± {np.std(v, ddof=1):.{digits}f}" if len(v) > 1 else "")
+
+
+def demo_report(rows):
+    """rows: {name: [final metrics of each seed's run]}, the CLIP baseline first -> the table and one sentence
+    per gate, as text."""
+    def cell(runs, key):
+        percent = key.startswith(("zeroshot/", "retrieval/")) or key == "truth/dcg_rate"
+        return _mean_sd(runs, key, 100 if percent else 1, 1 if percent else 3)
+    lines = [f"| n={len(next(iter(rows.values())))} | " + " | ".join(label for _, label in DEMO_COLUMNS) + " |",
+             "|---" * (len(DEMO_COLUMNS) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(runs, key) for key, _ in DEMO_COLUMNS) + " |"
+              for name, runs in rows.items()]
+    clip, alip = rows.values()
+    q = lambda key, runs=alip, digits=3: _mean_sd(runs, "truth/" + key, 1, digits)
+    pct = lambda key: _mean_sd(alip, "truth/" + key, 100, 1)
+    lines += ["",
+              "Zero-shot and retrieval in %, on the clean test split. Gate figures: the last logging window of "
+              "training, against the truth the demo data record.",
+              f"LCG: mean w_s is {q('w_s_clean')} where the raw text is right and {q('w_s_noisy')} where it is "
+              f"wrong; -w_s flags the wrong raw texts with ROC AUC {q('lcg_auc')} (the per-sample raw-text loss "
+              f"as a detector: ALIP's {q('loss_auc')}, the CLIP baseline's {q('loss_auc', clip)}).",
+              f"DCG: of the {q('dcg_n', digits=0)} samples the LCG flags whose raw text is wrong and caption right, "
+              f"{pct('dcg_rate')}% have w_t < w_c, the caption weighted above the raw text (ALIP's per-sample "
+              f"losses on the same samples: the raw text's is higher in {pct('loss_rate')}%)."]
+    return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
 # benchmark: training throughput on synthetic in-memory batches (no data loading)
@@ -1034,6 +1166,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.bench:
         bench(args)
+    elif args.demo:
+        demo(args)
     else:
         train(args)
 

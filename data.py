@@ -487,6 +487,23 @@ def _text(sample, ext, reason, stats):
     return None
 
 
+# What a data set may record about a sample's texts in its {key}.json (the demo set does), as the codes the
+# loader passes on: -1 where a sample records nothing.
+TRUTH_RAW_TEXT = ("right", "other_image", "irrelevant")  # raw text: describes the image, another image, nothing
+TRUTH_CAPTION = ("right", "wrong")
+
+
+def parse_truth(sample):
+    """[raw-text code, caption code] from the sample's {key}.json; -1 for what it does not record."""
+    try:
+        meta = json.loads(sample["json"])
+    except (KeyError, ValueError):
+        meta = None
+    meta = meta if isinstance(meta, dict) else {}
+    return [names.index(meta[key]) if meta.get(key) in names else -1
+            for key, names in (("raw_text", TRUTH_RAW_TEXT), ("caption", TRUTH_CAPTION))]
+
+
 def parse_sample(sample, stats, captions=None, missing_caption="skip", min_side=0,
                  text_ext="txt", caption_ext="syn.txt"):
     """(image, text, caption) from a raw sample, or None with the reason counted in stats. The caption
@@ -617,7 +634,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
         samples = self._raw_stream(slot, n_slots, epoch, stats, failed_shards)
         min_side = train_min_side(L.image_size)
         for k in range(lw, steps, W):
-            images, texts, captions, n = [], [], [], 0
+            images, texts, captions, truth, n = [], [], [], [], 0
             while n < B:
                 sample = next(samples)
                 parsed = parse_sample(sample, stats, L.captions, L.missing_caption, min_side, L.text_ext, L.caption_ext)
@@ -636,13 +653,18 @@ class _BatchStream(torch.utils.data.IterableDataset):
                 images.append(random_crop_flip(image, g, L.image_size))
                 texts.append(text)
                 captions.append(caption)
+                if L.truth:
+                    truth.append(parse_truth(sample))
             if failed_shards:  # whole-shard losses count too, though no sample failed
                 self._check_bad(good, stats, per_shard, failed_shards)
             if k >= start:
                 out = torch.empty(B, 3, L.image_size, L.image_size)  # (B, 3, S, S)
                 if info:  # fill the batch in shared memory at once, saving the copy the queue would make
                     out.share_memory_()
-                yield normalize(torch.stack(images), out), tokenize(texts), tokenize(captions), k, dict(stats)
+                batch = [normalize(torch.stack(images), out), tokenize(texts), tokenize(captions)]
+                if L.truth:
+                    batch.append(torch.tensor(truth, dtype=torch.long).view(B, 2))  # (B, 2)
+                yield batch, k, dict(stats)
 
     def _check_bad(self, good, stats, per_shard, failed_shards):
         L = self.loader
@@ -667,7 +689,8 @@ class _BatchStream(torch.utils.data.IterableDataset):
 
 
 class TrainLoader:
-    """Exactly steps_per_epoch batches per epoch on every rank: (images (B,3,S,S), text (B,77), caption (B,77)).
+    """Exactly steps_per_epoch batches per epoch on every rank: (images (B,3,S,S), text (B,77), caption (B,77)),
+    and with truth=True a fourth, (B, 2) int: what each sample's {key}.json records (see parse_truth).
     state_dict()/load_state_dict() store the data position (an epoch ends by moving on to the next one);
     resuming is exact for the same world size and worker count. captions: JSONL path or {key: caption};
     text_ext and caption_ext name the tar members holding raw text and caption.
@@ -675,7 +698,7 @@ class TrainLoader:
 
     def __init__(self, spec, *, image_size, batch_size, seed=0, rank=0, world_size=1, workers=2,
                  captions=None, missing_caption="skip", resampled=False, num_samples=None,
-                 max_bad_fraction=0.5, text_ext="txt", caption_ext="syn.txt"):
+                 max_bad_fraction=0.5, text_ext="txt", caption_ext="syn.txt", truth=False):
         if missing_caption not in ("skip", "raw"):
             raise ValueError(f"missing_caption must be 'skip' or 'raw', not {missing_caption!r}")
         self.shards = find_shards(spec)
@@ -686,7 +709,7 @@ class TrainLoader:
         self.captions_from = str(captions) if isinstance(captions, (str, os.PathLike)) else None  # for messages
         self.captions = load_captions(captions) if self.captions_from else captions
         self.missing_caption, self.resampled, self.max_bad_fraction = missing_caption, resampled, max_bad_fraction
-        self.text_ext, self.caption_ext = text_ext, caption_ext
+        self.text_ext, self.caption_ext, self.truth = text_ext, caption_ext, truth
         self.steps_per_epoch = self.num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise UserError(f"{spec}: {self.num_samples} samples in {len(self.shards)} shard(s), fewer than one "
@@ -720,12 +743,12 @@ class TrainLoader:
             for item in batches:
                 if isinstance(item, UserError):  # from a worker, see _BatchStream.__iter__
                     raise item
-                images, text, caption, k, stats = item
+                batch, k, stats = item
                 assert k == self.start_batch, f"data: batch {k} arrived when {self.start_batch} was due"
                 worker_stats[k % W] = stats
                 self.skipped = base + sum(map(collections.Counter, worker_stats.values()), collections.Counter())
                 self.start_batch += 1
-                yield images, text, caption
+                yield tuple(batch)
         finally:
             # However the epoch ends (done, an error here or in a worker, the caller closing this generator),
             # stop the workers now. The DataLoader would stop them only once its iterator is collected, and an
@@ -767,21 +790,24 @@ def _write_sizes(out_dir, sizes):
 
 
 # -----------------------------------------------------------------------------
-# Demo dataset: coloured shapes with noisy web-like text and cleaner synthetic captions, so the demo
-# can show ALIP's point (captions help where raw text is noisy) in minutes on a CPU.
+# Demo dataset: two coloured shapes per image, the class is their pair of colours (15 classes), attributes a
+# from-scratch ViT learns in CPU minutes. Raw texts are noisy the way web alt-text is, often about another
+# image or about nothing; synthetic captions are mostly right. Each training sample records which in its
+# {key}.json (where img2dataset writes its metadata), so that gate quality can be measured against the truth.
 
 COLOURS = {"red": (205, 40, 40), "green": (40, 165, 60), "blue": (40, 75, 215),
            "yellow": (230, 210, 40), "purple": (140, 55, 185), "orange": (245, 135, 25)}
-SHAPES = ("circle", "square", "triangle", "star", "cross")
-CLASSNAMES = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # label = colour_index * 5 + shape_index
-POSITIONS = ("top left", "top middle", "top right", "middle left", "center", "middle right",
-             "bottom left", "bottom middle", "bottom right")  # 3x3 grid, row-major
-DEMO_TRAIN, DEMO_SHARDS, DEMO_TEST, DEMO_SIDE = 16384, 8, 1000, 64
+SHAPES = ("circle", "square")
+PAIRS = [(a, b) for i, a in enumerate(COLOURS) for b in list(COLOURS)[i + 1:]]  # label = index in PAIRS
+CLASSNAMES = [f"{a} and {b}" for a, b in PAIRS]
+DEMO_TRAIN, DEMO_SHARDS, DEMO_TEST, DEMO_SIDE = 8192, 8, 1000, 32
+RAW_RIGHT, RAW_OTHER = 0.3, 0.4  # raw text: right, about another image's colours, else irrelevant (0.3)
+CAPTION_WRONG = 0.15  # caption: one of the two colours replaced by a third
 
-_RELEVANT = ["{c} {s} sticker | free shipping", "IMG_{n} - {c} {s}", "{S}, {C}. best price", "{s} {c}",
-             "{c} {s} wall decal vinyl", "Buy {c} {s} online", "{c}-{s}-icon.png", "{C} {S} Clipart",
-             "vintage {c} {s} print 24x36", "{s} shape in {c} colour", "#{c} #{s} #art", "{c} {s}",
-             "cute {s} ({c}) for kids room", "{S} {C} {S} {C} {S}", "new! {c} {s} - sale", "{c} {s} png transparent"]
+_RELEVANT = ["{a} and {b} shapes | free shipping", "IMG_{n} - {a} {b}", "{A} & {B}. best price", "{a} {b}",
+             "{a} and {b} wall decal vinyl", "Buy {a} {b} stickers online", "{a}-{b}-icon.png", "{A} {B} Clipart",
+             "vintage {a} and {b} print 24x36", "dots in {a} and {b}", "#{a} #{b} #art", "{a} and {b}",
+             "cute {a} and {b} decor for kids room", "new! {a} + {b} - sale", "{a} {b} png transparent"]
 _IRRELEVANT = ["click here to subscribe", "DSC_{n}.JPG", "untitled", "best deals {y}", "image", "photo",
                "IMG_{n}.jpg", "home page banner", "loading...", "thumbnail", "free download", "logo",
                "copyright all rights reserved", "sale 50% off", "new arrivals", "contact us", "read more",
@@ -789,97 +815,90 @@ _IRRELEVANT = ["click here to subscribe", "DSC_{n}.JPG", "untitled", "best deals
                "my vacation {y}", "product image {n}", "default_avatar", "banner_{n}.gif", "spacer",
                "advertisement", "see details", "add to cart", "posted by admin", "view larger", "no image available",
                "Shop Now >>", "follow us on instagram", "terms and conditions", "image {n} of 12", "avatar"]
+_CAPTIONS = ["a {} {} and a {} {}", "a {} {} next to a {} {}", "a {} {} beside a {} {} on a gray background"]
 
 
-def _shape_polygon(shape, cx, cy, r):
-    if shape == "triangle":
-        return [(cx, cy - r), (cx - 0.95 * r, cy + 0.8 * r), (cx + 0.95 * r, cy + 0.8 * r)]
-    if shape == "star":
-        return [(cx + (r if i % 2 == 0 else 0.45 * r) * math.cos(math.pi * (i / 5 - 0.5)),
-                 cy + (r if i % 2 == 0 else 0.45 * r) * math.sin(math.pi * (i / 5 - 0.5))) for i in range(10)]
-    if shape == "cross":
-        a, b = r, 0.32 * r  # arm half-length and half-thickness
-        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b),
-                (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b),
-                (cx - a, cy - b), (cx - b, cy - b)]
-    raise ValueError(shape)
-
-
-def _demo_image(rng, noise, colour, shape, large, cell):
+def _demo_image(rng, noise, colours, shapes):
+    """Gray background; one shape in each half (left / right or top / bottom), so the two never overlap."""
     side = DEMO_SIDE
-    size = side * (rng.uniform(0.55, 0.75) if large else rng.uniform(0.30, 0.45))
-    r = size / 2
-    # Cell centre plus jitter, clamped so the whole shape stays visible.
-    cx = min(max((cell % 3 + 0.5) * side / 3 + rng.uniform(-3, 3), r), side - r)
-    cy = min(max((cell // 3 + 0.5) * side / 3 + rng.uniform(-3, 3), r), side - r)
-    v = rng.uniform(85, 150)
-    brown = rng.random() < 0.5
-    bg = (v, 0.85 * v, 0.7 * v) if brown else (v, v, v)
-    img = Image.new("RGB", (side, side), tuple(int(c) for c in bg))
-    fill = tuple(int(min(255, max(0, c + rng.integers(-18, 19)))) for c in COLOURS[colour])
+    v = int(rng.uniform(90, 150))
+    img = Image.new("RGB", (side, side), (v, v, v))
     draw = ImageDraw.Draw(img)
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        q = 0.85 * r  # a square of the same "size" looks bigger than a circle; shrink it a little
-        draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
-    else:
-        draw.polygon(_shape_polygon(shape, cx, cy, r), fill=fill)
+    halves = (0, 1) if rng.random() < 0.5 else (1, 0)
+    vertical = rng.random() < 0.5
+    for colour, shape, half in zip(colours, shapes, halves):
+        r = side * rng.uniform(0.14, 0.22)
+        u = (half + 0.5) * side / 2 + rng.uniform(-1, 1) * side / 16  # across the split, inside its half
+        w = rng.uniform(r + 1, side - r - 1)  # along the split, anywhere the shape fits
+        cx, cy = (w, u) if vertical else (u, w)
+        fill = tuple(int(min(255, max(0, c + rng.integers(-18, 19)))) for c in COLOURS[colour])
+        if shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            q = 0.85 * r  # a square of the same "size" looks bigger than a circle; shrink it a little
+            draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
     x = np.asarray(img, dtype=np.int16) + noise[rng.integers(len(noise))]
-    return Image.fromarray(x.clip(0, 255).astype(np.uint8)), "brown" if brown else "gray"
+    return Image.fromarray(x.clip(0, 255).astype(np.uint8))
 
 
 def _messy_case(text, rnd):
     return rnd.choice([text, text, text.lower(), text.upper(), text.title()])
 
 
-def _demo_raw_text(rnd, colour, shape):
+def _pair_text(rnd, a, b):
+    a, b = (a, b) if rnd.random() < 0.5 else (b, a)
+    template = rnd.choice(_RELEVANT)
+    return _messy_case(template.format(a=a, b=b, A=a.title(), B=b.title(), n=rnd.randrange(1000, 9999)), rnd)
+
+
+def _demo_raw_text(rnd, pair):
+    """(raw text, truth): right, about another image (another pair of colours), or irrelevant."""
     u = rnd.random()
-    if u < 0.35:
-        return _messy_case(rnd.choice(_IRRELEVANT).format(n=rnd.randrange(1000, 9999), y=rnd.randrange(2009, 2024),
-                                                          m=rnd.randrange(1, 9)), rnd)
-    if u >= 0.60:  # mismatched: describes another colour and/or shape
-        colour, shape = _perturb(rnd, colour, shape)
-    t = rnd.choice(_RELEVANT).format(c=colour, s=shape, C=colour.title(), S=shape.title(), n=rnd.randrange(1000, 9999))
-    return _messy_case(t, rnd)
+    if u < RAW_RIGHT:
+        return _pair_text(rnd, *pair), "right"
+    if u < RAW_RIGHT + RAW_OTHER:
+        return _pair_text(rnd, *rnd.choice([p for p in PAIRS if p != pair])), "other_image"
+    template = rnd.choice(_IRRELEVANT)
+    text = template.format(n=rnd.randrange(1000, 9999), y=rnd.randrange(2009, 2024), m=rnd.randrange(1, 9))
+    return _messy_case(text, rnd), "irrelevant"
 
 
-def _perturb(rnd, colour, shape):
-    what = rnd.randrange(3)
-    if what != 1:
-        colour = rnd.choice([c for c in COLOURS if c != colour])
-    if what != 0:
-        shape = rnd.choice([s for s in SHAPES if s != shape])
-    return colour, shape
+def _demo_caption(rnd, colours, shapes):
+    """(caption, truth): both shapes described, in random order; wrong ones name a third colour for one."""
+    colours, truth = list(colours), "right"
+    if rnd.random() < CAPTION_WRONG:
+        colours[rnd.randrange(2)] = rnd.choice([c for c in COLOURS if c not in colours])
+        truth = "wrong"
+    parts = list(zip(colours, shapes))
+    rnd.shuffle(parts)
+    return rnd.choice(_CAPTIONS).format(*parts[0], *parts[1]), truth
 
 
 def _demo_split(out, n, n_shards, seed, split):
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])  # separate streams per split
     rnd = random.Random(_seed("demo", seed, split))
-    noise = rng.integers(-10, 11, size=(64, DEMO_SIDE, DEMO_SIDE, 3), dtype=np.int16)
+    noise = rng.integers(-8, 9, size=(64, DEMO_SIDE, DEMO_SIDE, 3), dtype=np.int16)
     per_shard = -(-n // n_shards)
     sizes = {}
     for j in range(n_shards):
         samples = []
         for i in range(j * per_shard, min(n, (j + 1) * per_shard)):
-            ci, si = int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES)))
-            colour, shape = list(COLOURS)[ci], SHAPES[si]
-            large, cell = bool(rng.random() < 0.5), int(rng.integers(9))
-            img, bg = _demo_image(rng, noise, colour, shape, large, cell)
-            size, pos = "large" if large else "small", POSITIONS[cell]
+            label = int(rng.integers(len(PAIRS)))
+            colours = PAIRS[label] if rng.random() < 0.5 else PAIRS[label][::-1]
+            shapes = tuple(SHAPES[int(k)] for k in rng.integers(len(SHAPES), size=2))
+            img = _demo_image(rng, noise, colours, shapes)
             buf = io.BytesIO()
             if split == "train":
                 # JPEG q95 4:4:4 decodes as fast as PNG here and encodes ~8x faster (measured).
                 img.save(buf, "JPEG", quality=95, subsampling=0)
-                c, s = _perturb(rnd, colour, shape) if rnd.random() < 0.1 else (colour, shape)
-                caption = rnd.choice([f"a {size} {c} {s} in the {pos} of the image",
-                                      f"a {size} {c} {s} on a {bg} background"])
-                files = {"jpg": buf.getvalue(), "txt": _demo_raw_text(rnd, colour, shape).encode(),
-                         "syn.txt": caption.encode()}
+                text, text_truth = _demo_raw_text(rnd, PAIRS[label])
+                caption, caption_truth = _demo_caption(rnd, colours, shapes)
+                files = {"jpg": buf.getvalue(), "txt": text.encode(), "syn.txt": caption.encode(),
+                         "json": json.dumps({"raw_text": text_truth, "caption": caption_truth}).encode()}
             else:
                 img.save(buf, "PNG", compress_level=1)
-                files = {"png": buf.getvalue(), "cls": str(ci * len(SHAPES) + si).encode(),
-                         "txt": f"a photo of a {size} {colour} {shape} at the {pos}.".encode()}
+                files = {"png": buf.getvalue(), "cls": str(label).encode(),
+                         "txt": f"a photo of a {colours[0]} {shapes[0]} and a {colours[1]} {shapes[1]}.".encode()}
             samples.append((f"{i:06d}", files))
         name = f"{j:05d}.tar"
         write_tar(os.path.join(out, name), samples)
@@ -893,7 +912,7 @@ def write_demo(out_dir, seed=0):
     out_dir = os.path.abspath(out_dir)
     paths = {"train": os.path.join(out_dir, "train"), "test": os.path.join(out_dir, "test")}
     marker = os.path.join(out_dir, ".complete")
-    want = {"seed": seed, "version": 1}
+    want = {"seed": seed, "version": 2}  # bumped whenever the generator changes what it writes
     if _read_json(marker) == want:
         return paths
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(marker):

@@ -1,11 +1,12 @@
 """Evaluate a CLIP-style model as the ALIP paper does: zero-shot classification, image-text retrieval
-and linear probe.
+and linear probe; check the gates against a data set's truth; draw training curves.
 
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/imagenet/val --templates openai_imagenet
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/cifar-10-batches-py --templates cifar
     python eval.py retrieval --checkpoint runs/alip --dataset /data/coco/dataset_coco.json --images /data/coco
     python eval.py linear-probe --checkpoint runs/alip --train /data/cifar-10-batches-py \\
         --test /data/cifar-10-batches-py
+    python eval.py plot runs/demo/clip runs/demo/alip          # curves of one or more runs, overlaid
 
 Each prints a table; with --json the last line of output is one JSON object (metrics as fractions).
 --checkpoint takes a run directory (its latest checkpoint), a ckpt-*.pt file, or an OpenAI / open_clip /
@@ -42,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 
@@ -119,6 +120,53 @@ def retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 5, 10
     metrics = {f"image_to_text_R@{k}": (i2t < k).double().mean().item() for k in ks}
     metrics.update({f"text_to_image_R@{k}": (t2i < k).double().mean().item() for k in ks})
     return metrics
+
+
+def roc_auc(scores, positive):
+    """ROC AUC of scores for telling the positive samples (bool) from the rest: the Mann-Whitney U statistic,
+    ties counted half. NaN unless both kinds occur."""
+    scores, positive = torch.as_tensor(scores).double().flatten(), torch.as_tensor(positive).bool().flatten()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    below = torch.cumsum(counts, 0) - counts  # samples with a smaller score, per distinct score
+    rank = (below + (counts + 1) / 2)[inverse]  # 1-based ranks, the mean rank over each run of ties
+    return ((rank[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def _mean(x):
+    return x.double().mean().item() if len(x) else math.nan
+
+
+def gate_quality(truth, w_s=None, w_t=None, w_c=None, loss_raw=None, loss_caption=None):
+    """The gates, and the per-sample loss as a plain detector, against the truth a data set records.
+
+    truth (N, 2) int: raw text 0 right, 1 about another image, 2 irrelevant; caption 0 right, 1 wrong; -1 unknown.
+    LCG: mean w_s on right and on wrong raw texts, and the ROC AUC of -w_s for flagging wrong raw texts. DCG: on
+    the samples the LCG flags (w_s < 1) whose raw text is wrong and caption right, the share with w_t < w_c (the
+    pair weights favour the right source). The per-sample raw-text loss gets the same AUC (a high loss flags),
+    and with the caption loss the same share (loss_raw > loss_caption). Only what is given is reported.
+    """
+    truth = torch.as_tensor(truth).long()
+    known, noisy = truth[:, 0] >= 0, truth[:, 0] > 0
+    out = {"n": int(known.sum())}
+    # The DCG's case: raw text wrong, caption right; with w_s, only the samples the LCG flags.
+    case = noisy & (truth[:, 1] == 0)
+    if w_s is not None:
+        w_s = torch.as_tensor(w_s)
+        out.update(w_s_clean=_mean(w_s[known & ~noisy]), w_s_noisy=_mean(w_s[known & noisy]),
+                   lcg_auc=roc_auc(-w_s[known], noisy[known]))
+        case = case & (w_s < 1)
+        if w_t is not None and w_c is not None:
+            w_t, w_c = torch.as_tensor(w_t), torch.as_tensor(w_c)
+            out.update(dcg_n=int(case.sum()), dcg_rate=_mean((w_t < w_c)[case]))
+    if loss_raw is not None:
+        loss_raw = torch.as_tensor(loss_raw)
+        out["loss_auc"] = roc_auc(loss_raw[known], noisy[known])
+        if loss_caption is not None:
+            out["loss_rate"] = _mean((loss_raw > torch.as_tensor(loss_caption))[case])
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -571,6 +619,173 @@ def linear_probe(model, train, test, *, batch_size=256, workers=0, device=None, 
 
 
 # -----------------------------------------------------------------------------
+# training curves: a run directory's metrics.jsonl drawn with Pillow, several runs overlaid
+
+
+# Each panel: (title, [(metrics key, legend label)]). A key no record carries is left out of its panel; the
+# panels of fractions (UNIT_PANELS) keep the axis 0..1.
+PANELS = [
+    ("loss", [("loss_raw", "raw-text path"), ("loss_caption", "caption path")]),
+    ("mean gate weights", [("w_s", "w_s (LCG)"), ("w_t", "w_t (DCG, raw text)"), ("w_c", "w_c (DCG, caption)")]),
+    ("running means H", [("H_tc", "H_tc"), ("H_xt", "H_xt"), ("H_xc", "H_xc")]),
+    ("logit scale", [("logit_scale", "exp(s)")]),
+    ("learning rate", [("lr", "lr")]),
+    ("evaluation", [("zeroshot/acc1", "zero-shot top-1"), ("zeroshot/acc5", "zero-shot top-5"),
+                    ("retrieval/image_to_text_R@10", "I->T R@10"), ("retrieval/text_to_image_R@10", "T->I R@10")]),
+    ("gate quality against the truth", [("truth/lcg_auc", "LCG: AUC of -w_s"), ("truth/dcg_rate", "DCG: w_t < w_c"),
+                                        ("truth/loss_auc", "loss: AUC"), ("truth/loss_rate", "loss: raw > caption")]),
+    ("mean w_s by truth", [("truth/w_s_clean", "raw text right"), ("truth/w_s_noisy", "raw text wrong")]),
+]
+UNIT_PANELS = ("evaluation", "gate quality against the truth")
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+DASHES = [None, (10, 6), (3, 4), (14, 4, 3, 4)]  # per run: solid, dashed, dotted, dash-dot
+
+
+def read_metrics(path):
+    """metrics.jsonl as a list of dicts; lines that are not a JSON object (a torn last line) are skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("step"), (int, float)):
+                records.append(r)
+    return records
+
+
+def _series(records, key):  # [(step, value)] of the records holding a finite number under key
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return sorted(pts)
+
+
+def _ticks(lo, hi, n=5):
+    """About n round tick values covering [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
+    if hi <= lo:
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first = math.floor(lo / step) * step
+    ticks = []
+    v = first
+    while v <= hi + step * 1e-9:
+        ticks.append(v)
+        v += step
+    if ticks[-1] < hi:
+        ticks.append(ticks[-1] + step)
+    return ticks, step
+
+
+def _label(v, step):
+    """A tick value with as many decimals as the tick step needs."""
+    digits = max(0, -math.floor(math.log10(step) + 1e-9))
+    if digits > 5 or abs(v) >= 1e6:
+        return f"{v:.1e}"
+    return f"{v:.{digits}f}"
+
+
+def _dashed(draw, pts, fill, dash, width):
+    """A polyline, solid (dash None) or in a dash pattern of on/off lengths in pixels, carried across segments."""
+    if dash is None:
+        draw.line(pts, fill=fill, width=width, joint="curve")
+        return
+    pattern, i, left, on = dash, 0, dash[0], True
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        length = math.hypot(x1 - x0, y1 - y0)
+        pos = 0.0
+        while pos < length:
+            seg = min(left, length - pos)
+            if on:
+                a, b = pos / length, (pos + seg) / length
+                draw.line([(x0 + a * (x1 - x0), y0 + a * (y1 - y0)), (x0 + b * (x1 - x0), y0 + b * (y1 - y0))],
+                          fill=fill, width=width)
+            pos += seg
+            left -= seg
+            if left <= 1e-9:
+                i = (i + 1) % len(pattern)
+                left, on = pattern[i], not on
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: only the small bitmap font
+        return ImageFont.load_default()
+
+
+def plot_runs(run_dirs, out_path, names=None):
+    """Draw the PANELS of each run directory's metrics.jsonl into one PNG at out_path (written atomically):
+    one colour per series, one line style per run; panels without data are left out. Returns out_path."""
+    runs = []
+    for i, d in enumerate(run_dirs):
+        path = os.path.join(d, "metrics.jsonl")
+        records = read_metrics(path) if os.path.exists(path) else []
+        runs.append((names[i] if names else os.path.basename(os.path.normpath(d)) or d, records))
+    panels = [(title, [(k, lab) for k, lab in keys if any(_series(r, k) for _, r in runs)]) for title, keys in PANELS]
+    panels = [p for p in panels if p[1]] or [("no metrics yet", [])]
+    cols = 4 if len(panels) > 4 else len(panels)
+    rows = math.ceil(len(panels) / cols)
+    pw, ph, top = 460, 360, 70
+    img = Image.new("RGB", (cols * pw, rows * ph + top), "white")
+    draw = ImageDraw.Draw(img)
+    f_title, f_text, f_small = _font(20), _font(15), _font(13)
+    # Figure legend: one dash style per run.
+    x = 20
+    draw.text((x, 12), "runs:", fill="black", font=f_title)
+    x += 70
+    for i, (name, records) in enumerate(runs):
+        _dashed(draw, [(x, 25), (x + 50, 25)], (60, 60, 60), DASHES[i % len(DASHES)], 3)
+        label = f"{name} (to step {max((r['step'] for r in records), default=0)})"
+        draw.text((x + 58, 15), label, fill="black", font=f_text)
+        x += 58 + draw.textlength(label, font=f_text) + 40
+    for n, (title, keys) in enumerate(panels):
+        ox, oy = (n % cols) * pw, top + (n // cols) * ph
+        l, r, t, b = ox + 70, ox + pw - 20, oy + 34, oy + ph - 110  # plot area
+        draw.text((ox + pw / 2, oy + 6), title, fill="black", font=f_title, anchor="mt")
+        all_pts = [p for k, _ in keys for _, rec in runs for p in _series(rec, k)]
+        if not all_pts:
+            draw.text(((l + r) / 2, (t + b) / 2), "no data", fill="gray", font=f_text, anchor="mm")
+            continue
+        xs, ys = [p[0] for p in all_pts], [p[1] for p in all_pts]
+        xt, xstep = _ticks(min(0, min(xs)), max(xs))
+        yt, ystep = _ticks(0.0, 1.0) if title in UNIT_PANELS else _ticks(min(ys), max(ys))
+        x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+        px = lambda v: l + (v - x0) / (x1 - x0) * (r - l)
+        py = lambda v: b - (v - y0) / (y1 - y0) * (b - t)
+        for v in yt:
+            draw.line([(l, py(v)), (r, py(v))], fill=(230, 230, 230))
+            draw.text((l - 6, py(v)), _label(v, ystep), fill="black", font=f_small, anchor="rm")
+        for v in xt:
+            draw.line([(px(v), t), (px(v), b)], fill=(230, 230, 230))
+            draw.text((px(v), b + 5), _label(v, xstep), fill="black", font=f_small, anchor="ma")
+        draw.rectangle([l, t, r, b], outline="black")
+        draw.text(((l + r) / 2, b + 24), "step", fill="black", font=f_small, anchor="ma")
+        for j, (key, lab) in enumerate(keys):
+            colour = COLOURS[j % len(COLOURS)]
+            for i, (_, rec) in enumerate(runs):
+                pts = [(px(s), py(v)) for s, v in _series(rec, key)]
+                if len(pts) > 1:
+                    _dashed(draw, pts, colour, DASHES[i % len(DASHES)], 2)
+                if len(pts) <= 12:  # sparse series (evaluations): markers, so single points show
+                    for x_, y_ in pts:
+                        draw.ellipse([x_ - 4, y_ - 4, x_ + 4, y_ + 4], fill=colour if i == 0 else "white",
+                                     outline=colour, width=2)
+            ly = b + 46 + 18 * (j % 3)
+            lx = l + (j // 3) * 190
+            draw.line([(lx, ly + 7), (lx + 24, ly + 7)], fill=colour, width=3)
+            draw.text((lx + 30, ly), lab, fill="black", font=f_small)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -632,7 +847,19 @@ def main(argv=None, *, load_model, choose_precision):
     p.add_argument("--train", required=True, help="training set (CIFAR: its train split)")
     p.add_argument("--test", required=True, help="test set (CIFAR: its test split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+
+    p = commands.add_parser("plot", help="training curves of run directories (also running ones), overlaid")
+    p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
+    p.add_argument("--out", help="PNG to write (default: RUN/curves.png for one run, else curves.png beside them)")
     args = parser.parse_args(argv)
+    if args.command == "plot":
+        out = args.out or os.path.join(args.runs[0] if len(args.runs) == 1 else os.path.dirname(
+            os.path.commonpath([os.path.abspath(r) for r in args.runs]) + os.sep), "curves.png")
+        missing = [r for r in args.runs if not os.path.isfile(os.path.join(r, "metrics.jsonl"))]
+        if missing:
+            sys.exit(f"error: no metrics.jsonl in {', '.join(missing)}")
+        print(plot_runs(args.runs, out))
+        return
 
     model = _load_model(args, load_model)
     dtype, _ = choose_precision(torch.device(args.device), "auto")

@@ -94,7 +94,8 @@ def test_text_trimming_keeps_features():
 def test_grad_checkpointing_same_gradients():
     torch.manual_seed(2)
     model = alip.create_model("tiny").double()
-    images, tokens = torch.randn(3, 3, 64, 64, dtype=torch.float64), random_tokens([4, 8, 2])
+    S = model.config.image_size
+    images, tokens = torch.randn(3, 3, S, S, dtype=torch.float64), random_tokens([4, 8, 2])
     grads = []
     for ckpt in (False, True):
         model.zero_grad()
@@ -230,7 +231,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     """K micro-batches with cached features give the gradient of the loss on their union."""
     torch.manual_seed(7)
     model = alip.create_model("tiny").double()  # other batch shapes sum in other orders: compare in float64
-    images, text, caption = torch.randn(8, 3, 64, 64, dtype=torch.float64), random_tokens([3, 5, 2, 7, 4, 6, 1, 9]), random_tokens([4, 4, 4, 4, 2, 2, 2, 2])
+    S = model.config.image_size
+    images, text, caption = torch.randn(8, 3, S, S, dtype=torch.float64), random_tokens([3, 5, 2, 7, 4, 6, 1, 9]), random_tokens([4, 4, 4, 4, 2, 2, 2, 2])
     def feats(i, j):
         x, tc = model(images[i:j], torch.cat([text[i:j], caption[i:j]]))
         return (x, *tc.chunk(2))

@@ -393,29 +393,65 @@ def test_write_demo_small_is_deterministic(tmp_path, monkeypatch):
         data.write_demo(str(tmp_path / "user"))
 
 
+def _named_colours(text):
+    return {c for c in data.COLOURS if c in text.lower()}
+
+
+def _image_colours(raw):
+    """The two palette colours covering the most saturated pixels (the background is gray)."""
+    px = np.asarray(data.decode_image(raw), np.float32).reshape(-1, 3)
+    px = px[px.max(1) - px.min(1) > 60]
+    palette = np.array(list(data.COLOURS.values()), np.float32)
+    counts = np.bincount(((px[:, None] - palette[None]) ** 2).sum(-1).argmin(1), minlength=len(palette))
+    return {list(data.COLOURS)[i] for i in np.argsort(counts)[-2:]}
+
+
 def test_write_demo_full_spec(tmp_path):
     paths = data.write_demo(str(tmp_path / "demo"))
     train, test = data.inspect(paths["train"], previews=0), data.inspect(paths["test"], previews=0)
     assert len(data.expand_shards(paths["train"])) == 8
-    assert train["usable"] == 16384 and train["skipped"] == {}
+    assert train["usable"] == 8192 and train["skipped"] == {}
     assert test["samples"] == 1000
     with open(os.path.join(paths["test"], "classnames.txt")) as f:
         names = f.read().split("\n")[:-1]
-    assert names[0] == "red circle" and names[7] == "green triangle" and len(names) == 30
-    # Labels agree with the captions and with the pixels: the most saturated pixels have the class colour.
-    colours = np.array(list(data.COLOURS.values()), np.float32)
+    assert names[0] == "red and green" and names[14] == "purple and orange" and len(names) == 15
+    # Test labels agree with the pixels and with the caption.
     labels = collections.Counter()
     for i, s in enumerate(data.iter_samples(data.expand_shards(paths["test"]))):
         label = int(s["cls"])
         labels[label] += 1
-        assert names[label] in s["txt"].decode()
+        assert _named_colours(names[label]) == _named_colours(s["txt"].decode())
         if i < 100:
-            px = np.asarray(data.decode_image(s["png"]), np.float32).reshape(-1, 3)
-            sat = px.max(1) - px.min(1)
-            shape_px = px[sat > np.percentile(sat, 97)].mean(0)
-            assert np.argmin(((colours - shape_px) ** 2).sum(1)) == label // 5
-    assert len(labels) == 30
-    # Raw text is noisy: a sizeable share names neither the colour nor the shape of the caption.
-    texts = [s["txt"].decode().lower() for s in data.iter_samples(data.expand_shards(paths["train"])[:1])]
-    silent = sum(not any(w in t for w in list(data.COLOURS) + list(data.SHAPES)) for t in texts) / len(texts)
-    assert 0.25 < silent < 0.45
+            assert _image_colours(s["png"]) == _named_colours(names[label])
+    assert len(labels) == 15
+    # The truth each training sample records, re-derived from its image and texts.
+    truths = collections.Counter()
+    for i, s in enumerate(data.iter_samples(data.expand_shards(paths["train"])[:1])):
+        truth = json.loads(s["json"])
+        truths[truth["raw_text"]] += 1
+        truths["caption " + truth["caption"]] += 1
+        if i < 300:
+            image, raw, caption = _image_colours(s["jpg"]), _named_colours(s["txt"].decode()), _named_colours(s["syn.txt"].decode())
+            assert truth["raw_text"] == ("right" if raw == image else "other_image" if len(raw) == 2 else "irrelevant"), s
+            assert len(raw) in (0, 2) and len(caption) == 2
+            assert truth["caption"] == ("right" if caption == image else "wrong"), s
+    n = sum(truths[k] for k in data.TRUTH_RAW_TEXT)
+    assert n == 1024
+    for key, share in (("right", data.RAW_RIGHT), ("other_image", data.RAW_OTHER),
+                       ("irrelevant", 1 - data.RAW_RIGHT - data.RAW_OTHER), ("caption wrong", data.CAPTION_WRONG)):
+        assert abs(truths[key] / n - share) < 0.05, (key, truths)
+    # The loader passes the truth on as codes, when asked.
+    loader = data.TrainLoader(paths["train"], image_size=32, batch_size=16, workers=0, truth=True)
+    batch = next(iter(loader))
+    assert len(batch) == 4 and batch[3].shape == (16, 2) and batch[3].dtype == torch.long
+    assert batch[3][:, 0].min() >= 0 and batch[3][:, 0].max() <= 2 and set(batch[3][:, 1].tolist()) <= {0, 1}
+    assert len(next(iter(data.TrainLoader(paths["train"], image_size=32, batch_size=16, workers=0)))) == 3
+
+
+def test_truth_codes_from_metadata():
+    assert data.parse_truth({"json": b'{"raw_text": "irrelevant", "caption": "wrong"}'}) == [2, 1]
+    # img2dataset's own metadata, none at all, or something unreadable: unknown (-1).
+    assert data.parse_truth({"json": b'{"url": "http://x", "status": "success"}'}) == [-1, -1]
+    assert data.parse_truth({}) == [-1, -1]
+    assert data.parse_truth({"json": b"not json"}) == data.parse_truth({"json": b"[1, 2]"}) == [-1, -1]
+    assert data.parse_truth({"json": b'{"raw_text": "other_image", "caption": "maybe"}'}) == [1, -1]

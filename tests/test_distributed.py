@@ -20,7 +20,8 @@ RTOL = 1e-10  # float64 sums of a few thousand terms in another order: ~1e-13 re
 
 def global_batch():
     gen = torch.Generator().manual_seed(11)
-    images = torch.randn(GLOBAL_BATCH, 3, 64, 64, generator=gen, dtype=torch.float64)
+    S = alip.PRESETS["tiny"].image_size
+    images = torch.randn(GLOBAL_BATCH, 3, S, S, generator=gen, dtype=torch.float64)
     torch.manual_seed(12)
     text = random_tokens([3, 9, 2, 14, 5, 5, 7, 1])
     caption = random_tokens([6, 4, 6, 4, 6, 4, 6, 4])

@@ -212,6 +212,62 @@ def test_retrieval_rejects_images_without_captions():
 # templates and class names
 
 
+def test_roc_auc_by_hand():
+    # Positives 0.9 and 0.4 against negatives 0.4, 0.1, 0.2: 0.9 beats all three, 0.4 beats two and ties one.
+    assert ev.roc_auc([0.9, 0.4, 0.4, 0.1, 0.2], [True, True, False, False, False]) == pytest.approx(5.5 / 6)
+    assert ev.roc_auc([3, 2, 1], [False, True, True]) == 0.0 and ev.roc_auc([5, 5], [True, False]) == 0.5
+    assert math.isnan(ev.roc_auc([1.0, 2.0], [False, False]))
+
+
+def test_gate_quality_by_hand():
+    # Rows: raw text right / right / another image's / irrelevant / another image's / irrelevant / unknown;
+    # captions right / wrong / right / right / wrong / right / unknown.
+    truth = [[0, 0], [0, 1], [1, 0], [2, 0], [1, 1], [2, 0], [-1, -1]]
+    w_s = [1.0, 0.5, 0.2, 1.0, 0.3, 0.4, 0.0]
+    w_t = [1.0, 0.9, 0.5, 1.0, 2.0, 1.5, 9.0]
+    w_c = [1.0, 1.1, 0.8, 1.0, 1.0, 1.2, 0.0]
+    loss_raw = [0.1, 0.2, 3.0, 0.15, 2.0, 0.5, 9.0]
+    loss_caption = [0.1, 0.1, 1.0, 0.1, 0.1, 0.9, 0.0]
+    q = ev.gate_quality(torch.tensor(truth), torch.tensor(w_s), torch.tensor(w_t), torch.tensor(w_c),
+                        torch.tensor(loss_raw), torch.tensor(loss_caption))
+    assert q["n"] == 6
+    assert q["w_s_clean"] == pytest.approx(0.75) and q["w_s_noisy"] == pytest.approx(0.475)
+    # -w_s of the four wrong raw texts against the two right ones: 2 + 0.5 + 2 + 2 of 8 pairs.
+    assert q["lcg_auc"] == pytest.approx(6.5 / 8)
+    # The DCG's case: raw text wrong, caption right, flagged (w_s < 1): rows 2 and 5 (row 3 is not flagged, row 4's
+    # caption is wrong). Row 2 weights the caption higher, row 5 the raw text.
+    assert q["dcg_n"] == 2 and q["dcg_rate"] == 0.5
+    assert q["loss_auc"] == pytest.approx(7 / 8)  # 0.15 is above 0.1 only
+    assert q["loss_rate"] == 0.5  # row 2's raw-text loss is the higher, row 5's the lower
+    # The CLIP baseline has no gates and no caption path: only the loss detector.
+    assert ev.gate_quality(torch.tensor(truth), loss_raw=torch.tensor(loss_raw)) == {"n": 6, "loss_auc": q["loss_auc"]}
+
+
+def test_plot_survives_missing_keys_one_line_and_a_torn_line(tmp_path):
+    full, one, torn = tmp_path / "full", tmp_path / "one", tmp_path / "torn"
+    for d in (full, one, torn):
+        d.mkdir()
+    records = [{"step": s, "loss": 5 - s / 10, "loss_raw": 3 - s / 10, "lr": 1e-3 * s, "w_s": 0.5,
+                "truth/lcg_auc": 0.6 + s / 100} for s in range(1, 11)]
+    records.insert(5, {"step": 5, "zeroshot/acc1": 0.4, "retrieval/image_to_text_R@10": 0.5})  # an evaluation
+    (full / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (one / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss_raw": 2.0}) + "\n")
+    (torn / "metrics.jsonl").write_text(json.dumps({"step": 1, "lr": 1e-3, "logit_scale": 14.3}) + "\n"
+                                        + json.dumps({"step": 2, "lr": 2e-3}) + "\n" + '{"step": 3, "lr": 0.0')
+    assert [r["step"] for r in ev.read_metrics(str(torn / "metrics.jsonl"))] == [1, 2]
+    for runs in ([full], [one], [torn], [full, one, torn]):
+        out = ev.plot_runs([str(d) for d in runs], str(tmp_path / "curves.png"))
+        img = np.asarray(Image.open(out).convert("RGB"))
+        assert img.shape[0] > 300 and img.shape[1] > 400
+        # Something is drawn in the first series colour (blue), beyond the white page and black axes.
+        assert (np.abs(img.astype(int) - ev.COLOURS[0]).sum(-1) < 30).sum() > 20
+    # The command line, with the default output file in the run directory.
+    ev.main(["plot", str(full)], load_model=None, choose_precision=None)
+    assert (full / "curves.png").is_file()
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        ev.main(["plot", str(tmp_path / "nothing")], load_model=None, choose_precision=None)
+
+
 def test_templates_and_classnames_assets(tmp_path):
     assert [len(ev.load_templates(n)) for n in ("openai_imagenet", "cifar", "simple")] == [80, 18, 7]
     cifar = ev.load_templates("cifar")
