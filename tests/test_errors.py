@@ -306,7 +306,8 @@ def test_resume_moves_bad_newer_checkpoints_aside(run, inputs, good_run, tmp_pat
     for step, content in bad.items():
         (out / f"ckpt-{step:08d}.pt").write_bytes(content)
     other = torch.load(good_run / "ckpt-00000001.pt", weights_only=True)
-    cfg = replace(alip.PRESETS["tiny"], embed_dim=64)
+    tiny = alip.PRESETS["tiny"]
+    cfg = replace(tiny, embed_dim=2 * tiny.embed_dim)  # another architecture, whatever `tiny` is
     other["model"], other["config"], other["step"] = alip.CLIP(cfg).state_dict(), asdict(cfg), 5
     torch.save(other, out / "ckpt-00000005.pt")
     bad[5] = (out / "ckpt-00000005.pt").read_bytes()
