@@ -368,8 +368,10 @@ def setup_distributed(device_arg):
     if "RANK" in os.environ:
         local_rank = int(os.environ["LOCAL_RANK"])
         use_cuda = torch.cuda.is_available() and device_arg != "cpu"
-        # The other ranks wait in a collective while rank 0 evaluates: allow for a large evaluation set.
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(hours=1))
+        # The other ranks wait in a collective while rank 0 evaluates: allow for a large evaluation set. --demo's
+        # second run finds the group of its first.
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(hours=1))
         if use_cuda:
             torch.cuda.set_device(local_rank)
         device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -993,7 +995,8 @@ def train(args):
         run.log(f"curves: {evaluation.plot_runs([args.output], os.path.join(args.output, 'curves.png'))}")
     if run.world_size > 1:
         dist.barrier()
-        dist.destroy_process_group()
+        if not args.demo:  # demo() trains again in the same process group, and ends it
+            dist.destroy_process_group()
     return step == run.total  # False: stopped early (by a signal)
 
 
@@ -1043,14 +1046,18 @@ def demo(args):
     torch.set_num_threads(1)
     seeds = args.seeds or [args.seed]
     finals = {"clip": [], "alip": []}
-    for seed in seeds:
-        for loss in finals:
-            name = loss if args.seeds is None else f"{loss}-s{seed}"
-            run_args = argparse.Namespace(**{**vars(args), "loss": loss, "seed": seed,
-                                             "output": os.path.join(args.output, name)})
-            if not train(run_args):
-                return
-            finals[loss].append(last_values(os.path.join(run_args.output, "metrics.jsonl")))
+    try:
+        for seed in seeds:
+            for loss in finals:
+                name = loss if args.seeds is None else f"{loss}-s{seed}"
+                run_args = argparse.Namespace(**{**vars(args), "loss": loss, "seed": seed,
+                                                 "output": os.path.join(args.output, name)})
+                if not train(run_args):
+                    return
+                finals[loss].append(last_values(os.path.join(run_args.output, "metrics.jsonl")))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", 0)) != 0:
         return
     names = ["clip", "alip"] if args.seeds is None else [f"{loss}-s{seeds[0]}" for loss in finals]
