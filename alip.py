@@ -395,7 +395,7 @@ def choose_precision(device, precision):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints (everything needed to continue bit for bit, written atomically) and loading weights
+# checkpoints (everything needed to continue bit for bit, written atomically), and a model from weights
 
 
 def latest_checkpoint(out_dir):
@@ -432,79 +432,14 @@ def save_checkpoint(out_dir, state, keep):
 
 
 def trim_metrics(out_dir, step):
-    """On resume, drop metrics logged after the checkpoint: those steps are about to run again."""
+    """On resume, drop metrics logged after the checkpoint (those steps are about to run again) and a line torn
+    by the kill."""
     path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    def keep(line):
-        try:
-            return json.loads(line).get("step", 0) <= step
-        except json.JSONDecodeError:  # torn by the kill
-            return False
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and keep(line)]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
-
-
-def read_weights(path):
-    """(state dict or checkpoint, is_openai): OpenAI's own files are TorchScript archives, trained with QuickGELU.
-    A missing file or one that does not load is a UserError whose message starts with the path."""
-    if not os.path.isfile(path):
-        raise data.UserError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(obj, dict):
-            raise data.UserError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
-        return obj, False
-    except RuntimeError as e:
-        if "TorchScript" in str(e) or "constants.pkl" in str(e):
-            return torch.jit.load(path, map_location="cpu").state_dict(), True
-        error = e
-    except data.UserError:
-        raise
-    except Exception as e:  # a damaged or foreign file fails in many ways: zip, pickle, EOF, unicode
-        error = e
-    reason = type(error).__name__
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    if first and not first.startswith("Weights only load failed"):  # torch's advice there is to trust the file
-        reason += f": {first[:100]}"
-    raise data.UserError(f"{path}: cannot load it: damaged, or not a PyTorch checkpoint ({reason})") from error
-
-
-def is_ours(obj):
-    return "model" in obj and "config" in obj
-
-
-def clean_state_dict(sd):
-    """Accept a bare state dict, {"state_dict": ...}, DDP's "module." prefixes and OpenAI's metadata keys."""
-    sd = sd.get("state_dict", sd)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-
-
-def model_state(obj):
-    """The model's state dict, from one of our checkpoints or from any CLIP state dict."""
-    return obj["model"] if is_ours(obj) else clean_state_dict(obj)
-
-
-def config_from_state_dict(sd, quick_gelu=False):
-    """Read the architecture off a CLIP state dict's shapes (as OpenAI's build_model does).
-
-    Head counts assume 64-wide heads, as in every OpenAI CLIP; for other models pass the preset name instead.
-    """
-    def layers(prefix):
-        return len({k[len(prefix):].split(".")[2] for k in sd if k.startswith(prefix + ".resblocks.")})
-    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    text_width = sd["ln_final.weight"].shape[0]
-    return ModelConfig(
-        embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
-        vision_width=vision_width, vision_layers=layers("visual.transformer"), vision_heads=vision_width // 64,
-        text_width=text_width, text_layers=layers("transformer"), text_heads=text_width // 64,
-        context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-        quick_gelu=quick_gelu)
+    if os.path.exists(path):
+        kept = [json.dumps(r) + "\n" for r in evaluation.read_metrics(path) if r["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 SHAPE_FIELDS = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "text_width", "text_layers",
@@ -544,26 +479,28 @@ def check_weights(sd, model, path, found=None):
                                  f"e.g. {missing[0]}; {len(extra)} unexpected{', e.g. ' + extra[0] if extra else ''})")
     elif all(sd[k].shape == shape for k, shape in want.items()):
         return
-    found = found or config_from_state_dict(sd)
+    found = found or ModelConfig(**evaluation.shapes_config(sd))
     raise data.UserError(f"{path}: weights of {describe_config(found)}, not of {describe_config(cfg)}; "
                          f"{flags_for(found, cfg)}")
 
 
 def load_model(path, name=None, quick_gelu=False):
-    """A CLIP in eval mode on the CPU from a run directory, one of our checkpoints, or a CLIP state dict."""
+    """A CLIP in eval mode on the CPU from a run directory, one of our checkpoints, or a CLIP state dict (its
+    architecture from `name`, a preset, or else read off the shapes)."""
     if os.path.isdir(path):
         ckpt = latest_checkpoint(path)
         if ckpt is None:
             raise data.UserError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
         path = ckpt
-    obj, openai = read_weights(path)
+    sd, saved, openai = evaluation.read_weights(path)
     quick_gelu = quick_gelu or openai
-    sd = model_state(obj)
-    if is_ours(obj):  # the architecture is saved with the weights
-        model = CLIP(ModelConfig(**obj["config"]))
+    if saved:  # the architecture is saved with the weights
+        model = CLIP(ModelConfig(**saved))
+    elif name:
+        model = create_model(name, quick_gelu)
     else:
-        model = create_model(name, quick_gelu) if name else CLIP(config_from_state_dict(sd, quick_gelu))
-    check_weights(sd, model, path, model.config if is_ours(obj) else None)
+        model = CLIP(ModelConfig(**evaluation.shapes_config(sd), quick_gelu=quick_gelu))
+    check_weights(sd, model, path, model.config if saved else None)
     model.load_state_dict(sd)
     return model.eval()
 
@@ -657,11 +594,10 @@ class Run:
         self.raw_model = create_model(args.model, args.quick_gelu)  # saved and evaluated, also when compiled
         if args.init:
             try:
-                obj, openai = read_weights(args.init)
+                sd, saved, openai = evaluation.read_weights(args.init)
                 if openai and not args.quick_gelu:
                     raise data.UserError(f"{args.init}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
-                sd, ours = model_state(obj), is_ours(obj)
-                check_weights(sd, self.raw_model, args.init, ModelConfig(**obj["config"]) if ours else None)
+                check_weights(sd, self.raw_model, args.init, saved and ModelConfig(**saved))
             except data.UserError as e:
                 raise data.UserError(f"--init {e}") from e
             self.raw_model.load_state_dict(sd)
@@ -737,7 +673,7 @@ def newest_resumable(out_dir, config):
         except Exception as e:  # a truncated, zeroed or overwritten file fails in many ways (zip, pickle, EOF)
             passed.append((path, f"unreadable, {type(e).__name__}", None))
             continue
-        if isinstance(ckpt, dict) and is_ours(ckpt) and ckpt["config"] != config:
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and ckpt["config"] != config:
             other = ModelConfig(**ckpt["config"])
             passed.append((path, f"another architecture, {describe_config(other)}", other))
         elif not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
@@ -856,51 +792,23 @@ class Progress:
                    f"H_tc {r['H_tc']:.3f} H_xt {r['H_xt']:.3f} H_xc {r['H_xc']:.3f} " if run.bipath else "")
                 + f"scale {r['logit_scale']:.1f} lr {r['lr']:.2e} {rate:.0f} samples/s ETA {eta / 60:.1f} min"
                 + (f" skipped {sum(skipped.values())}" if skipped else "")
-                + (" | " + truth_summary(truth) if truth else ""))
+                + (" | " + evaluation.gate_summary(truth) if truth else ""))
         run.log_metrics(r)
 
 
-class TruthMeter:
-    """Gate weights and per-sample losses of the steps since the last log line, next to the truth the data
-    record about each sample (data.parse_truth); figures() turns them into eval.gate_quality's numbers."""
-
-    def __init__(self, run):
-        self.run, self.rows = run, []
-
-    @torch.no_grad()
-    def add(self, feats, weights, truth):  # feats: this rank's (x, t, c) of the step; weights: global (N,) each
-        if truth is None or (truth < 0).all():
-            return
-        x, t, c = (None if f is None else F.normalize(f.float(), dim=-1) for f in feats)
-        s = self.run.raw_model.logit_scale.exp()
-        # Each sample's unweighted loss against this rank's batch: the plain detector the gates are compared to.
-        row = {"truth": truth, "loss_raw": contrastive_loss(x, t, s, reduction="none")}
-        if c is not None:
-            row["loss_caption"] = contrastive_loss(x, c, s, reduction="none")
-        if weights is not None:
-            offset = self.run.rank * len(x)
-            row.update(zip(("w_s", "w_t", "w_c"), (w[offset:offset + len(x)] for w in weights)))
-        self.rows.append({k: v.cpu() for k, v in row.items()})
-
-    def figures(self):
-        """eval.gate_quality over every rank's samples since the last call; {} without truth. Every rank calls it."""
-        rows, self.rows = self.rows, []
-        if self.run.world_size > 1:
-            every = [None] * self.run.world_size
-            dist.all_gather_object(every, rows)
-            rows = [r for rank_rows in every for r in rank_rows]
-        if not rows:
-            return {}
-        q = evaluation.gate_quality(**{k: torch.cat([r[k] for r in rows]) for k in rows[0]})
-        return {k: v for k, v in q.items() if math.isfinite(v)}  # NaN: a case without samples (not JSON either)
-
-
-def truth_summary(q):
-    """The progress line's short form of eval.gate_quality's figures."""
-    parts = [f"w_s right/wrong raw {q['w_s_clean']:.2f}/{q['w_s_noisy']:.2f} LCG AUC {q['lcg_auc']:.3f}"
-             if "lcg_auc" in q else "", f"DCG {q['dcg_rate']:.3f}" if "dcg_rate" in q else "",
-             f"loss AUC {q['loss_auc']:.3f}" if "loss_auc" in q else ""]
-    return "truth: " + " ".join(p for p in parts if p)
+@torch.no_grad()
+def per_sample(run, out):
+    """This rank's gate weights of the step, and each sample's unweighted loss against this rank's batch: the
+    plain detector of noisy samples that the gates are compared to (eval.gate_quality)."""
+    x, t, c = (None if f is None else F.normalize(f.float(), dim=-1) for f in out["feats"])
+    s = run.raw_model.logit_scale.exp()
+    rows = {"loss_raw": contrastive_loss(x, t, s, reduction="none")}
+    if c is not None:
+        rows["loss_caption"] = contrastive_loss(x, c, s, reduction="none")
+    if out["weights"] is not None:
+        offset = run.rank * len(x)
+        rows.update(zip(("w_s", "w_t", "w_c"), (w[offset:offset + len(x)] for w in out["weights"])))
+    return rows
 
 
 def embed(run, images, text, caption):
@@ -1002,7 +910,7 @@ def train(args):
 
 def train_loop(run, step, stop, batches):
     """Optimizer steps from `step` until run.total or a stop signal; returns the last step done."""
-    args, progress, truth, bad_steps = run.args, Progress(run, step), TruthMeter(run), 0
+    args, progress, meter, bad_steps = run.args, Progress(run, step), evaluation.GateMeter(run.world_size), 0
     run.model.train()
     while step < run.total:
         micro = [next(batches) for _ in range(args.accum_steps)]
@@ -1016,9 +924,11 @@ def train_loop(run, step, stop, batches):
                                  f"{args.output} is intact; lower --lr or check the data, then --resume.")
             continue
         bad_steps, step = 0, step + 1
-        truth.add(out["feats"], out["weights"], torch.cat([b[3] for b in micro]))
+        codes = torch.cat([b[3] for b in micro])  # what the data record about each sample's texts; -1: nothing
+        if (codes >= 0).any():
+            meter.add(codes, **per_sample(run, out))
         if step % args.log_every == 0 or step == run.total:
-            progress.log(step, out, truth.figures())
+            progress.log(step, out, meter.figures())
         if step % args.save_every == 0 or step == run.total or stopping:
             save(run, step)
         if stopping:
@@ -1030,12 +940,6 @@ def train_loop(run, step, stop, batches):
 
 # -----------------------------------------------------------------------------
 # demo: the paper's comparison on the toy data set, and the gates checked against its truth
-
-
-DEMO_COLUMNS = [("zeroshot/acc1", "zero-shot top-1"), ("zeroshot/acc5", "top-5"),
-                ("retrieval/image_to_text_R@1", "I->T R@1"), ("retrieval/image_to_text_R@10", "I->T R@10"),
-                ("retrieval/text_to_image_R@1", "T->I R@1"), ("retrieval/text_to_image_R@10", "T->I R@10"),
-                ("truth/lcg_auc", "LCG AUC"), ("truth/dcg_rate", "DCG w_t<w_c"), ("truth/loss_auc", "loss AUC")]
 
 
 def demo(args):
@@ -1054,7 +958,7 @@ def demo(args):
                                                  "output": os.path.join(args.output, name)})
                 if not train(run_args):
                     return
-                finals[loss].append(last_values(os.path.join(run_args.output, "metrics.jsonl")))
+                finals[loss].append(evaluation.final_metrics(run_args.output))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1064,48 +968,8 @@ def demo(args):
     runs = [os.path.join(args.output, n) for n in names]
     print(f"curves: {evaluation.plot_runs(runs, os.path.join(args.output, 'curves.png'))}")
     gates = "" if args.gates == "all" else f" (gates: {args.gates})"
-    print(demo_report({"CLIP (raw text only)": finals["clip"], f"ALIP{gates}": finals["alip"]}))
+    print(evaluation.compare_runs({"CLIP (raw text only)": finals["clip"], f"ALIP{gates}": finals["alip"]}))
 
-
-def last_values(path):
-    """The last value of every key in a metrics.jsonl."""
-    values = {}
-    for record in evaluation.read_metrics(path):
-        values.update(record)
-    return values
-
-
-def _mean_sd(runs, key, scale=1.0, digits=3):
-    """'mean ± sd' of key over runs (one run: the value alone; none: '-')."""
-    v = [scale * r[key] for r in runs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-    if not v:
-        return "-"
-    return f"{np.mean(v):.{digits}f}" + (f" ± {np.std(v, ddof=1):.{digits}f}" if len(v) > 1 else "")
-
-
-def demo_report(rows):
-    """rows: {name: [final metrics of each seed's run]}, the CLIP baseline first -> the table and one sentence
-    per gate, as text."""
-    def cell(runs, key):
-        percent = key.startswith(("zeroshot/", "retrieval/")) or key == "truth/dcg_rate"
-        return _mean_sd(runs, key, 100 if percent else 1, 1 if percent else 3)
-    lines = [f"| n={len(next(iter(rows.values())))} | " + " | ".join(label for _, label in DEMO_COLUMNS) + " |",
-             "|---" * (len(DEMO_COLUMNS) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(cell(runs, key) for key, _ in DEMO_COLUMNS) + " |"
-              for name, runs in rows.items()]
-    clip, alip = rows.values()
-    q = lambda key, runs=alip, digits=3: _mean_sd(runs, "truth/" + key, 1, digits)
-    pct = lambda key: _mean_sd(alip, "truth/" + key, 100, 1)
-    lines += ["",
-              "Zero-shot and retrieval in %, on the clean test split. Gate figures: the last logging window of "
-              "training, against the truth the demo data record.",
-              f"LCG: mean w_s is {q('w_s_clean')} where the raw text is right and {q('w_s_noisy')} where it is "
-              f"wrong; -w_s flags the wrong raw texts with ROC AUC {q('lcg_auc')} (the per-sample raw-text loss "
-              f"as a detector: ALIP's {q('loss_auc')}, the CLIP baseline's {q('loss_auc', clip)}).",
-              f"DCG: of the {q('dcg_n', digits=0)} samples the LCG flags whose raw text is wrong and caption right, "
-              f"{pct('dcg_rate')}% have w_t < w_c, the caption weighted above the raw text (ALIP's per-sample "
-              f"losses on the same samples: the raw text's is higher in {pct('loss_rate')}%)."]
-    return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
 # benchmark: training throughput on synthetic in-memory batches (no data loading)

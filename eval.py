@@ -1,5 +1,6 @@
 """Evaluate a CLIP-style model as the ALIP paper does: zero-shot classification, image-text retrieval
-and linear probe; check the gates against a data set's truth; draw training curves.
+and linear probe; check the gates against a data set's truth; draw training curves and compare runs;
+read weight files (ours, OpenAI's, open_clip's) without knowing the model class.
 
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/imagenet/val --templates openai_imagenet
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/cifar-10-batches-py --templates cifar
@@ -167,6 +168,37 @@ def gate_quality(truth, w_s=None, w_t=None, w_c=None, loss_raw=None, loss_captio
         if loss_caption is not None:
             out["loss_rate"] = _mean((loss_raw > torch.as_tensor(loss_caption))[case])
     return out
+
+
+class GateMeter:
+    """Per-sample gate weights and losses of the training steps since the last log line, next to the truth the
+    data record about each sample (data.parse_truth); figures() is gate_quality over every rank's samples."""
+
+    def __init__(self, world_size=1):
+        self.world_size, self.rows = world_size, []
+
+    def add(self, truth, **per_sample):  # truth (n, 2); per_sample: this rank's (n,) tensors, named as gate_quality's
+        self.rows.append({"truth": truth.cpu(), **{k: v.detach().cpu() for k, v in per_sample.items()}})
+
+    def figures(self):
+        """gate_quality's figures since the last call, NaNs left out; {} without truth. Every rank calls it."""
+        rows, self.rows = self.rows, []
+        if self.world_size > 1:
+            every = [None] * self.world_size
+            torch.distributed.all_gather_object(every, rows)
+            rows = [r for rank_rows in every for r in rank_rows]
+        if not rows:
+            return {}
+        q = gate_quality(**{k: torch.cat([r[k] for r in rows]) for k in rows[0]})
+        return {k: v for k, v in q.items() if math.isfinite(v)}  # NaN: a case without samples (not JSON either)
+
+
+def gate_summary(q):
+    """A progress line's short form of gate_quality's figures."""
+    parts = [f"w_s right/wrong raw {q['w_s_clean']:.2f}/{q['w_s_noisy']:.2f} LCG AUC {q['lcg_auc']:.3f}"
+             if "lcg_auc" in q else "", f"DCG {q['dcg_rate']:.3f}" if "dcg_rate" in q else "",
+             f"loss AUC {q['loss_auc']:.3f}" if "loss_auc" in q else ""]
+    return "truth: " + " ".join(p for p in parts if p)
 
 
 # -----------------------------------------------------------------------------
@@ -783,6 +815,108 @@ def plot_runs(run_dirs, out_path, names=None):
     os.replace(tmp, out_path)
     return out_path
 
+
+# -----------------------------------------------------------------------------
+# comparing runs: the last values of each run's metrics, mean ± sd over seeds, one table
+
+
+REPORT_COLUMNS = [("zeroshot/acc1", "zero-shot top-1"), ("zeroshot/acc5", "top-5"),
+                  ("retrieval/image_to_text_R@1", "I->T R@1"), ("retrieval/image_to_text_R@10", "I->T R@10"),
+                  ("retrieval/text_to_image_R@1", "T->I R@1"), ("retrieval/text_to_image_R@10", "T->I R@10"),
+                  ("truth/lcg_auc", "LCG AUC"), ("truth/dcg_rate", "DCG w_t<w_c"), ("truth/loss_auc", "loss AUC")]
+
+
+def final_metrics(run_dir):
+    """The last value of every key in a run directory's metrics.jsonl."""
+    values = {}
+    for record in read_metrics(os.path.join(run_dir, "metrics.jsonl")):
+        values.update(record)
+    return values
+
+
+def _mean_sd(runs, key, scale=1.0, digits=3):
+    """'mean ± sd' of key over runs (one run: the value alone; none: '-')."""
+    v = [scale * r[key] for r in runs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    if not v:
+        return "-"
+    return f"{np.mean(v):.{digits}f}" + (f" ± {np.std(v, ddof=1):.{digits}f}" if len(v) > 1 else "")
+
+
+def compare_runs(rows):
+    """rows: {name: [final_metrics of each seed's run]}, the CLIP baseline first, ALIP second -> a Markdown table
+    of REPORT_COLUMNS (mean ± sd over the seeds) and one sentence per gate, as text."""
+    def cell(runs, key):
+        percent = key.startswith(("zeroshot/", "retrieval/")) or key == "truth/dcg_rate"
+        return _mean_sd(runs, key, 100 if percent else 1, 1 if percent else 3)
+    lines = [f"| n={len(next(iter(rows.values())))} | " + " | ".join(label for _, label in REPORT_COLUMNS) + " |",
+             "|---" * (len(REPORT_COLUMNS) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(runs, key) for key, _ in REPORT_COLUMNS) + " |"
+              for name, runs in rows.items()]
+    clip, alip = rows.values()
+    q = lambda key, runs=alip, digits=3: _mean_sd(runs, "truth/" + key, 1, digits)
+    pct = lambda key: _mean_sd(alip, "truth/" + key, 100, 1)
+    lines += ["",
+              "Zero-shot and retrieval in %, on the clean test split. Gate figures: the last logging window of "
+              "training, against the truth the demo data record.",
+              f"LCG: mean w_s is {q('w_s_clean')} where the raw text is right and {q('w_s_noisy')} where it is "
+              f"wrong; -w_s flags the wrong raw texts with ROC AUC {q('lcg_auc')} (the per-sample raw-text loss "
+              f"as a detector: ALIP's {q('loss_auc')}, the CLIP baseline's {q('loss_auc', clip)}).",
+              f"DCG: of the {q('dcg_n', digits=0)} samples the LCG flags whose raw text is wrong and caption right, "
+              f"{pct('dcg_rate')}% have w_t < w_c, the caption weighted above the raw text (ALIP's per-sample "
+              f"losses on the same samples: the raw text's is higher in {pct('loss_rate')}%)."]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# weight files: our checkpoints, and the CLIP state dicts of OpenAI, open_clip and the ALIP release
+
+
+def read_weights(path):
+    """(state dict, config, openai): config is the architecture one of our checkpoints saves (a dict), else None;
+    openai: the file is one of OpenAI's TorchScript archives, whose weights were trained with QuickGELU. A missing
+    file, or one that does not load, is a data.UserError whose message starts with the path."""
+    if not os.path.isfile(path):
+        raise data.UserError(f"{path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError as e:
+        if "TorchScript" in str(e) or "constants.pkl" in str(e):
+            return clean_state_dict(torch.jit.load(path, map_location="cpu").state_dict()), None, True
+        error = e
+    except Exception as e:  # a damaged or foreign file fails in many ways: zip, pickle, EOF, unicode
+        error = e
+    else:
+        if not isinstance(obj, dict):
+            raise data.UserError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
+        if "model" in obj and "config" in obj:  # ours
+            return obj["model"], obj["config"], False
+        return clean_state_dict(obj), None, False
+    reason = type(error).__name__
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if first and not first.startswith("Weights only load failed"):  # torch's advice there is to trust the file
+        reason += f": {first[:100]}"
+    raise data.UserError(f"{path}: cannot load it: damaged, or not a PyTorch checkpoint ({reason})") from error
+
+
+def clean_state_dict(sd):
+    """Accept a bare state dict, {"state_dict": ...}, DDP's "module." prefixes and OpenAI's metadata keys."""
+    sd = sd.get("state_dict", sd)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+
+
+def shapes_config(sd):
+    """The architecture of a CLIP state dict read off its shapes (as OpenAI's build_model does), as a dict of
+    alip.ModelConfig's fields. Head counts assume 64-wide heads, as in every OpenAI CLIP."""
+    def layers(prefix):
+        return len({k[len(prefix):].split(".")[2] for k in sd if k.startswith(prefix + ".resblocks.")})
+    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    return dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
+                vision_width=vision_width, vision_layers=layers("visual.transformer"), vision_heads=vision_width // 64,
+                text_width=text_width, text_layers=layers("transformer"), text_heads=text_width // 64,
+                context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0])
 
 
 # -----------------------------------------------------------------------------

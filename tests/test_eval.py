@@ -268,6 +268,25 @@ def test_plot_survives_missing_keys_one_line_and_a_torn_line(tmp_path):
         ev.main(["plot", str(tmp_path / "nothing")], load_model=None, choose_precision=None)
 
 
+def test_compare_runs_reads_the_last_values_and_gives_mean_and_sd(tmp_path):
+    runs = {}
+    for name, acc1s in (("clip", (0.2, 0.4)), ("alip", (0.9, 0.7))):
+        for seed, acc1 in enumerate(acc1s):
+            d = tmp_path / f"{name}-s{seed}"
+            d.mkdir()
+            records = [{"step": 1, "zeroshot/acc1": 0.05, "truth/lcg_auc": 0.5},  # overwritten by the last values
+                       {"step": 2, "zeroshot/acc1": acc1, "truth/lcg_auc": 0.8 + seed / 10, "truth/dcg_n": 10 + seed},
+                       {"step": 2, "loss": 1.0}]  # a log line after the evaluation keeps the evaluation's values
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            runs.setdefault(name, []).append(ev.final_metrics(str(d)))
+    assert runs["alip"][1] == {"step": 2, "zeroshot/acc1": 0.7, "truth/lcg_auc": 0.9, "truth/dcg_n": 11, "loss": 1.0}
+    table = ev.compare_runs({"CLIP": runs["clip"], "ALIP": runs["alip"]}).splitlines()
+    sd = np.std([20, 40], ddof=1)  # the same for both: 14.142...
+    assert table[0].startswith("| n=2 | zero-shot top-1 |") and set(table[1]) == {"|", "-"}
+    assert table[2].startswith(f"| CLIP | 30.0 ± {sd:.1f} | - |") and table[3].startswith(f"| ALIP | 80.0 ± {sd:.1f} |")
+    assert f"ROC AUC 0.850 ± {np.std([0.8, 0.9], ddof=1):.3f}" in table[-2] and "of the 10 ± 1 samples" in table[-1]
+
+
 def test_templates_and_classnames_assets(tmp_path):
     assert [len(ev.load_templates(n)) for n in ("openai_imagenet", "cifar", "simple")] == [80, 18, 7]
     cifar = ev.load_templates("cifar")
