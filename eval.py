@@ -411,10 +411,10 @@ def read_retrieval(path, images=None, split="test"):
 def _open_image(source):
     if isinstance(source, np.ndarray):
         return Image.fromarray(source)
-    if isinstance(source, bytes):
-        return data.decode_image(source)
-    with Image.open(source) as img:
-        return img.convert("RGB")
+    if isinstance(source, str):  # a file: read whole, so that it meets the same checks as a shard member
+        with open(source, "rb") as f:
+            source = f.read()
+    return data.decode_image(source)  # refuses decompression bombs from the header, as training does
 
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import pickle
+import struct
 import tarfile
+import zlib
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -329,6 +331,21 @@ def test_zeroshot_imagefolder(oracle, imagefolder):
     assert m["mean_per_class_recall"] == pytest.approx((2 / 3 + 3) / 4)
     assert math.isnan(m["acc5"])  # 4 classes
     assert all(isinstance(v, float) for v in m.values())
+
+
+def test_an_image_file_too_large_to_decode_is_refused_by_name(oracle, tmp_path):
+    for name in NAMES[:2]:
+        os.makedirs(tmp_path / name)
+        solid(name).save(tmp_path / name / "a.png")
+    img = solid("red")
+    img.save(tmp_path / "red" / "bomb.png")
+    raw = bytearray((tmp_path / "red" / "bomb.png").read_bytes())
+    ihdr = raw.index(b"IHDR")  # the header claims 20000 x 20000 pixels, above data.MAX_PIXELS
+    raw[ihdr + 4:ihdr + 12] = struct.pack(">II", 20000, 20000)
+    raw[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr:ihdr + 17])))
+    (tmp_path / "red" / "bomb.png").write_bytes(bytes(raw))
+    with pytest.raises(ev.EvalError, match=r"cannot read image .*bomb.png: image_too_large"):
+        ev.zeroshot(oracle, str(tmp_path), templates="simple", batch_size=2)
 
 
 def test_zeroshot_cifar_and_classnames_file(oracle, tmp_path):
