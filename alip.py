@@ -5,14 +5,14 @@ A CLIP model (ViT image tower, causal text tower) trained on image / raw-text / 
 The text tower encodes both texts ("bi-path"); two gates computed from the global batch down-weight noisy
 samples (Language Consistency Gate) and noisy image-text pairs (Description Consistency Gate).
 
-    python alip.py --demo                                      # CPU, ~2 CPU-minutes: toy data, CLIP vs ALIP
+    python alip.py --demo                                      # CPU, ~2 minutes: toy data, CLIP vs ALIP
     python alip.py --data shards/ --model ViT-B-32             # one GPU (or CPU)
     torchrun --standalone --nproc_per_node=8 alip.py --data 'shards/{00000..01999}.tar' --batch-size 512
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 alip.py --data ...
     python alip.py --bench --model ViT-B-32 --batch-size 512   # throughput on synthetic batches
 
 Sections, in the paper's order: config -> model -> gates (Eq. 1-4) -> loss (Eq. 5-6) -> optimizer and schedule
--> device, DDP and precision -> checkpoints and loading weights -> training -> benchmark -> entry point.
+-> device, DDP and precision -> checkpoints and a model from weights -> training -> demo -> benchmark -> entry point.
 Imports point one way: data.py and kernels/ know nothing of this file, eval.py's functions take any model.
 """
 import argparse
@@ -64,7 +64,7 @@ class ModelConfig:
     quick_gelu: bool = False  # OpenAI's weights were trained with x*sigmoid(1.702x); ALIP used GELU
 
 
-PRESETS = {  # named as open_clip names them; `tiny` is ours, for the demo: two CPU cores train it in a minute
+PRESETS = {  # named as open_clip names them; `tiny` is ours, for the demo: 60 steps take a CPU minute
     "tiny": ModelConfig(embed_dim=64, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
                         vision_heads=2, text_width=64, text_layers=2, text_heads=2),
     "ViT-B-32": ModelConfig(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12,
@@ -432,14 +432,49 @@ def save_checkpoint(out_dir, state, keep):
 
 
 def trim_metrics(out_dir, step):
-    """On resume, drop metrics logged after the checkpoint (those steps are about to run again) and a line torn
-    by the kill."""
+    """Drop the metrics logged after `step`, the checkpoint a run resumes from or 0 (those steps are about to run
+    again), and a line torn by a kill."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(path):
         kept = [json.dumps(r) + "\n" for r in evaluation.read_metrics(path) if r["step"] <= step]
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
+
+
+CHECKPOINT_KEYS = {"model", "config", "optimizer", "scheduler", "scaler", "gates", "data", "rng", "step"}
+
+
+def newest_resumable(out_dir, config):
+    """(path, checkpoint, passed): the newest checkpoint in out_dir that loads and has this architecture
+    (config, a dict), and the newer ones passed over as [(path, why, their config if it is another)]; path is
+    None if none qualifies."""
+    passed = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")), reverse=True):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated, zeroed or overwritten file fails in many ways (zip, pickle, EOF)
+            passed.append((path, f"unreadable, {type(e).__name__}", None))
+            continue
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and ckpt["config"] != config:
+            other = ModelConfig(**ckpt["config"])
+            passed.append((path, f"another architecture, {describe_config(other)}", other))
+        elif not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
+            passed.append((path, "not a complete training checkpoint", None))
+        else:
+            return path, ckpt, passed
+    return None, None, passed
+
+
+def move_aside(path):
+    """Rename PATH to PATH.bad (or .bad.1, ...): kept for a look, never deleted, and out of the ckpt-*.pt that
+    resuming and pruning read."""
+    aside, n = path + ".bad", 0
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.bad.{n}"
+    os.replace(path, aside)
+    return aside
 
 
 SHAPE_FIELDS = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "text_width", "text_layers",
@@ -469,17 +504,26 @@ def flags_for(found, current):
 
 
 def check_weights(sd, model, path, found=None):
-    """A UserError unless state dict sd fits model; a wrong architecture is named by its preset (from `found`,
-    the file's own config, or else read off the shapes), instead of load_state_dict's list of mismatches."""
+    """A UserError unless state dict sd fits model: its keys and shapes and, where the file saves one (`found`, our
+    checkpoints), its architecture. A wrong architecture is named by its preset (read off the shapes where the
+    file does not say) with the flags that build it, instead of load_state_dict's list of mismatches."""
     want, cfg = {k: v.shape for k, v in model.state_dict().items()}, model.config
-    if set(sd) != set(want):
-        missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-        if "visual.conv1.weight" not in sd or "ln_final.weight" not in sd:
-            raise data.UserError(f"{path}: not a CLIP state dict in OpenAI's layout ({len(missing)} keys missing, "
-                                 f"e.g. {missing[0]}; {len(extra)} unexpected{', e.g. ' + extra[0] if extra else ''})")
-    elif all(sd[k].shape == shape for k, shape in want.items()):
+    fits = set(sd) == set(want) and all(sd[k].shape == shape for k, shape in want.items())
+    if fits and (found is None or describe_config(found) == describe_config(cfg)):
         return
-    found = found or ModelConfig(**evaluation.shapes_config(sd))
+    if found is None:
+        try:
+            found = ModelConfig(**evaluation.shapes_config(sd))
+        except (KeyError, IndexError, ValueError):  # not even the tensors the shapes are read from
+            pass
+    if found is None or not fits and all(getattr(found, f) == getattr(cfg, f) for f in SHAPE_FIELDS):
+        missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+        if not missing and not extra:
+            k = next(k for k in want if sd[k].shape != want[k])
+            raise data.UserError(f"{path}: {k} has shape {tuple(sd[k].shape)}, this model's {tuple(want[k])}")
+        raise data.UserError(f"{path}: not a CLIP state dict in OpenAI's layout ({len(missing)} keys missing"
+                             f"{', e.g. ' + missing[0] if missing else ''}; {len(extra)} unexpected"
+                             f"{', e.g. ' + extra[0] if extra else ''})")
     raise data.UserError(f"{path}: weights of {describe_config(found)}, not of {describe_config(cfg)}; "
                          f"{flags_for(found, cfg)}")
 
@@ -506,7 +550,7 @@ def load_model(path, name=None, quick_gelu=False):
 
 
 # -----------------------------------------------------------------------------
-# training: a Run holds what every step uses, train_step is one optimizer step, train() is the loop
+# training: a Run holds what every step uses, train_step is one optimizer step, train() runs train_loop
 
 
 def parse_args(argv=None):
@@ -571,7 +615,7 @@ def parse_args(argv=None):
     p.add_argument("--bench-ablate", action="store_true", help="also time without trimming / fused SDPA / fused loss")
     p.add_argument("--peak-tflops", type=data.positive_float,
                    help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
-    if p.parse_known_args(argv)[0].demo:  # both runs in under 3 minutes on 2 CPU cores; flags still win
+    if p.parse_known_args(argv)[0].demo:  # both runs in about 2 minutes on 2 CPU cores; flags still win
         p.set_defaults(model="tiny", batch_size=256, steps=60, warmup=6, lr=3e-3, workers=1, save_every=60,
                        log_every=10, eval_every=20, output="runs/demo")
     args = p.parse_args(argv)
@@ -611,7 +655,7 @@ class Run:
         self.loss_fn, self.loss_reason = select_loss_fn(args.kernel, device)
         self.log(f"model {args.model}: {sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.1f}M parameters; "
                  f"loss {args.loss} (gates: {args.gates}), {self.loss_reason}")
-        self.loader, self.total = None, args.bench_steps + 3  # --bench: synthetic batches, no data
+        self.loader, self.total = None, BENCH_WARMUP + args.bench_steps  # --bench: synthetic batches, no data
         if not args.bench:
             self.use_data()
         self.optimizer = configure_optimizer(self.raw_model, args.lr, args.wd, device)
@@ -659,41 +703,6 @@ class Run:
         args.eval_retrieval = args.eval_retrieval or paths["test"]
 
 
-CHECKPOINT_KEYS = {"model", "config", "optimizer", "scheduler", "scaler", "gates", "data", "rng", "step"}
-
-
-def newest_resumable(out_dir, config):
-    """(path, checkpoint, passed): the newest checkpoint in out_dir that loads and has this architecture
-    (config, a dict), and the newer ones passed over as [(path, why, their config if it is another)]; path is
-    None if none qualifies."""
-    passed = []
-    for path in sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")), reverse=True):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated, zeroed or overwritten file fails in many ways (zip, pickle, EOF)
-            passed.append((path, f"unreadable, {type(e).__name__}", None))
-            continue
-        if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and ckpt["config"] != config:
-            other = ModelConfig(**ckpt["config"])
-            passed.append((path, f"another architecture, {describe_config(other)}", other))
-        elif not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
-            passed.append((path, "not a complete training checkpoint", None))
-        else:
-            return path, ckpt, passed
-    return None, None, passed
-
-
-def move_aside(path):
-    """Rename PATH to PATH.bad (or .bad.1, ...): kept for a look, never deleted, and out of the ckpt-*.pt that
-    resuming and pruning read."""
-    aside, n = path + ".bad", 0
-    while os.path.exists(aside):
-        n += 1
-        aside = f"{path}.bad.{n}"
-    os.replace(path, aside)
-    return aside
-
-
 def resume(run):
     """The step to start from: 0, or with --resume that of the newest checkpoint in --output that loads, all
     state restored. Newer checkpoints that do not load, or are of another architecture, are moved aside."""
@@ -702,6 +711,10 @@ def resume(run):
     path, ckpt, passed = None, None, []
     if args.resume:
         path, ckpt, passed = newest_resumable(args.output, asdict(run.raw_model.config))
+    elif latest_checkpoint(args.output):  # a fresh run would prune them, and its own first checkpoint with them
+        raise data.UserError(f"--output {args.output} holds the checkpoints of an earlier run (the newest: "
+                             f"{os.path.basename(latest_checkpoint(args.output))}); pass --resume to continue it, "
+                             "or another --output")
     if run.world_size > 1:
         seen = [None] * run.world_size
         dist.all_gather_object(seen, path and os.path.basename(path))
@@ -729,10 +742,9 @@ def resume(run):
             getattr(run, name).load_state_dict(ckpt[key])
         set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
         step = ckpt["step"]
-        if run.master:
-            trim_metrics(args.output, step)
         run.log(f"resumed from {path} at step {step}")
     if run.master:
+        trim_metrics(args.output, step)
         with open(os.path.join(args.output, "config.json"), "w") as f:
             json.dump({"args": vars(args), "model": asdict(run.raw_model.config)}, f, indent=1)
     return step
@@ -762,6 +774,13 @@ def evaluate(run, step):
             results.update({f"{task}/{k}": v for k, v in fn(run.raw_model, dataset, **kw).items()})
     run.log("eval " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
     run.log_metrics(results)
+
+
+def evaluated(run, step):
+    """Whether --output's metrics already hold an evaluation at `step` (a resumed run that had finished)."""
+    path = os.path.join(run.args.output, "metrics.jsonl")
+    return os.path.exists(path) and any(r["step"] == step and any(k.startswith(("zeroshot/", "retrieval/")) for k in r)
+                                        for r in evaluation.read_metrics(path))
 
 
 class Progress:
@@ -897,7 +916,7 @@ def train(args):
     # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
     with stop_on_signals() as stop, closing(device_batches(run.loader, run.device)) as batches:
         step = train_loop(run, step, stop, batches)
-    if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval):
+    if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval) and not evaluated(run, step):
         evaluate(run, step)
     if run.master:
         run.log(f"curves: {evaluation.plot_runs([args.output], os.path.join(args.output, 'curves.png'))}")
@@ -945,8 +964,8 @@ def train_loop(run, step, stop, batches):
 def demo(args):
     """--demo: the CLIP baseline (raw text only) and ALIP, trained the same way (data, seed, steps), for each
     of --seeds; then one table (mean ± sd over the seeds) and one sentence per gate."""
-    # The demo's matrices are 64 wide: a second thread per process gains little and spins on a busy machine; the
-    # loader's worker has the other core. One thread also makes the numbers the same on any machine's CPU.
+    # The demo's matrices are 64 wide: more threads gain little and spin while the loader's worker wants a core.
+    # One thread also makes the numbers the same on any CPU.
     torch.set_num_threads(1)
     seeds = args.seeds or [args.seed]
     finals = {"clip": [], "alip": []}
@@ -973,6 +992,9 @@ def demo(args):
 
 # -----------------------------------------------------------------------------
 # benchmark: training throughput on synthetic in-memory batches (no data loading)
+
+
+BENCH_WARMUP = 3  # untimed steps before each timed variant
 
 
 def flops_per_sample(cfg, text_len, loss="alip"):
@@ -1012,7 +1034,7 @@ def bench(args):
     for variant, trim, backend, fn in variants:
         run.raw_model.trim_text, run.loss_fn = trim, fn
         with sdpa_kernel(backend) if backend else nullcontext():
-            for _ in range(3):  # warm-up: compilation, allocator, autotuning
+            for _ in range(BENCH_WARMUP):  # compilation, allocator, autotuning
                 train_step(run, micro, False)
             sync()
             t0 = time.perf_counter()

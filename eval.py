@@ -39,6 +39,7 @@ import pickle
 import re
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -121,6 +122,10 @@ def retrieval_metrics(image_features, text_features, text_to_image, ks=(1, 5, 10
     metrics = {f"image_to_text_R@{k}": (i2t < k).double().mean().item() for k in ks}
     metrics.update({f"text_to_image_R@{k}": (t2i < k).double().mean().item() for k in ks})
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# gate quality: the gates, and the per-sample loss as a plain detector, against a data set's truth
 
 
 def roc_auc(scores, positive):
@@ -878,24 +883,25 @@ def read_weights(path):
     if not os.path.isfile(path):
         raise data.UserError(f"{path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except RuntimeError as e:
-        if "TorchScript" in str(e) or "constants.pkl" in str(e):
+        try:
+            with warnings.catch_warnings():  # torch.load says it hands a TorchScript archive on; we do so below
+                warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except RuntimeError as e:
+            if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
+                raise
             return clean_state_dict(torch.jit.load(path, map_location="cpu").state_dict()), None, True
-        error = e
-    except Exception as e:  # a damaged or foreign file fails in many ways: zip, pickle, EOF, unicode
-        error = e
-    else:
-        if not isinstance(obj, dict):
-            raise data.UserError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
-        if "model" in obj and "config" in obj:  # ours
-            return obj["model"], obj["config"], False
-        return clean_state_dict(obj), None, False
-    reason = type(error).__name__
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    if first and not first.startswith("Weights only load failed"):  # torch's advice there is to trust the file
-        reason += f": {first[:100]}"
-    raise data.UserError(f"{path}: cannot load it: damaged, or not a PyTorch checkpoint ({reason})") from error
+    except Exception as error:  # a damaged or foreign file fails in many ways: zip, pickle, EOF, unicode
+        reason = type(error).__name__
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if first and not first.startswith("Weights only load failed"):  # torch's advice there: trust the file
+            reason += f": {first[:100]}"
+        raise data.UserError(f"{path}: cannot load it: damaged, or not a PyTorch checkpoint ({reason})") from error
+    if not isinstance(obj, dict):
+        raise data.UserError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
+    if "model" in obj and "config" in obj:  # ours
+        return obj["model"], obj["config"], False
+    return clean_state_dict(obj), None, False
 
 
 def clean_state_dict(sd):

@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -112,6 +114,19 @@ def inputs(tmp_path_factory):
                d / "b32_ckpt.pt")
     raw = (d / "b32_state_dict.pt").read_bytes()
     (d / "truncated.pt").write_bytes(raw[:len(raw) // 2])
+    no_projection = {k: v for k, v in _shaped_like("ViT-B-32").items() if k != "text_projection"}
+    torch.save(no_projection, d / "b32_no_projection.pt")
+    tiny = alip.create_model("tiny", quick_gelu=True)
+    torch.save({"model": {k: torch.zeros(()).expand(v.shape) for k, v in tiny.state_dict().items()},
+                "config": asdict(tiny.config), "step": 5}, d / "tiny_quickgelu_ckpt.pt")
+    # A TorchScript archive (as OpenAI's files are) without its code: torch.jit.load fails on it.
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; OpenAI's files are still in it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), d / "torchscript.pt")
+    with zipfile.ZipFile(d / "torchscript.pt") as z, zipfile.ZipFile(d / "torchscript_damaged.pt", "w") as w:
+        for name in z.namelist():
+            if "/code/" not in name:
+                w.writestr(name, z.read(name))
     # one good shard and one whose images are all broken: under 2 ranks, one rank fails and the other waits
     os.makedirs(d / "half_bad")
     _shard(d / "half_bad" / "00000.tar", range(48))
@@ -168,6 +183,11 @@ ROWS = [
     ("init-truncated", TRAIN + ["--init", "{inputs}/truncated.pt"], ["--init", "truncated.pt"]),
     ("init-other-preset", TRAIN + ["--init", "{inputs}/b32_state_dict.pt"], ["ViT-B-32", "--model"]),
     ("init-other-preset-ours", TRAIN + ["--init", "{inputs}/b32_ckpt.pt"], ["ViT-B-32", "--model"]),
+    ("init-missing-a-tensor", TRAIN + ["--init", "{inputs}/b32_no_projection.pt"], ["--init", "text_projection"]),
+    ("init-ours-other-activation", TRAIN + ["--init", "{inputs}/tiny_quickgelu_ckpt.pt"], ["--init", "--quick-gelu"]),
+    ("init-torchscript-damaged", TRAIN + ["--init", "{inputs}/torchscript_damaged.pt"],
+     ["--init", "torchscript_damaged.pt", "cannot load"]),
+    ("fresh-run-over-another", TRAIN, ["--output", "ckpt-00000003.pt", "--resume"]),
     ("resume-other-preset", TRAIN + ["--resume"], ["ViT-B-32", "--model"]),
     ("resume-nothing-loads", TRAIN + ["--resume"], ["ckpt-00000002.pt"]),
     ("inspect-missing", ["data.py", "inspect", "{inputs}/no/such/dir"], ["no/such/dir"]),
@@ -182,6 +202,8 @@ ROWS = [
     ("eval-checkpoint-missing", EVAL + ["--checkpoint", "{inputs}/gone.pt"], ["gone.pt"]),
     ("eval-checkpoint-text-file", EVAL + ["--checkpoint", "{inputs}/notes.txt"], ["notes.txt"]),
     ("eval-checkpoint-truncated", EVAL + ["--checkpoint", "{inputs}/truncated.pt"], ["truncated.pt"]),
+    ("eval-checkpoint-torchscript-damaged", EVAL + ["--checkpoint", "{inputs}/torchscript_damaged.pt"],
+     ["torchscript_damaged.pt", "cannot load"]),
     ("eval-other-preset", EVAL + ["--checkpoint", "{inputs}/b32_state_dict.pt", "--model", "tiny"],
      ["ViT-B-32", "--model"]),
     ("eval-classnames-count", EVAL + ["--checkpoint", "{ckpt}", "--classnames", "{inputs}/two_names.txt"],
@@ -232,6 +254,9 @@ def test_bad_input_is_one_line_and_status_2(run, inputs, good_run, tmp_path, row
     out = tmp_path / "out"
     os.makedirs(out)
     (out / "notes.md").write_text("the user's own file")
+    if row == "fresh-run-over-another":
+        shutil.copy(good_run / "ckpt-00000001.pt", out / "ckpt-00000003.pt")
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
     if row == "resume-other-preset":
         shutil.copy(inputs / "b32_ckpt.pt", out / "ckpt-00000005.pt")
     if row == "resume-nothing-loads":
