@@ -57,16 +57,36 @@ class UserError(Exception):
 
 def run_command(main, argv=None):
     """main(argv) as a command: a UserError becomes `error: MESSAGE` on stderr and exit status 2, with
-    the traceback too under --debug or ALIP_DEBUG=1."""
+    the traceback too under --debug or ALIP_DEBUG=1. Under torchrun, a collective that fails because another
+    rank has ended (its own error is printed) is one line too, with exit status 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("ALIP_DEBUG") == "1"
     try:
         main(argv)
     except UserError as e:
         sys.stdout.flush()
-        if "--debug" in argv or os.environ.get("ALIP_DEBUG") == "1":
+        if debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        if not _in_a_collective(e):
+            raise
+        sys.stdout.flush()
+        if debug:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"error: rank {torch.distributed.get_rank()}: a collective failed, most likely because another rank "
+              f"ended (see its error): {first}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _in_a_collective(e):
+    """Whether exception e was raised inside torch.distributed while a process group is up."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and f"{os.sep}torch{os.sep}distributed{os.sep}" in frames[-1].filename
 
 
 class ArgumentParser(argparse.ArgumentParser):
