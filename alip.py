@@ -398,9 +398,13 @@ def choose_precision(device, precision):
 # checkpoints (everything needed to continue bit for bit, written atomically), and a model from weights
 
 
+def checkpoints(out_dir):
+    """out_dir's checkpoints, oldest first (the step in the name is zero-padded)."""
+    return sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")))
+
+
 def latest_checkpoint(out_dir):
-    paths = sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")))
-    return paths[-1] if paths else None
+    return (checkpoints(out_dir) or [None])[-1]
 
 
 def rng_state():
@@ -426,7 +430,7 @@ def save_checkpoint(out_dir, state, keep):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    for old in sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")))[:-keep]:
+    for old in checkpoints(out_dir)[:-keep]:
         os.remove(old)
     return path
 
@@ -450,7 +454,7 @@ def newest_resumable(out_dir, config):
     (config, a dict), and the newer ones passed over as [(path, why, their config if it is another)]; path is
     None if none qualifies."""
     passed = []
-    for path in sorted(glob.glob(os.path.join(out_dir, "ckpt-*.pt")), reverse=True):
+    for path in reversed(checkpoints(out_dir)):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated, zeroed or overwritten file fails in many ways (zip, pickle, EOF)
@@ -820,7 +824,7 @@ def per_sample(run, out):
     """This rank's gate weights of the step, and each sample's unweighted loss against this rank's batch: the
     plain detector of noisy samples that the gates are compared to (eval.gate_quality)."""
     x, t, c = (None if f is None else F.normalize(f.float(), dim=-1) for f in out["feats"])
-    s = run.raw_model.logit_scale.exp()
+    s = out["scale"]
     rows = {"loss_raw": contrastive_loss(x, t, s, reduction="none")}
     if c is not None:
         rows["loss_caption"] = contrastive_loss(x, c, s, reduction="none")
@@ -874,6 +878,7 @@ def train_step(run, micro, stop_requested):
         optimizer.zero_grad(set_to_none=True)
         return None, False  # a stop waits for the next good step, which saves
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+    scale = run.raw_model.logit_scale.detach().clamp(max=math.log(100)).exp()  # and the logit scale it used
     scaler.step(optimizer)  # fp16: the scaler itself skips steps with inf gradients
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -881,7 +886,7 @@ def train_step(run, micro, stop_requested):
     with torch.no_grad():  # the paper clamps the learnable temperature to at most 100
         run.raw_model.logit_scale.clamp_(0, math.log(100))
     return {"loss": loss.detach(), "logs": logs, "grad_norm": grad_norm, "lr": lr, "feats": feats,
-            "weights": weights}, bool(flags[1] > 0)
+            "weights": weights, "scale": scale}, bool(flags[1] > 0)
 
 
 @contextmanager
