@@ -781,10 +781,12 @@ def evaluate(run, step):
 
 
 def evaluated(run, step):
-    """Whether --output's metrics already hold an evaluation at `step` (a resumed run that had finished)."""
-    path = os.path.join(run.args.output, "metrics.jsonl")
-    return os.path.exists(path) and any(r["step"] == step and any(k.startswith(("zeroshot/", "retrieval/")) for k in r)
-                                        for r in evaluation.read_metrics(path))
+    """Whether --output's metrics hold, at `step`, every evaluation the flags ask for (a resumed, finished run)."""
+    path, args = os.path.join(run.args.output, "metrics.jsonl"), run.args
+    records = [r for r in evaluation.read_metrics(path) if r["step"] == step] if os.path.exists(path) else []
+    wanted = [task for task, dataset in (("zeroshot/", args.eval_zeroshot), ("retrieval/", args.eval_retrieval))
+              if dataset]
+    return all(any(k.startswith(task) for r in records for k in r) for task in wanted)
 
 
 class Progress:

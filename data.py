@@ -58,7 +58,7 @@ class UserError(Exception):
 def run_command(main, argv=None):
     """main(argv) as a command: a UserError becomes `error: MESSAGE` on stderr and exit status 2, with
     the traceback too under --debug or ALIP_DEBUG=1. Under torchrun, a collective that fails because another
-    rank has ended (its own error is printed) is one line too, with exit status 1."""
+    rank has ended (which prints its own error) is one line too, with exit status 1."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("ALIP_DEBUG") == "1"
     try:
@@ -70,23 +70,26 @@ def run_command(main, argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:
-        if not _in_a_collective(e):
+        if not _peer_lost(e):
             raise
         sys.stdout.flush()
         if debug:
             traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"error: rank {torch.distributed.get_rank()}: a collective failed, most likely because another rank "
-              f"ended (see its error): {first}", file=sys.stderr)
+        print(f"error: rank {os.environ.get('RANK', '?')}: lost contact with another rank of the run, which has most "
+              f"likely ended (see its error): {first}", file=sys.stderr)
         sys.exit(1)
 
 
-def _in_a_collective(e):
-    """Whether exception e was raised inside torch.distributed while a process group is up."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    frames = traceback.extract_tb(e.__traceback__)
-    return bool(frames) and f"{os.sep}torch{os.sep}distributed{os.sep}" in frames[-1].filename
+# What gloo says when the process at the other end of a collective has gone; NCCL's ranks wait instead, until
+# torchrun stops them.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _peer_lost(e):
+    """Whether e, in one process of a multi-process run, says that another process has gone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+        isinstance(e, getattr(torch.distributed, "DistNetworkError", ())) or any(m in str(e) for m in PEER_LOST))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -210,10 +213,10 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members of a shard; clip_benchmark's wds_* exports use webp
 
 
-def decode_image(raw, min_side=0):
+def decode_image(raw, min_side=0, max_pixels=MAX_PIXELS):
     """RGB PIL image from encoded bytes; raises ValueError(reason) for anything unusable.
     min_side > 0 lets JPEGs decode at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper) while both
-    sides stay >= min_side."""
+    sides stay >= min_side. max_pixels=None leaves the cap to Pillow (2 x Image.MAX_IMAGE_PIXELS)."""
     if not raw:
         raise ValueError("empty_image")
     try:
@@ -222,7 +225,7 @@ def decode_image(raw, min_side=0):
         raise ValueError("image_too_large") from None
     except (OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
         raise ValueError("not_an_image") from None
-    if img.width * img.height > MAX_PIXELS:
+    if max_pixels is not None and img.width * img.height > max_pixels:
         raise ValueError("image_too_large")
     try:
         if min_side and img.format == "JPEG":

@@ -49,6 +49,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 
+IMAGE_PROBLEMS = {"empty_image": "the file is empty", "not_an_image": "not an image Pillow can read",
+                  "corrupt_image": "truncated or corrupt", "image_too_large": "more pixels than Pillow's limit "
+                  "(a decompression bomb?)"}  # data.decode_image's reasons, for a message
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 ZEROSHOT_LOGIT_SCALE = 100.0  # CLIP's fixed zero-shot temperature; irrelevant to the ranking, kept for the logits
 
@@ -416,10 +419,15 @@ def read_retrieval(path, images=None, split="test"):
 def _open_image(source):
     if isinstance(source, np.ndarray):
         return Image.fromarray(source)
-    if isinstance(source, str):  # a file: read whole, so that it meets the same checks as a shard member
+    if isinstance(source, (str, os.PathLike)):  # a file: read whole, decoded as a shard member is
         with open(source, "rb") as f:
             source = f.read()
-    return data.decode_image(source)  # refuses decompression bombs from the header, as training does
+    # Decompression bombs are refused from the header, as in training, but at Pillow's own limit (179M pixels):
+    # training may skip an image, an evaluation must score every one.
+    try:
+        return data.decode_image(source, max_pixels=None)
+    except ValueError as e:
+        raise ValueError(IMAGE_PROBLEMS.get(str(e), str(e))) from None
 
 
 # -----------------------------------------------------------------------------
