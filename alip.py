@@ -1056,7 +1056,7 @@ def bench(args):
                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
         print(f"{name} {args.model} batch {B}, {variant}: {dt * 1e3:.1f} ms/step, {B / dt:.1f} samples/s, "
               f"{flops / dt / 1e12:.2f} TFLOP/s" + (f", MFU {100 * flops / dt / 1e12 / peak:.1f}%" if peak else ""))
-    print(json.dumps(results))
+        print(json.dumps(results), flush=True)  # the results so far: a run cut short keeps what it timed
 
 # -----------------------------------------------------------------------------
 # entry point
