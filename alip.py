@@ -422,14 +422,10 @@ def set_rng_state(state):
 
 
 def save_checkpoint(out_dir, state, keep):
-    """Write to a temp file, fsync, then rename: a crash leaves the previous checkpoint intact."""
+    """Written atomically: a crash or a full disk leaves the previous checkpoint intact."""
     path = os.path.join(out_dir, f"ckpt-{state['step']:08d}.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with data.atomic_write(path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     for old in checkpoints(out_dir)[:-keep]:
         os.remove(old)
     return path
@@ -441,9 +437,8 @@ def trim_metrics(out_dir, step):
     path = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(path):
         kept = [json.dumps(r) + "\n" for r in evaluation.read_metrics(path) if r["step"] <= step]
-        with open(path + ".tmp", "w") as f:
+        with data.atomic_write(path, "w") as f:
             f.writelines(kept)
-        os.replace(path + ".tmp", path)
 
 
 CHECKPOINT_KEYS = {"model", "config", "optimizer", "scheduler", "scaler", "gates", "data", "rng", "step"}

@@ -15,7 +15,9 @@ command (a flag, a path, a line of a file) is a UserError: one line on stderr an
 """
 import argparse
 import collections
+import contextlib
 import csv
+import errno
 import functools
 import glob
 import gzip
@@ -464,18 +466,65 @@ def shard_sizes(shards):
         for path in cache_paths if changed else []:
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                _write_atomic(path, json.dumps(cache).encode())
+                with atomic_write(path) as f:
+                    f.write(json.dumps(cache).encode())
                 break
-            except OSError:
+            except (OSError, UserError):  # a read-only shard folder: the next place
                 continue
     return sizes
 
 
-def _write_atomic(path, data):
+class _Recorder:
+    """A file object that remembers the OSError its write raised: libraries that write through it (torch.save,
+    Pillow) may replace the error by their own ("unexpected pos"), which would hide a full disk."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def write_error(path, e):
+    """The UserError for a failed write of `path`: one line with the cause and what to do."""
+    advice = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
+              errno.EFBIG: "the file is larger than this system allows", errno.EROFS: "choose a writable location",
+              errno.EACCES: "choose a location you may write to", errno.EPERM: "choose a location you may write to"}
+    return UserError(f"cannot write {path}: {e.strerror or e}; {advice.get(e.errno, 'check the location')}")
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", **open_kw):
+    """Open a temp file beside `path`; when the block ends without an error, fsync it and rename it over `path`,
+    so that readers find the old file or the new one, never a part. On any error the temp file is removed and the
+    old file stays; a failed write (read-only, full disk, quota, permissions) is a UserError naming path and cause."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    done = False
+    try:
+        with open(tmp, mode, **open_kw) as raw:
+            f = _Recorder(raw)
+            yield f
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        done = True
+    except OSError as e:
+        raise write_error(path, e) from e
+    except Exception as e:
+        if "f" in locals() and f.error is not None:
+            raise write_error(path, f.error) from e
+        raise
+    finally:
+        if not done:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def load_captions(path):
@@ -798,18 +847,17 @@ def _ignore_stop_signals(worker_id):
 def write_tar(path, samples):
     """Write [(key, {ext: bytes})] as a tar shard, atomically (temp file, then rename). Fixed metadata
     makes the bytes depend on the samples only."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, files in samples:
             for ext, data in files.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode = len(data), 0o644
                 tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
 
 
 def _write_sizes(out_dir, sizes):
-    _write_atomic(os.path.join(out_dir, "sizes.json"), json.dumps(sizes, indent=0, sort_keys=True).encode())
+    with atomic_write(os.path.join(out_dir, "sizes.json"), "w") as f:
+        json.dump(sizes, f, indent=0, sort_keys=True)
 
 
 # -----------------------------------------------------------------------------
@@ -948,7 +996,8 @@ def write_demo(out_dir, seed=0):
             _demo_split(os.path.join(tmp, split), n, n_shards, seed, split)
         with open(os.path.join(tmp, "test", "classnames.txt"), "w") as f:
             f.write("\n".join(CLASSNAMES) + "\n")
-        _write_atomic(os.path.join(tmp, ".complete"), json.dumps(want).encode())
+        with atomic_write(os.path.join(tmp, ".complete"), "w") as f:
+            json.dump(want, f)
         if _read_json(marker) == want:  # another process (e.g. a second rank) finished first
             return paths
         if os.path.exists(out_dir):  # empty, or a complete demo with another seed

@@ -823,9 +823,8 @@ def plot_runs(run_dirs, out_path, names=None):
             draw.line([(lx, ly + 7), (lx + 24, ly + 7)], fill=colour, width=3)
             draw.text((lx + 30, ly), lab, fill="black", font=f_small)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, out_path)
+    with data.atomic_write(out_path) as f:
+        img.save(f, "PNG")
     return out_path
 
 
