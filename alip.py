@@ -11,9 +11,10 @@ samples (Language Consistency Gate) and noisy image-text pairs (Description Cons
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 alip.py --data ...
     python alip.py --bench --model ViT-B-32 --batch-size 512   # throughput on synthetic batches
 
-Sections, in the paper's order: config -> model -> gates (Eq. 1-4) -> loss (Eq. 5-6) -> optimizer and schedule
--> device, DDP and precision -> checkpoints and a model from weights -> training -> demo -> benchmark -> entry point.
-Imports point one way: data.py and kernels/ know nothing of this file, eval.py's functions take any model.
+Read top to bottom, the method comes first, in the paper's order: config -> model -> gates (Eq. 1-4) -> loss
+(Eq. 5-6) -> optimizer and schedule -> the training step -> the loop. The plumbing follows: setup (device, DDP,
+precision, the Run) -> checkpoints -> weight files -> flags -> demo -> benchmark -> entry point. Imports point one
+way: data.py and kernels/ know nothing of this file, eval.py's functions take any model.
 """
 import argparse
 import glob
@@ -29,6 +30,7 @@ from collections import OrderedDict
 from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -256,6 +258,14 @@ class Gates(nn.Module):
 # -----------------------------------------------------------------------------
 # loss (Eq. 5-6): a symmetric InfoNCE whose per-sample terms carry the gate weights
 
+LOG_MAX_SCALE = math.log(100)  # the paper caps the logit scale s = exp(learnable) at 100
+
+
+def logit_scale(param):
+    """s = exp(param), at most 100. The cap applies before exp: exp(ln 100) rounds above 100 in fp32, so a cap after
+    it would cut the gradient of weights that start at the cap, as OpenAI's do."""
+    return param.clamp(max=LOG_MAX_SCALE).exp()
+
 
 def contrastive_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, offset=0, reduction="mean"):
     """mean_i w_i (CE_i(x->t) + CE_i(t->x)) / 2 with logits s * x t^T: the readable reference.
@@ -287,49 +297,55 @@ def gather_with_grad(x, world_size):
         return torch.cat(dist_nn.all_gather(x), dim=0)
 
 
-def alip_loss(x, t, c, logit_scale, gates, loss_fn=contrastive_loss, *, bipath=True, world_size=1, rank=0,
-              weights=None, scale_grad=True):
-    """The training objective on this rank's image, raw-text and caption features: (loss, logs, weights).
+@dataclass
+class Objective:
+    """What the loss needs besides the features: the gates, the path(s), the implementation, and where this rank's
+    rows sit in the global batch."""
+    gates: Gates
+    bipath: bool = True  # ALIP; False: the CLIP baseline, the raw-text path alone, without gates
+    loss_fn: Callable = contrastive_loss  # or kernels' fused loss: the same value and gradients
+    loss_dtype: torch.dtype = None  # the features' dtype for loss_fn; None: the gates' (fp32, or float64)
+    rank: int = 0
+    world_size: int = 1
 
-    bipath=False is the CLIP baseline: the raw-text path alone, without gates (c is not used). Gradient
-    accumulation reuses the gate `weights` of the whole step in every micro-step, and lets only one micro-step
-    give the logit scale its gradient (each micro-step's loss covers the whole step's batch).
+
+class LossOut(NamedTuple):
+    loss: torch.Tensor  # this rank's share of Eq. 6
+    logs: dict  # what a log line reports, detached
+    weights: tuple  # (w_s, w_t, w_c) of the global batch, (N,) each; None for the CLIP baseline
+
+
+def alip_loss(x, t, c, s, objective, weights=None):
+    """The training objective on this rank's image, raw-text and caption features with logit scale s.
+
+    Gradient accumulation hands every micro-step the gate `weights` of the step's first, and gives all but one a
+    detached s: each micro-step's loss covers the whole step's batch, so s must get its gradient only once.
     """
-    acc = torch.promote_types(x.dtype, torch.float32)  # gates and loss in fp32 (float64 stays float64)
+    o = objective
+    acc = torch.promote_types(x.dtype, torch.float32)  # gates in fp32 (float64 stays float64)
     x, t = F.normalize(x.to(acc), dim=-1), F.normalize(t.to(acc), dim=-1)
-    x_all, t_all = gather_with_grad(x, world_size), gather_with_grad(t, world_size)
-    n, offset = x.shape[0], rank * x.shape[0]
-    s = logit_scale.clamp(max=math.log(100)).exp()  # clamp before exp: exp(ln 100) rounds above 100
-    s = s if scale_grad else s.detach()
-    if not bipath:
-        loss = loss_fn(x, t, s, None, x_all=x_all, t_all=t_all, offset=offset)
-        return loss, {"loss_raw": loss.detach()}, None
+    x_all, t_all = gather_with_grad(x, o.world_size), gather_with_grad(t, o.world_size)
+    n, offset = x.shape[0], o.rank * x.shape[0]
+
+    def path(k, k_all, w):  # Eq. 5 for the pairs (x_i, k_i), in the loss's dtype
+        cast = (lambda f: f) if o.loss_dtype is None else (lambda f: f.to(o.loss_dtype))
+        gathered = {} if o.world_size == 1 else dict(x_all=cast(x_all), t_all=cast(k_all), offset=offset)
+        return o.loss_fn(cast(x), cast(k), s, w, **gathered)
+
+    if not o.bipath:
+        loss = path(t, t_all, None)
+        return LossOut(loss, {"loss_raw": loss.detach()}, None)
     c = F.normalize(c.to(acc), dim=-1)
-    c_all = gather_with_grad(c, world_size)
+    c_all = gather_with_grad(c, o.world_size)
     if weights is None:
-        weights = gates(x_all, t_all, c_all)  # Eq. 1-4 on the global batch: the same weights on every rank
+        weights = o.gates(x_all, t_all, c_all)  # Eq. 1-4 on the global batch: the same weights on every rank
     w_s, w_t, w_c = (w[offset:offset + n] for w in weights)  # this rank's rows
-    loss_raw = loss_fn(x, t, s, w_s * w_t, x_all=x_all, t_all=t_all, offset=offset)  # Eq. 5, image-raw text
-    loss_cap = loss_fn(x, c, s, w_s * w_c, x_all=x_all, t_all=c_all, offset=offset)  # Eq. 5, image-caption
-    logs = {"loss_raw": loss_raw.detach(), "loss_caption": loss_cap.detach(), "w_s": w_s.mean(),
-            "w_t": w_t.mean(), "w_c": w_c.mean(), "H_tc": gates.H_tc, "H_xt": gates.H_xt, "H_xc": gates.H_xc}
-    return loss_raw + loss_cap, logs, weights  # Eq. 6: the two paths summed
+    loss_raw = path(t, t_all, w_s * w_t)  # Eq. 5, image-raw text
+    loss_cap = path(c, c_all, w_s * w_c)  # Eq. 5, image-caption
+    logs = {"loss_raw": loss_raw.detach(), "loss_caption": loss_cap.detach(), "w_s": w_s.mean(), "w_t": w_t.mean(),
+            "w_c": w_c.mean(), "H_tc": o.gates.H_tc, "H_xt": o.gates.H_xt, "H_xc": o.gates.H_xc}
+    return LossOut(loss_raw + loss_cap, logs, weights)  # Eq. 6: the two paths summed
 
-
-def select_loss_fn(kind, device):
-    """--kernel auto|fused|reference -> (function, reason); auto is fused on CUDA, reference elsewhere.
-
-    Where the Triton kernels can run is kernels.fused_available's to say (CUDA, or the interpreter)."""
-    if kind == "auto":
-        if device.type != "cuda":
-            return contrastive_loss, "reference (PyTorch; fused runs on CUDA only)"
-        kind = "fused"
-    if kind == "reference":
-        return contrastive_loss, "reference"
-    if not kernels.fused_available(device):
-        raise data.UserError("--kernel fused needs a CUDA device, or TRITON_INTERPRET=1 to run Triton on the CPU")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return kernels.gated_clip_loss, "fused Triton kernel" + (" (interpreted)" if interpreted else "")
 
 # -----------------------------------------------------------------------------
 # optimizer and schedule
@@ -358,8 +374,120 @@ def cosine_schedule(optimizer, warmup, total):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+
 # -----------------------------------------------------------------------------
-# device, DDP and precision
+# the training step: embed, gates, loss, backward, update
+
+
+@dataclass
+class Step:
+    """One optimizer step: this rank's loss and logged values, the gradient norm, the learning rate and logit scale
+    it used, and its features and gate weights (for gate quality against what the data record)."""
+    loss: torch.Tensor
+    logs: dict
+    grad_norm: torch.Tensor
+    lr: float
+    scale: torch.Tensor
+    feats: list
+    weights: tuple
+    stop: bool  # every rank stops after this step (a signal reached one)
+
+
+def embed(run, images, text, caption):
+    """One image pass; one text pass over raw texts and captions stacked (raw texts only for CLIP)."""
+    bipath = run.objective.bipath
+    with evaluation.autocast(run.device, run.amp_dtype):
+        x, tc = run.model(images, torch.cat([text, caption]) if bipath else text)
+    return (x, *tc.chunk(2)) if bipath else (x, tc, None)
+
+
+def forward_backward(run, micro):
+    """Loss and gradients of one step over its micro-batches: (the last micro-step's LossOut, its features).
+
+    Gradient accumulation for a contrastive loss: the loss couples every sample of the step, so all micro-batches
+    are first embedded without grad, then each is recomputed with grad among the cached features of the others (as
+    open_clip's --accum-freq does). The gradients add up to those of one step on the whole batch.
+    """
+    K, weights, cache = len(micro), None, None
+    if K > 1:
+        with torch.no_grad():
+            cache = [embed(run, *b[:3]) for b in micro]
+    for j, b in enumerate(micro):
+        with nullcontext() if j == K - 1 or run.world_size == 1 else run.model.no_sync():
+            feats = embed(run, *b[:3])
+            if cache is not None:  # this micro-batch with grad, the others from the cache
+                feats = [None if f is None else torch.cat([c[i] if k != j else f for k, c in enumerate(cache)])
+                         for i, f in enumerate(feats)]
+            s = logit_scale(run.raw_model.logit_scale)
+            out = alip_loss(*feats, s if j == K - 1 else s.detach(), run.objective, weights)
+            weights = out.weights
+            run.scaler.scale(out.loss).backward()
+    return out, feats
+
+
+def train_step(run, micro, stop_requested=False):
+    """One optimizer step on the micro-batches `micro`: a Step, or None if a non-finite loss or gradient on any rank
+    skipped it, leaving every state as it was. A stop requested on any rank ends the run after this step."""
+    gates, optimizer, scaler = run.objective.gates, run.optimizer, run.scaler
+    H_before = [h.clone() for h in gates.buffers()]
+    out, feats = forward_backward(run, micro)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.args.grad_clip or float("inf"))
+    # A non-finite loss would also poison the gates' running means. Non-finite gradients under fp16 are the
+    # gradient scaler's business: it skips the step and lowers its scale.
+    finite = torch.isfinite(out.loss.detach()) & (torch.isfinite(grad_norm) | (run.amp_dtype == torch.float16))
+    flags = torch.tensor([float(not finite), float(stop_requested)], device=run.device)
+    if run.world_size > 1:  # every rank must agree to skip or to stop
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0] > 0:
+        for h, h0 in zip(gates.buffers(), H_before):  # the running means must not absorb a NaN
+            h.copy_(h0)
+        optimizer.zero_grad(set_to_none=True)
+        return None  # a stop waits for the next good step, which saves
+    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
+    scale = logit_scale(run.raw_model.logit_scale.detach())  # and the scale
+    scaler.step(optimizer)  # fp16: the scaler itself skips steps with inf gradients
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    with torch.no_grad():  # keep the learnable temperature within the paper's cap
+        run.raw_model.logit_scale.clamp_(0, LOG_MAX_SCALE)
+    return Step(out.loss.detach(), out.logs, grad_norm, lr, scale, feats, out.weights, bool(flags[1] > 0))
+
+
+def train_loop(run, step, stop, batches):
+    """Optimizer steps from `step` until run.total or a stop signal; returns the last step done."""
+    args, progress, meter, bad_steps = run.args, Progress(run, step), evaluation.GateMeter(run.world_size), 0
+    run.model.train()
+    while step < run.total:
+        micro = [next(batches) for _ in range(args.accum_steps)]
+        out = train_step(run, micro, stop["signal"] is not None)
+        if out is None:
+            bad_steps += 1
+            run.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+            run.log_metrics({"step": step + 1, "warning": "non-finite loss, step skipped"})
+            if bad_steps >= args.max_bad_steps:
+                raise SystemExit(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint in "
+                                 f"{args.output} is intact; lower --lr or check the data, then --resume.")
+            continue
+        bad_steps, step = 0, step + 1
+        codes = torch.cat([b[3] for b in micro])  # what the data record about each sample's texts; -1: nothing
+        if (codes >= 0).any():
+            meter.add(codes, **per_sample(run, out))
+        if step % args.log_every == 0 or step == run.total:
+            progress.log(step, out, meter.figures())
+        if step % args.save_every == 0 or step == run.total or out.stop:
+            save(run, step)
+        if out.stop:
+            run.log(f"stopped by signal {int(stop['signal'] or 0)} at step {step}; continue with --resume")
+            break
+        if run.master and args.eval_every and step % args.eval_every == 0 and step < run.total:
+            evaluate(run, step)
+    return step
+
+
+# -----------------------------------------------------------------------------
+# setup: device, DDP and precision; the loss implementation; a Run built from the flags
 
 
 def setup_distributed(device_arg):
@@ -394,8 +522,209 @@ def choose_precision(device, precision):
     return dtype, reasons[precision]
 
 
+def select_loss_fn(kind, device):
+    """--kernel auto|fused|reference -> (function, reason); auto is fused on CUDA, reference elsewhere.
+
+    Where the Triton kernels can run is kernels.fused_available's to say (CUDA, or the interpreter)."""
+    if kind == "auto":
+        if device.type != "cuda":
+            return contrastive_loss, "reference (PyTorch; fused runs on CUDA only)"
+        kind = "fused"
+    if kind == "reference":
+        return contrastive_loss, "reference"
+    if not kernels.fused_available(device):
+        raise data.UserError("--kernel fused needs a CUDA device, or TRITON_INTERPRET=1 to run Triton on the CPU")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return kernels.gated_clip_loss, "fused Triton kernel" + (" (interpreted)" if interpreted else "")
+
+
+
+class Run:
+    """What every step uses, built from the flags: device, model, objective, data, optimizer and schedule."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device, self.rank, self.world_size = device, rank, world_size = setup_distributed(args.device)
+        torch.manual_seed(args.seed)  # same initial weights on every rank; data randomness is seeded separately
+        self.amp_dtype, self.precision = choose_precision(device, args.precision)
+        self.log(f"device {device} x {world_size}, precision: {self.precision}")
+        if args.demo and not args.data:
+            self.use_demo_data()
+        self.raw_model = create_model(args.model, args.quick_gelu)  # saved and evaluated, also when compiled
+        if args.init:
+            init_weights(self.raw_model, args.init, args.quick_gelu)
+            self.log(f"initialised from {args.init}")
+        self.raw_model.set_grad_checkpointing(args.grad_checkpointing)
+        self.raw_model.to(device)
+        self.model = torch.compile(self.raw_model) if args.compile else self.raw_model  # what the step calls
+        if world_size > 1:
+            self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        loss_fn, self.loss_reason = select_loss_fn(args.kernel, device)
+        self.objective = Objective(Gates(args.momentum, args.gamma, mode=args.gates).to(device), args.loss == "alip",
+                                   loss_fn, rank=rank, world_size=world_size)
+        self.log(f"model {args.model}: {sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.1f}M parameters; "
+                 f"loss {args.loss} (gates: {args.gates}), {self.loss_reason}")
+        self.loader, self.total = None, BENCH_WARMUP + args.bench_steps  # --bench: synthetic batches, no data
+        if not args.bench:
+            self.use_data()
+        self.optimizer = configure_optimizer(self.raw_model, args.lr, args.wd, device)
+        self.scheduler = cosine_schedule(self.optimizer, args.warmup, self.total)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+
+    def use_data(self):
+        args, world_size = self.args, self.world_size
+        self.loader = data.TrainLoader(
+            args.data, image_size=self.raw_model.config.image_size, batch_size=args.batch_size, seed=args.seed,
+            rank=self.rank, world_size=world_size, workers=args.workers, captions=args.captions,
+            missing_caption=args.missing_caption, resampled=args.resampled, num_samples=args.train_num_samples,
+            max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext,
+            truth=True)  # what the data record about their texts, if anything: gate quality is logged against it
+        steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
+        if steps_per_epoch < 1:
+            raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps}"
+                                 f" samples but an epoch has fewer; lower --batch-size or --accum-steps")
+        self.total = args.steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
+
+    @property
+    def master(self):  # prints, writes metrics and checkpoints, evaluates
+        return self.rank == 0
+
+    def log(self, message):
+        if self.master:
+            print(message)
+
+    def log_metrics(self, record):
+        if self.master:
+            with open(os.path.join(self.args.output, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def use_demo_data(self):
+        """--demo without --data: rank 0 writes the demo set next to --output; train and evaluate on it."""
+        args, root = self.args, os.path.join(os.path.dirname(os.path.abspath(self.args.output)), "demo_data")
+        if self.master:
+            os.makedirs(os.path.dirname(root), exist_ok=True)
+            data.write_demo(root)
+        if self.world_size > 1:  # the other ranks reuse what rank 0 wrote
+            dist.barrier()
+        paths = data.write_demo(root)
+        args.data = paths["train"]
+        args.eval_zeroshot = args.eval_zeroshot or paths["test"]
+        args.eval_retrieval = args.eval_retrieval or paths["test"]
+
+
+def train(args):
+    """One training run as the flags say; True when it reached its last step (False: stopped by a signal)."""
+    run = Run(args)
+    step = resume(run)
+    # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
+    with stop_on_signals() as stop, closing(device_batches(run.loader, run.device)) as batches:
+        step = train_loop(run, step, stop, batches)
+    if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval) and not evaluated(run, step):
+        evaluate(run, step)
+    if run.master:
+        run.log(f"curves: {evaluation.plot_runs([args.output], os.path.join(args.output, 'curves.png'))}")
+    if run.world_size > 1:
+        dist.barrier()
+        if not args.demo:  # demo() trains again in the same process group, and ends it
+            dist.destroy_process_group()
+    return step == run.total  # False: stopped early (by a signal)
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM (preemption) and SIGINT only set a flag: the loop finishes the step, saves and exits cleanly.
+    A second signal ends the process at once; on leaving, the previous handlers are back."""
+    stop = {"signal": None}
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signum, signal.SIG_DFL)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def device_batches(loader, device):
+    """The loader's batches on the device, epoch after epoch (the loader moves on to the next by itself).
+    Closing this generator stops the loader's workers."""
+    while True:
+        with closing(iter(loader)) as epoch:
+            for batch in epoch:
+                yield [b.to(device, non_blocking=True) for b in batch]
+
+
+class Progress:
+    """What the log lines report beyond the step itself: samples/s since the last line, ETA, new skips."""
+
+    def __init__(self, run, step):
+        self.run, self.t0, self.t, self.start, self.last, self.skipped = run, time.time(), time.time(), step, step, {}
+
+    def log(self, step, out, truth=None):
+        run, args = self.run, self.run.args
+        rate = (step - self.last) * args.accum_steps * args.batch_size * run.world_size / (time.time() - self.t)
+        self.t, self.last = time.time(), step
+        eta = (time.time() - self.t0) / (step - self.start) * (run.total - step)
+        values = torch.stack([out.loss, *(v.float() for v in out.logs.values())])
+        if run.world_size > 1:  # each rank holds its local loss and weights; log the global means
+            dist.all_reduce(values)
+            values /= run.world_size
+        r = {"step": step, **dict(zip(["loss", *out.logs], values.tolist())), "lr": out.lr,
+             "logit_scale": logit_scale(run.raw_model.logit_scale).item(), "grad_norm": out.grad_norm.item(),
+             "samples_per_s": rate}
+        r.update({f"truth/{k}": v for k, v in (truth or {}).items()})
+        skipped = dict(run.loader.skipped)
+        if skipped != self.skipped:
+            r["skipped"] = self.skipped = skipped
+        run.log(f"step {step}/{run.total} loss {r['loss']:.4f} "
+                + (f"(raw {r['loss_raw']:.3f} cap {r['loss_caption']:.3f}) "
+                   f"w_s {r['w_s']:.3f} w_t {r['w_t']:.3f} w_c {r['w_c']:.3f} "
+                   f"H_tc {r['H_tc']:.3f} H_xt {r['H_xt']:.3f} H_xc {r['H_xc']:.3f} " if run.objective.bipath else "")
+                + f"scale {r['logit_scale']:.1f} lr {r['lr']:.2e} {rate:.0f} samples/s ETA {eta / 60:.1f} min"
+                + (f" skipped {sum(skipped.values())}" if skipped else "")
+                + (" | " + evaluation.gate_summary(truth) if truth else ""))
+        run.log_metrics(r)
+
+
+@torch.no_grad()
+def per_sample(run, out):
+    """This rank's gate weights of the step, and each sample's unweighted loss against this rank's batch: the
+    plain detector of noisy samples that the gates are compared to (eval.gate_quality)."""
+    x, t, c = (None if f is None else F.normalize(f.float(), dim=-1) for f in out.feats)
+    s = out.scale
+    rows = {"loss_raw": contrastive_loss(x, t, s, reduction="none")}
+    if c is not None:
+        rows["loss_caption"] = contrastive_loss(x, c, s, reduction="none")
+    if out.weights is not None:
+        offset = run.rank * len(x)
+        rows.update(zip(("w_s", "w_t", "w_c"), (w[offset:offset + len(x)] for w in out.weights)))
+    return rows
+
+
+def evaluate(run, step):
+    """Rank 0: zero-shot and retrieval on the --eval-* sets, in the training precision."""
+    args, results = run.args, {"step": step}
+    kw = dict(device=run.device, workers=args.workers, dtype=run.amp_dtype)
+    for task, fn, dataset in (("zeroshot", evaluation.zeroshot, args.eval_zeroshot),
+                              ("retrieval", evaluation.retrieval, args.eval_retrieval)):
+        if dataset:
+            results.update({f"{task}/{k}": v for k, v in fn(run.raw_model, dataset, **kw).items()})
+    run.log("eval " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
+    run.log_metrics(results)
+
+
+def evaluated(run, step):
+    """Whether --output's metrics hold, at `step`, every evaluation the flags ask for (a resumed, finished run)."""
+    path, args = os.path.join(run.args.output, "metrics.jsonl"), run.args
+    records = [r for r in evaluation.read_metrics(path) if r["step"] == step] if os.path.exists(path) else []
+    wanted = [task for task, dataset in (("zeroshot/", args.eval_zeroshot), ("retrieval/", args.eval_retrieval))
+              if dataset]
+    return all(any(k.startswith(task) for r in records for k in r) for task in wanted)
+
+
 # -----------------------------------------------------------------------------
-# checkpoints (everything needed to continue bit for bit, written atomically), and a model from weights
+# checkpoints: everything needed to continue bit for bit, written atomically
 
 
 def checkpoints(out_dir):
@@ -476,6 +805,71 @@ def move_aside(path):
     return aside
 
 
+def resume(run):
+    """The step to start from: 0, or with --resume that of the newest checkpoint in --output that loads, all
+    state restored. Newer checkpoints that do not load, or are of another architecture, are moved aside."""
+    args = run.args
+    os.makedirs(args.output, exist_ok=True)
+    path, ckpt, passed = None, None, []
+    if args.resume:
+        path, ckpt, passed = newest_resumable(args.output, asdict(run.raw_model.config))
+    elif latest_checkpoint(args.output):  # a fresh run would prune them, and its own first checkpoint with them
+        raise data.UserError(f"--output {args.output} holds the checkpoints of an earlier run (the newest: "
+                             f"{os.path.basename(latest_checkpoint(args.output))}); pass --resume to continue it, "
+                             "or another --output")
+    if run.world_size > 1:
+        seen = [None] * run.world_size
+        dist.all_gather_object(seen, path and os.path.basename(path))
+        if len(set(seen)) > 1:
+            raise data.UserError(f"--resume: ranks see different checkpoints in {args.output} "
+                                 f"({sorted(set(map(str, seen)))}); --output must be on a filesystem every node shares")
+    if path is None and passed:  # nothing to resume from, and starting afresh would prune the files there
+        newest, why, found = passed[0]
+        if all(other is not None for _, _, other in passed):  # the flags, not the files, are wrong
+            cfg = run.raw_model.config
+            raise data.UserError(f"--resume: the checkpoints in {args.output} are of {describe_config(found)}, this "
+                                 f"run is of {describe_config(cfg)}; {flags_for(found, cfg)}, or another --output")
+        raise data.UserError(f"--resume: no checkpoint in {args.output} can be resumed from (the newest, {newest}: "
+                             f"{why}); move them out of the way to start afresh, or pass another --output")
+    if passed and run.master:
+        moved = "; ".join(f"{os.path.basename(p)} ({why}) to {os.path.basename(move_aside(p))}" for p, why, _ in passed)
+        print(f"--resume: moved aside the newer checkpoints in {args.output} that cannot be resumed from: {moved}",
+              file=sys.stderr)
+    if args.resume and path is None:
+        run.log(f"--resume: no checkpoint in {args.output} yet, starting from scratch")
+    step = 0
+    if path:
+        for part, key in ((run.raw_model, "model"), (run.optimizer, "optimizer"), (run.scheduler, "scheduler"),
+                          (run.scaler, "scaler"), (run.objective.gates, "gates"), (run.loader, "data")):
+            part.load_state_dict(ckpt[key])
+        set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        step = ckpt["step"]
+        run.log(f"resumed from {path} at step {step}")
+    if run.master:
+        trim_metrics(args.output, step)
+        with open(os.path.join(args.output, "config.json"), "w") as f:
+            json.dump({"args": vars(args), "model": asdict(run.raw_model.config)}, f, indent=1)
+    return step
+
+
+def save(run, step):
+    """Every rank takes part (the RNG states are gathered); rank 0 writes."""
+    rngs = [rng_state()]
+    if run.world_size > 1:
+        rngs = [None] * run.world_size
+        dist.all_gather_object(rngs, rng_state())
+    state = {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "args": vars(run.args),
+             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "scaler": run.scaler.state_dict(), "gates": run.objective.gates.state_dict(), "data": run.loader.state_dict(),
+             "rng": rngs, "step": step}
+    if run.master:
+        run.log(f"saved {save_checkpoint(run.args.output, state, run.args.keep)}")
+
+
+# -----------------------------------------------------------------------------
+# weight files: ours, OpenAI's, open_clip's and the ALIP release's; the architecture read off the shapes
+
+
 SHAPE_FIELDS = ("embed_dim", "image_size", "patch_size", "vision_width", "vision_layers", "text_width", "text_layers",
                 "context_length", "vocab_size")  # what a state dict's shapes tell (heads and activation they don't)
 
@@ -512,7 +906,7 @@ def check_weights(sd, model, path, found=None):
         return
     if found is None:
         try:
-            found = ModelConfig(**evaluation.shapes_config(sd))
+            found = ModelConfig(**shapes_config(sd))
         except (KeyError, IndexError, ValueError):  # not even the tensors the shapes are read from
             pass
     if found is None or not fits and all(getattr(found, f) == getattr(cfg, f) for f in SHAPE_FIELDS):
@@ -527,29 +921,97 @@ def check_weights(sd, model, path, found=None):
                          f"{flags_for(found, cfg)}")
 
 
+def read_weights(path):
+    """(state dict, config, openai): config is the architecture one of our checkpoints saves (a dict), else None;
+    openai: the file is one of OpenAI's TorchScript archives, whose weights were trained with QuickGELU. A missing
+    file, or one that does not load, is a data.UserError whose message starts with the path."""
+    if not os.path.isfile(path):
+        raise data.UserError(f"{path}: no such file")
+    try:
+        try:
+            with warnings.catch_warnings():  # torch.load says it hands a TorchScript archive on; we do so below
+                warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except RuntimeError as e:
+            if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
+                raise
+            return clean_state_dict(torch.jit.load(path, map_location="cpu").state_dict()), None, True
+    except Exception as error:  # a damaged or foreign file fails in many ways: zip, pickle, EOF, unicode
+        reason = type(error).__name__
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if first and not first.startswith("Weights only load failed"):  # torch's advice there: trust the file
+            reason += f": {first[:100]}"
+        raise data.UserError(f"{path}: cannot load it: damaged, or not a PyTorch checkpoint ({reason})") from error
+    if not isinstance(obj, dict):
+        raise data.UserError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
+    if "model" in obj and "config" in obj:  # ours
+        return obj["model"], obj["config"], False
+    return clean_state_dict(obj), None, False
+
+
+def clean_state_dict(sd):
+    """Accept a bare state dict, {"state_dict": ...}, DDP's "module." prefixes and OpenAI's metadata keys."""
+    sd = sd.get("state_dict", sd)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+
+
+def shapes_config(sd):
+    """The architecture of a CLIP state dict read off its shapes (as OpenAI's build_model does), as a dict of
+    alip.ModelConfig's fields. Head counts assume 64-wide heads, as in every OpenAI CLIP."""
+    def layers(prefix):
+        return len({k[len(prefix):].split(".")[2] for k in sd if k.startswith(prefix + ".resblocks.")})
+    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    return dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
+                vision_width=vision_width, vision_layers=layers("visual.transformer"), vision_heads=vision_width // 64,
+                text_width=text_width, text_layers=layers("transformer"), text_heads=text_width // 64,
+                context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0])
+
+
+def weights_file(path):
+    """A run directory's newest checkpoint; any other path as it is."""
+    if not os.path.isdir(path):
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise data.UserError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
+    return ckpt
+
+
 def load_model(path, name=None, quick_gelu=False):
     """A CLIP in eval mode on the CPU from a run directory, one of our checkpoints, or a CLIP state dict (its
     architecture from `name`, a preset, or else read off the shapes)."""
-    if os.path.isdir(path):
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise data.UserError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
-        path = ckpt
-    sd, saved, openai = evaluation.read_weights(path)
+    path = weights_file(path)
+    sd, saved, openai = read_weights(path)
     quick_gelu = quick_gelu or openai
     if saved:  # the architecture is saved with the weights
         model = CLIP(ModelConfig(**saved))
     elif name:
         model = create_model(name, quick_gelu)
     else:
-        model = CLIP(ModelConfig(**evaluation.shapes_config(sd), quick_gelu=quick_gelu))
+        model = CLIP(ModelConfig(**shapes_config(sd), quick_gelu=quick_gelu))
     check_weights(sd, model, path, model.config if saved else None)
     model.load_state_dict(sd)
     return model.eval()
 
 
+def init_weights(model, path, quick_gelu):
+    """--init: load path (a weight file or a run directory) into model, after checking that it fits."""
+    try:
+        path = weights_file(path)
+        sd, saved, openai = read_weights(path)
+        if openai and not quick_gelu:
+            raise data.UserError(f"{path}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
+        check_weights(sd, model, path, saved and ModelConfig(**saved))
+    except data.UserError as e:
+        raise data.UserError(f"--init {e}") from e
+    model.load_state_dict(sd)
+
+
 # -----------------------------------------------------------------------------
-# training: a Run holds what every step uses, train_step is one optimizer step, train() runs train_loop
+# flags
 
 
 def parse_args(argv=None):
@@ -623,342 +1085,6 @@ def parse_args(argv=None):
     return args
 
 
-class Run:
-    """What every step uses, built from the flags: device, model, gates, loss, data, optimizer and schedule."""
-
-    def __init__(self, args):
-        self.args, self.bipath = args, args.loss == "alip"  # bipath: ALIP; else the CLIP baseline
-        self.device, self.rank, self.world_size = device, rank, world_size = setup_distributed(args.device)
-        torch.manual_seed(args.seed)  # same initial weights on every rank; data randomness is seeded separately
-        self.amp_dtype, self.precision = choose_precision(device, args.precision)
-        self.log(f"device {device} x {world_size}, precision: {self.precision}")
-        if args.demo and not args.data:
-            self.use_demo_data()
-        self.raw_model = create_model(args.model, args.quick_gelu)  # saved and evaluated, also when compiled
-        if args.init:
-            try:
-                sd, saved, openai = evaluation.read_weights(args.init)
-                if openai and not args.quick_gelu:
-                    raise data.UserError(f"{args.init}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
-                check_weights(sd, self.raw_model, args.init, saved and ModelConfig(**saved))
-            except data.UserError as e:
-                raise data.UserError(f"--init {e}") from e
-            self.raw_model.load_state_dict(sd)
-            self.log(f"initialised from {args.init}")
-        self.raw_model.set_grad_checkpointing(args.grad_checkpointing)
-        self.raw_model.to(device)
-        self.gates = Gates(args.momentum, args.gamma, mode=args.gates).to(device)
-        self.model = torch.compile(self.raw_model) if args.compile else self.raw_model  # what the step calls
-        if world_size > 1:
-            self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.loss_fn, self.loss_reason = select_loss_fn(args.kernel, device)
-        self.log(f"model {args.model}: {sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.1f}M parameters; "
-                 f"loss {args.loss} (gates: {args.gates}), {self.loss_reason}")
-        self.loader, self.total = None, BENCH_WARMUP + args.bench_steps  # --bench: synthetic batches, no data
-        if not args.bench:
-            self.use_data()
-        self.optimizer = configure_optimizer(self.raw_model, args.lr, args.wd, device)
-        self.scheduler = cosine_schedule(self.optimizer, args.warmup, self.total)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-
-    def use_data(self):
-        args, world_size = self.args, self.world_size
-        self.loader = data.TrainLoader(
-            args.data, image_size=self.raw_model.config.image_size, batch_size=args.batch_size, seed=args.seed,
-            rank=self.rank, world_size=world_size, workers=args.workers, captions=args.captions,
-            missing_caption=args.missing_caption, resampled=args.resampled, num_samples=args.train_num_samples,
-            max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext,
-            truth=True)  # what the data record about their texts, if anything: gate quality is logged against it
-        steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
-        if steps_per_epoch < 1:
-            raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps}"
-                                 f" samples but an epoch has fewer; lower --batch-size or --accum-steps")
-        self.total = args.steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
-
-    @property
-    def master(self):  # prints, writes metrics and checkpoints, evaluates
-        return self.rank == 0
-
-    def log(self, message):
-        if self.master:
-            print(message)
-
-    def log_metrics(self, record):
-        if self.master:
-            with open(os.path.join(self.args.output, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def use_demo_data(self):
-        """--demo without --data: rank 0 writes the demo set next to --output; train and evaluate on it."""
-        args, root = self.args, os.path.join(os.path.dirname(os.path.abspath(self.args.output)), "demo_data")
-        if self.master:
-            os.makedirs(os.path.dirname(root), exist_ok=True)
-            data.write_demo(root)
-        if self.world_size > 1:  # the other ranks reuse what rank 0 wrote
-            dist.barrier()
-        paths = data.write_demo(root)
-        args.data = paths["train"]
-        args.eval_zeroshot = args.eval_zeroshot or paths["test"]
-        args.eval_retrieval = args.eval_retrieval or paths["test"]
-
-
-def resume(run):
-    """The step to start from: 0, or with --resume that of the newest checkpoint in --output that loads, all
-    state restored. Newer checkpoints that do not load, or are of another architecture, are moved aside."""
-    args = run.args
-    os.makedirs(args.output, exist_ok=True)
-    path, ckpt, passed = None, None, []
-    if args.resume:
-        path, ckpt, passed = newest_resumable(args.output, asdict(run.raw_model.config))
-    elif latest_checkpoint(args.output):  # a fresh run would prune them, and its own first checkpoint with them
-        raise data.UserError(f"--output {args.output} holds the checkpoints of an earlier run (the newest: "
-                             f"{os.path.basename(latest_checkpoint(args.output))}); pass --resume to continue it, "
-                             "or another --output")
-    if run.world_size > 1:
-        seen = [None] * run.world_size
-        dist.all_gather_object(seen, path and os.path.basename(path))
-        if len(set(seen)) > 1:
-            raise data.UserError(f"--resume: ranks see different checkpoints in {args.output} "
-                                 f"({sorted(set(map(str, seen)))}); --output must be on a filesystem every node shares")
-    if path is None and passed:  # nothing to resume from, and starting afresh would prune the files there
-        newest, why, found = passed[0]
-        if all(other is not None for _, _, other in passed):  # the flags, not the files, are wrong
-            cfg = run.raw_model.config
-            raise data.UserError(f"--resume: the checkpoints in {args.output} are of {describe_config(found)}, this "
-                                 f"run is of {describe_config(cfg)}; {flags_for(found, cfg)}, or another --output")
-        raise data.UserError(f"--resume: no checkpoint in {args.output} can be resumed from (the newest, {newest}: "
-                             f"{why}); move them out of the way to start afresh, or pass another --output")
-    if passed and run.master:
-        moved = "; ".join(f"{os.path.basename(p)} ({why}) to {os.path.basename(move_aside(p))}" for p, why, _ in passed)
-        print(f"--resume: moved aside the newer checkpoints in {args.output} that cannot be resumed from: {moved}",
-              file=sys.stderr)
-    if args.resume and path is None:
-        run.log(f"--resume: no checkpoint in {args.output} yet, starting from scratch")
-    step = 0
-    if path:
-        for name, key in (("raw_model", "model"), ("optimizer", "optimizer"), ("scheduler", "scheduler"),
-                          ("scaler", "scaler"), ("gates", "gates"), ("loader", "data")):
-            getattr(run, name).load_state_dict(ckpt[key])
-        set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        step = ckpt["step"]
-        run.log(f"resumed from {path} at step {step}")
-    if run.master:
-        trim_metrics(args.output, step)
-        with open(os.path.join(args.output, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "model": asdict(run.raw_model.config)}, f, indent=1)
-    return step
-
-
-def save(run, step):
-    """Every rank takes part (the RNG states are gathered); rank 0 writes."""
-    rngs = [rng_state()]
-    if run.world_size > 1:
-        rngs = [None] * run.world_size
-        dist.all_gather_object(rngs, rng_state())
-    state = {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "args": vars(run.args),
-             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "scaler": run.scaler.state_dict(), "gates": run.gates.state_dict(), "data": run.loader.state_dict(),
-             "rng": rngs, "step": step}
-    if run.master:
-        run.log(f"saved {save_checkpoint(run.args.output, state, run.args.keep)}")
-
-
-def evaluate(run, step):
-    """Rank 0: zero-shot and retrieval on the --eval-* sets, in the training precision."""
-    args, results = run.args, {"step": step}
-    kw = dict(device=run.device, workers=args.workers, dtype=run.amp_dtype)
-    for task, fn, dataset in (("zeroshot", evaluation.zeroshot, args.eval_zeroshot),
-                              ("retrieval", evaluation.retrieval, args.eval_retrieval)):
-        if dataset:
-            results.update({f"{task}/{k}": v for k, v in fn(run.raw_model, dataset, **kw).items()})
-    run.log("eval " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
-    run.log_metrics(results)
-
-
-def evaluated(run, step):
-    """Whether --output's metrics hold, at `step`, every evaluation the flags ask for (a resumed, finished run)."""
-    path, args = os.path.join(run.args.output, "metrics.jsonl"), run.args
-    records = [r for r in evaluation.read_metrics(path) if r["step"] == step] if os.path.exists(path) else []
-    wanted = [task for task, dataset in (("zeroshot/", args.eval_zeroshot), ("retrieval/", args.eval_retrieval))
-              if dataset]
-    return all(any(k.startswith(task) for r in records for k in r) for task in wanted)
-
-
-class Progress:
-    """What the log lines report beyond the step itself: samples/s since the last line, ETA, new skips."""
-
-    def __init__(self, run, step):
-        self.run, self.t0, self.t, self.start, self.last, self.skipped = run, time.time(), time.time(), step, step, {}
-
-    def log(self, step, out, truth=None):
-        run, args = self.run, self.run.args
-        rate = (step - self.last) * args.accum_steps * args.batch_size * run.world_size / (time.time() - self.t)
-        self.t, self.last = time.time(), step
-        eta = (time.time() - self.t0) / (step - self.start) * (run.total - step)
-        values = torch.stack([out["loss"], *(v.float() for v in out["logs"].values())])
-        if run.world_size > 1:  # each rank holds its local loss and weights; log the global means
-            dist.all_reduce(values)
-            values /= run.world_size
-        r = {"step": step, **dict(zip(["loss", *out["logs"]], values.tolist())), "lr": out["lr"],
-             "logit_scale": run.raw_model.logit_scale.exp().item(), "grad_norm": out["grad_norm"].item(),
-             "samples_per_s": rate}
-        r.update({f"truth/{k}": v for k, v in (truth or {}).items()})
-        skipped = dict(run.loader.skipped)
-        if skipped != self.skipped:
-            r["skipped"] = self.skipped = skipped
-        run.log(f"step {step}/{run.total} loss {r['loss']:.4f} "
-                + (f"(raw {r['loss_raw']:.3f} cap {r['loss_caption']:.3f}) "
-                   f"w_s {r['w_s']:.3f} w_t {r['w_t']:.3f} w_c {r['w_c']:.3f} "
-                   f"H_tc {r['H_tc']:.3f} H_xt {r['H_xt']:.3f} H_xc {r['H_xc']:.3f} " if run.bipath else "")
-                + f"scale {r['logit_scale']:.1f} lr {r['lr']:.2e} {rate:.0f} samples/s ETA {eta / 60:.1f} min"
-                + (f" skipped {sum(skipped.values())}" if skipped else "")
-                + (" | " + evaluation.gate_summary(truth) if truth else ""))
-        run.log_metrics(r)
-
-
-@torch.no_grad()
-def per_sample(run, out):
-    """This rank's gate weights of the step, and each sample's unweighted loss against this rank's batch: the
-    plain detector of noisy samples that the gates are compared to (eval.gate_quality)."""
-    x, t, c = (None if f is None else F.normalize(f.float(), dim=-1) for f in out["feats"])
-    s = out["scale"]
-    rows = {"loss_raw": contrastive_loss(x, t, s, reduction="none")}
-    if c is not None:
-        rows["loss_caption"] = contrastive_loss(x, c, s, reduction="none")
-    if out["weights"] is not None:
-        offset = run.rank * len(x)
-        rows.update(zip(("w_s", "w_t", "w_c"), (w[offset:offset + len(x)] for w in out["weights"])))
-    return rows
-
-
-def embed(run, images, text, caption):
-    """One image pass; one text pass over raw texts and captions stacked (raw texts only for CLIP)."""
-    with torch.autocast(run.device.type, dtype=run.amp_dtype) if run.amp_dtype else nullcontext():
-        x, tc = run.model(images, torch.cat([text, caption]) if run.bipath else text)
-    return (x, *tc.chunk(2)) if run.bipath else (x, tc, None)
-
-
-def train_step(run, micro, stop_requested):
-    """One optimizer step on the micro-batches `micro`: embed, gates, loss, backward, update. Returns (out, stop);
-    out is None if a non-finite loss or gradient on any rank skipped the step, leaving all state as it was."""
-    K, gates, optimizer, scaler = len(micro), run.gates, run.optimizer, run.scaler
-    # Gradient accumulation for a contrastive loss: the loss couples every sample of the step, so first embed
-    # all micro-batches without grad, then recompute one micro-batch at a time with grad and put it back
-    # among the cached features (as open_clip's --accum-freq does).
-    cache = None
-    if K > 1:
-        with torch.no_grad():
-            cache = [embed(run, *b[:3]) for b in micro]
-    H_before = [h.clone() for h in gates.buffers()]
-    weights = None
-    for j, b in enumerate(micro):
-        with nullcontext() if j == K - 1 or run.world_size == 1 else run.model.no_sync():
-            feats = embed(run, *b[:3])
-            if cache is not None:  # this micro-batch with grad, the others from the cache
-                feats = [None if f is None else torch.cat([c[i] if k != j else f for k, c in enumerate(cache)])
-                         for i, f in enumerate(feats)]
-            loss, logs, weights = alip_loss(*feats, run.raw_model.logit_scale, gates, run.loss_fn,
-                                            bipath=run.bipath, world_size=run.world_size,
-                                            rank=run.rank, weights=weights, scale_grad=j == K - 1)
-            scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.args.grad_clip or float("inf"))
-    # A non-finite loss would also poison the gates' running means. Non-finite gradients under fp16 are the
-    # gradient scaler's business: it skips the step and lowers its scale.
-    finite = torch.isfinite(loss.detach()) & (torch.isfinite(grad_norm) | (run.amp_dtype == torch.float16))
-    flags = torch.tensor([float(not finite), float(stop_requested)], device=run.device)
-    if run.world_size > 1:  # every rank must agree to skip or to stop
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    if flags[0] > 0:
-        for h, h0 in zip(gates.buffers(), H_before):  # the running means must not absorb a NaN
-            h.copy_(h0)
-        optimizer.zero_grad(set_to_none=True)
-        return None, False  # a stop waits for the next good step, which saves
-    lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
-    scale = run.raw_model.logit_scale.detach().clamp(max=math.log(100)).exp()  # and the logit scale it used
-    scaler.step(optimizer)  # fp16: the scaler itself skips steps with inf gradients
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
-    with torch.no_grad():  # the paper clamps the learnable temperature to at most 100
-        run.raw_model.logit_scale.clamp_(0, math.log(100))
-    return {"loss": loss.detach(), "logs": logs, "grad_norm": grad_norm, "lr": lr, "feats": feats,
-            "weights": weights, "scale": scale}, bool(flags[1] > 0)
-
-
-@contextmanager
-def stop_on_signals():
-    """SIGTERM (preemption) and SIGINT only set a flag: the loop finishes the step, saves and exits cleanly.
-    A second signal ends the process at once; on leaving, the previous handlers are back."""
-    stop = {"signal": None}
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-        signal.signal(signum, signal.SIG_DFL)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def device_batches(loader, device):
-    """The loader's batches on the device, epoch after epoch (the loader moves on to the next by itself).
-    Closing this generator stops the loader's workers."""
-    while True:
-        with closing(iter(loader)) as epoch:
-            for batch in epoch:
-                yield [b.to(device, non_blocking=True) for b in batch]
-
-
-def train(args):
-    """One training run as the flags say; True when it reached its last step (False: stopped by a signal)."""
-    run = Run(args)
-    step = resume(run)
-    # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
-    with stop_on_signals() as stop, closing(device_batches(run.loader, run.device)) as batches:
-        step = train_loop(run, step, stop, batches)
-    if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval) and not evaluated(run, step):
-        evaluate(run, step)
-    if run.master:
-        run.log(f"curves: {evaluation.plot_runs([args.output], os.path.join(args.output, 'curves.png'))}")
-    if run.world_size > 1:
-        dist.barrier()
-        if not args.demo:  # demo() trains again in the same process group, and ends it
-            dist.destroy_process_group()
-    return step == run.total  # False: stopped early (by a signal)
-
-
-def train_loop(run, step, stop, batches):
-    """Optimizer steps from `step` until run.total or a stop signal; returns the last step done."""
-    args, progress, meter, bad_steps = run.args, Progress(run, step), evaluation.GateMeter(run.world_size), 0
-    run.model.train()
-    while step < run.total:
-        micro = [next(batches) for _ in range(args.accum_steps)]
-        out, stopping = train_step(run, micro, stop["signal"] is not None)
-        if out is None:
-            bad_steps += 1
-            run.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-            run.log_metrics({"step": step + 1, "warning": "non-finite loss, step skipped"})
-            if bad_steps >= args.max_bad_steps:
-                raise SystemExit(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint in "
-                                 f"{args.output} is intact; lower --lr or check the data, then --resume.")
-            continue
-        bad_steps, step = 0, step + 1
-        codes = torch.cat([b[3] for b in micro])  # what the data record about each sample's texts; -1: nothing
-        if (codes >= 0).any():
-            meter.add(codes, **per_sample(run, out))
-        if step % args.log_every == 0 or step == run.total:
-            progress.log(step, out, meter.figures())
-        if step % args.save_every == 0 or step == run.total or stopping:
-            save(run, step)
-        if stopping:
-            run.log(f"stopped by signal {int(stop['signal'] or 0)} at step {step}; continue with --resume")
-            break
-        if run.master and args.eval_every and step % args.eval_every == 0 and step < run.total:
-            evaluate(run, step)
-    return step
-
 # -----------------------------------------------------------------------------
 # demo: the paper's comparison on the toy data set, and the gates checked against its truth
 
@@ -1026,7 +1152,7 @@ def bench(args):
     peak = args.peak_tflops or (989.0 if run.amp_dtype is not None and any(
         h in name for h in ("H100", "H200")) else None)  # dense bf16/fp16 tensor-core peak of the SXM parts
     flops = flops_per_sample(cfg, text_len, args.loss) * B  # useful work: trimmed text, whatever the variant
-    loss_fn = run.loss_fn
+    loss_fn = run.objective.loss_fn
     variants = [("as configured", True, None, loss_fn)]
     if args.bench_ablate:
         variants += [("no text trimming (77 tokens)", False, None, loss_fn),
@@ -1034,7 +1160,7 @@ def bench(args):
                      ("reference loss", True, None, contrastive_loss)]
     results = []
     for variant, trim, backend, fn in variants:
-        run.raw_model.trim_text, run.loss_fn = trim, fn
+        run.raw_model.trim_text, run.objective.loss_fn = trim, fn
         with sdpa_kernel(backend) if backend else nullcontext():
             for _ in range(BENCH_WARMUP):  # compilation, allocator, autotuning
                 train_step(run, micro, False)

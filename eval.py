@@ -1,6 +1,5 @@
 """Evaluate a CLIP-style model as the ALIP paper does: zero-shot classification, image-text retrieval
-and linear probe; check the gates against a data set's truth; draw training curves and compare runs;
-read weight files (ours, OpenAI's, open_clip's) without knowing the model class.
+and linear probe; check the gates against a data set's truth; draw training curves and compare runs.
 
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/imagenet/val --templates openai_imagenet
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/cifar-10-batches-py --templates cifar
@@ -39,7 +38,6 @@ import pickle
 import re
 import sys
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -434,7 +432,9 @@ def _open_image(source):
 # feature extraction
 
 
-def _autocast(device, dtype):
+def autocast(device, dtype):
+    """Autocast to dtype on device, or nothing for dtype None (fp32): the one place training and evaluation enter
+    mixed precision (alip.choose_precision picks the dtype)."""
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
@@ -492,7 +492,7 @@ def encode_images(model, samples, device, batch_size=256, workers=0, total=None,
     features, targets, state = [], [], {}
     for batch in _loaded_batches(samples, load, batch_size, workers):
         images = torch.stack([image for image, _ in batch]).to(device, non_blocking=True)  # (B, 3, S, S)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             x = model.encode_image(images)
         features.append(F.normalize(x.float(), dim=-1).cpu())
         targets += [target for _, target in batch]
@@ -509,7 +509,7 @@ def encode_texts(model, texts, device, batch_size=256, dtype=None):
     features, state = [], {}
     for start in range(0, len(texts), batch_size):
         tokens = data.tokenize(texts[start:start + batch_size], context_length=model.config.context_length)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             t = model.encode_text(tokens.to(device))
         features.append(F.normalize(t.float(), dim=-1).cpu())
         _progress("texts", min(start + batch_size, len(texts)), len(texts), state)
@@ -877,59 +877,6 @@ def compare_runs(rows):
               f"{pct('dcg_rate')}% have w_t < w_c, the caption weighted above the raw text (ALIP's per-sample "
               f"losses on the same samples: the raw text's is higher in {pct('loss_rate')}%)."]
     return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
-# weight files: our checkpoints, and the CLIP state dicts of OpenAI, open_clip and the ALIP release
-
-
-def read_weights(path):
-    """(state dict, config, openai): config is the architecture one of our checkpoints saves (a dict), else None;
-    openai: the file is one of OpenAI's TorchScript archives, whose weights were trained with QuickGELU. A missing
-    file, or one that does not load, is a data.UserError whose message starts with the path."""
-    if not os.path.isfile(path):
-        raise data.UserError(f"{path}: no such file")
-    try:
-        try:
-            with warnings.catch_warnings():  # torch.load says it hands a TorchScript archive on; we do so below
-                warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except RuntimeError as e:
-            if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
-                raise
-            return clean_state_dict(torch.jit.load(path, map_location="cpu").state_dict()), None, True
-    except Exception as error:  # a damaged or foreign file fails in many ways: zip, pickle, EOF, unicode
-        reason = type(error).__name__
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        if first and not first.startswith("Weights only load failed"):  # torch's advice there: trust the file
-            reason += f": {first[:100]}"
-        raise data.UserError(f"{path}: cannot load it: damaged, or not a PyTorch checkpoint ({reason})") from error
-    if not isinstance(obj, dict):
-        raise data.UserError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
-    if "model" in obj and "config" in obj:  # ours
-        return obj["model"], obj["config"], False
-    return clean_state_dict(obj), None, False
-
-
-def clean_state_dict(sd):
-    """Accept a bare state dict, {"state_dict": ...}, DDP's "module." prefixes and OpenAI's metadata keys."""
-    sd = sd.get("state_dict", sd)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
-
-
-def shapes_config(sd):
-    """The architecture of a CLIP state dict read off its shapes (as OpenAI's build_model does), as a dict of
-    alip.ModelConfig's fields. Head counts assume 64-wide heads, as in every OpenAI CLIP."""
-    def layers(prefix):
-        return len({k[len(prefix):].split(".")[2] for k in sd if k.startswith(prefix + ".resblocks.")})
-    vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    text_width = sd["ln_final.weight"].shape[0]
-    return dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
-                vision_width=vision_width, vision_layers=layers("visual.transformer"), vision_heads=vision_width // 64,
-                text_width=text_width, text_layers=layers("transformer"), text_heads=text_width // 64,
-                context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0])
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Model layout and numerics, gates, loss and gradient accumulation, against independent references."""
+import copy
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -215,7 +217,7 @@ def test_alip_loss_is_two_weighted_paths(mode):
     x, t = torch.randn(9, 128, generator=gen, dtype=torch.float64), torch.randn(9, 128, generator=gen, dtype=torch.float64)
     c = t + 0.5 * torch.randn(9, 128, generator=gen, dtype=torch.float64)
     gates, twin = alip.Gates(mode=mode), alip.Gates()
-    loss, logs, (w_s, w_t, w_c) = alip.alip_loss(x, t, c, model.logit_scale, gates, alip.contrastive_loss)
+    loss, logs, (w_s, w_t, w_c) = alip.alip_loss(x, t, c, alip.logit_scale(model.logit_scale), alip.Objective(gates))
     ws, wt, wc = twin(*(F.normalize(v, dim=-1) for v in (x, t, c)))
     ones = torch.ones(9, dtype=torch.float64)
     ws = ws if mode in ("all", "lcg") else ones
@@ -227,34 +229,33 @@ def test_alip_loss_is_two_weighted_paths(mode):
     torch.testing.assert_close(w_s, ws, rtol=1e-12, atol=1e-12)
 
 
+def step_on(model, micro):
+    """train_step on a run of model alone (float64, CPU, SGD at lr 1, no clipping): (the Step, the gradient as the
+    update -lr * grad moved the parameters, the gates' running means after)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    run = SimpleNamespace(model=model, raw_model=model, objective=alip.Objective(alip.Gates()), optimizer=optimizer,
+                          scaler=torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
+                          scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), amp_dtype=None,
+                          world_size=1, args=SimpleNamespace(grad_clip=0))
+    before = [p.detach().clone() for p in model.parameters()]
+    out = alip.train_step(run, micro)
+    return out, [b - p.detach() for b, p in zip(before, model.parameters())], list(run.objective.gates.buffers())
+
+
 def test_gradient_accumulation_equals_one_big_batch():
-    """K micro-batches with cached features give the gradient of the loss on their union."""
+    """K micro-batches with cached features take the step of one batch of their union."""
     torch.manual_seed(7)
     model = alip.create_model("tiny").double()  # other batch shapes sum in other orders: compare in float64
     S = model.config.image_size
-    images, text, caption = torch.randn(8, 3, S, S, dtype=torch.float64), random_tokens([3, 5, 2, 7, 4, 6, 1, 9]), random_tokens([4, 4, 4, 4, 2, 2, 2, 2])
-    def feats(i, j):
-        x, tc = model(images[i:j], torch.cat([text[i:j], caption[i:j]]))
-        return (x, *tc.chunk(2))
-
-    model.zero_grad()
-    loss, _, _ = alip.alip_loss(*feats(0, 8), model.logit_scale, alip.Gates(), alip.contrastive_loss)
-    loss.backward()
-    big = [p.grad.clone() for p in model.parameters()]
-
-    model.zero_grad()
-    gates = alip.Gates()
-    with torch.no_grad():
-        cache = [feats(0, 4), feats(4, 8)]
-    weights = None
-    for j, (i0, i1) in enumerate([(0, 4), (4, 8)]):
-        f = feats(i0, i1)
-        f = [torch.cat([c[k] if m != j else f[k] for m, c in enumerate(cache)]) for k in range(3)]
-        loss_j, _, weights = alip.alip_loss(*f, model.logit_scale, gates, alip.contrastive_loss, weights=weights,
-                                            scale_grad=j == 1)
-        loss_j.backward()
-    assert abs(loss_j.item() - loss.item()) < 1e-12 * abs(loss.item())
-    for a, b in zip(big, (p.grad for p in model.parameters())):
+    images = torch.randn(8, 3, S, S, dtype=torch.float64)
+    text, caption = random_tokens([3, 5, 2, 7, 4, 6, 1, 9]), random_tokens([4, 4, 4, 4, 2, 2, 2, 2])
+    start = copy.deepcopy(model.state_dict())
+    big, big_grads, big_H = step_on(model, [(images, text, caption)])
+    model.load_state_dict(start)
+    accum, grads, H = step_on(model, [(images[i:i + 4], text[i:i + 4], caption[i:i + 4]) for i in (0, 4)])
+    assert abs(accum.loss.item() - big.loss.item()) < 1e-12 * abs(big.loss.item())
+    torch.testing.assert_close(H, big_H, rtol=1e-12, atol=0)
+    for a, b in zip(big_grads, grads):
         # against the tensor's largest entry: entries that are ~0 by cancellation have no relative precision
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * a.abs().max().item(), msg=lambda m: report(a, b))
 
@@ -266,6 +267,6 @@ def test_logit_scale_keeps_its_gradient_at_the_cap():
     with torch.no_grad():
         model.logit_scale.fill_(math.log(100))
     x, t, c = (torch.randn(6, 128, generator=gen) for _ in range(3))
-    loss, _, _ = alip.alip_loss(x, t, c, model.logit_scale, alip.Gates(), alip.contrastive_loss)
+    loss, _, _ = alip.alip_loss(x, t, c, alip.logit_scale(model.logit_scale), alip.Objective(alip.Gates()))
     loss.backward()
     assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0

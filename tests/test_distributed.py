@@ -30,11 +30,10 @@ def global_batch():
 
 def step(model, images, text, caption, world_size, rank, loss):
     x, tc = model(images, torch.cat([text, caption]))
-    gates = alip.Gates(init=0.1)
-    out, logs, weights = alip.alip_loss(x, *tc.chunk(2), alip_module(model).logit_scale, gates, alip.contrastive_loss,
-                                        bipath=loss == "alip", world_size=world_size, rank=rank)
-    out.backward()
-    return out.detach(), weights, gates.H_tc.clone()
+    objective = alip.Objective(alip.Gates(init=0.1), bipath=loss == "alip", rank=rank, world_size=world_size)
+    out = alip.alip_loss(x, *tc.chunk(2), alip.logit_scale(alip_module(model).logit_scale), objective)
+    out.loss.backward()
+    return out.loss.detach(), out.weights, objective.gates.H_tc.clone()
 
 
 def alip_module(model):
