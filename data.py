@@ -212,7 +212,8 @@ MAX_PIXELS = 8192 * 8192  # decompression-bomb cap, checked from the header befo
 # every open, in every worker. Each of them is above MAX_PIXELS as well, so it is refused and counted as
 # image_too_large: the warning says nothing that loader.skipped does not.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members of a shard; clip_benchmark's wds_* exports use webp
+# Image files and shard members, for training and evaluation alike (clip_benchmark's wds_* exports use webp).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 
 
 def decode_image(raw, min_side=0, max_pixels=MAX_PIXELS):
@@ -341,16 +342,24 @@ def expand_shards(spec):
     return out
 
 
-def find_shards(spec):
-    """expand_shards(spec) for a command's input: a UserError if none of them exists."""
+def find_shards(spec, every=False):
+    """expand_shards(spec) for a command's input: a UserError if none of them exists, or with every=True if any is
+    missing (an evaluation must score every sample; training counts a missing shard when it reads it)."""
     shards = expand_shards(spec)
-    if any(os.path.exists(s) for s in shards):
+    missing = [s for s in shards if not os.path.exists(s)]
+    if shards and (not missing or len(missing) < len(shards) and not every):
         return shards
     if not shards:
-        there = "a directory without .tar shards" if os.path.isdir(str(spec)) else "no shards match it"
+        there = "no shards match it"
+        if os.path.isdir(str(spec)):
+            loose = any(f.lower().endswith(tuple("." + e for e in IMAGE_EXTS)) for f in os.listdir(spec))
+            there = ("a folder of images, not of .tar shards: make shards of them with `python data.py make TABLE "
+                     "OUT`, TABLE a CSV or JSONL with the columns image, text and caption" if loose
+                     else "a directory without .tar shards")
         raise UserError(f"{spec}: {there}")
-    raise UserError(f"{spec}: no such file or directory" if len(shards) == 1 else
-                    f"{spec}: none of its {len(shards)} shards exists, e.g. {shards[0]}")
+    if len(shards) == 1:
+        raise UserError(f"{spec}: no such file or directory")
+    raise UserError(f"{spec}: {len(missing)} of its {len(shards)} shards do not exist, e.g. {missing[0]}")
 
 
 def _split_name(name):

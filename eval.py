@@ -50,7 +50,6 @@ import data
 IMAGE_PROBLEMS = {"empty_image": "the file is empty", "not_an_image": "not an image Pillow can read",
                   "corrupt_image": "truncated or corrupt", "image_too_large": "more pixels than Pillow's limit "
                   "(a decompression bomb?)"}  # data.decode_image's reasons, for a message
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
 ZEROSHOT_LOGIT_SCALE = 100.0  # CLIP's fixed zero-shot temperature; irrelevant to the ranking, kept for the logits
 
 
@@ -315,23 +314,14 @@ def _read_imagefolder(path):
     samples = []
     for label, name in enumerate(classes):
         for root, _, files in sorted(os.walk(os.path.join(path, name), followlinks=True)):
-            samples += [(os.path.join(root, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+            samples += [(os.path.join(root, f), label) for f in sorted(files)
+                        if f.lower().rpartition(".")[2] in data.IMAGE_EXTS]
     if not samples:
-        raise EvalError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its sub-folders; for shards, "
+        raise EvalError(f"{path}: no images ({', '.join(data.IMAGE_EXTS)}) in its sub-folders; for shards, "
                         "give the folder that holds the .tar files")
     if len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", c) for c in classes):
         return samples, load_classnames("imagenet")  # ImageNet's sorted WordNet ids are its label order
     return samples, [_readable(c) for c in classes]
-
-
-def _shard_list(path):
-    shards = data.expand_shards(path)
-    if not shards:
-        raise EvalError(f"{path}: no .tar shards found")
-    missing = [s for s in shards if not os.path.isfile(s)]
-    if missing:
-        raise EvalError(f"{path}: {len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}")
-    return shards
 
 
 def _iter_shard_samples(shards, key, parse, skipped):
@@ -367,7 +357,7 @@ def read_classification(path, split="test", classnames=None):
     elif layout == "imagefolder":
         samples, names = _read_imagefolder(path)
     elif layout == "shards":
-        shards = _shard_list(path)
+        shards = data.find_shards(path, every=True)
         samples = _iter_shard_samples(shards, "cls", lambda raw: int(raw.decode().strip()), skipped)
         names = _shard_classnames(shards)
     else:
@@ -409,7 +399,7 @@ def read_retrieval(path, images=None, split="test"):
     if layout == "shards":
         def captions(raw):  # one caption per line
             return [line.strip() for line in raw.decode().splitlines() if line.strip()] or None
-        return _iter_shard_samples(_shard_list(path), "txt", captions, skipped), skipped
+        return _iter_shard_samples(data.find_shards(path, every=True), "txt", captions, skipped), skipped
     raise EvalError(f"{path}: looks like {'CIFAR' if layout == 'cifar' else 'an ImageFolder'}; retrieval needs a "
                     "Karpathy-split .json or shards with .txt captions")
 
@@ -684,6 +674,13 @@ PANELS = [
 UNIT_PANELS = ("evaluation", "gate quality against the truth")
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 DASHES = [None, (10, 6), (3, 4), (14, 4, 3, 4)]  # per run: solid, dashed, dotted, dash-dot
+PANEL, LEGEND = (460, 360), 70  # a panel's size and the figure legend's height above the panels, in pixels
+
+
+def plot_area(n, cols):
+    """(left, right, top, bottom) pixels of panel n's plotting area in a figure of `cols` columns."""
+    ox, oy = (n % cols) * PANEL[0], LEGEND + (n // cols) * PANEL[1]
+    return ox + 70, ox + PANEL[0] - 20, oy + 34, oy + PANEL[1] - 110
 
 
 def read_metrics(path):
@@ -773,8 +770,8 @@ def plot_runs(run_dirs, out_path, names=None):
     panels = [p for p in panels if p[1]] or [("no metrics yet", [])]
     cols = 4 if len(panels) > 4 else len(panels)
     rows = math.ceil(len(panels) / cols)
-    pw, ph, top = 460, 360, 70
-    img = Image.new("RGB", (cols * pw, rows * ph + top), "white")
+    pw, ph = PANEL
+    img = Image.new("RGB", (cols * pw, rows * ph + LEGEND), "white")
     draw = ImageDraw.Draw(img)
     f_title, f_text, f_small = _font(20), _font(15), _font(13)
     # Figure legend: one dash style per run.
@@ -787,8 +784,8 @@ def plot_runs(run_dirs, out_path, names=None):
         draw.text((x + 58, 15), label, fill="black", font=f_text)
         x += 58 + draw.textlength(label, font=f_text) + 40
     for n, (title, keys) in enumerate(panels):
-        ox, oy = (n % cols) * pw, top + (n // cols) * ph
-        l, r, t, b = ox + 70, ox + pw - 20, oy + 34, oy + ph - 110  # plot area
+        ox, oy = (n % cols) * pw, LEGEND + (n // cols) * ph
+        l, r, t, b = plot_area(n, cols)
         draw.text((ox + pw / 2, oy + 6), title, fill="black", font=f_title, anchor="mt")
         all_pts = [p for k, _ in keys for _, rec in runs for p in _series(rec, k)]
         if not all_pts:

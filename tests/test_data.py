@@ -2,6 +2,7 @@
 import collections
 import io
 import json
+import math
 import os
 import struct
 import zlib
@@ -360,9 +361,13 @@ def test_make_and_add_captions_round_trip(tmp_path, capsys):
     assert data.inspect(str(tmp_path / "out2"))["usable"] == 5
 
 
-def test_bench_smoke(tmp_path):
+def test_bench_counts_what_it_decodes(tmp_path):
+    """The benchmark's bookkeeping: the images it read, their size, and the figures derived from its rates."""
     r = data.bench(_shards(tmp_path / "s", 2, 8), image_size=16, workers=0, batch_size=4, seconds=0.05)
-    assert r["baseline_per_core"] > 0 and r["ours_per_core"] > 0 and r["loader_images_per_s"] > 0
+    assert r["images"] == 16 and r["mean_pixels"] == 40 * 32 and r["image_size"] == 16
+    assert r["speedup"] == r["ours_per_core"] / r["baseline_per_core"]
+    assert r["workers_for_4000_per_s"] == math.ceil(4000 / r["loader_images_per_s"])  # 0 workers: one process
+    assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("baseline_per_core", "ours_per_core", "loader_images_per_s"))
 
 
 # --- demo dataset

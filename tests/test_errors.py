@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from PIL import Image
 
 import alip
 import data
+import eval as evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server needs Linux")
@@ -151,27 +153,45 @@ TRAIN = ["alip.py", "--data", "{train}", "--model", "tiny", "--batch-size", "16"
          "--output", "{out}"]
 EVAL = ["eval.py", "zeroshot", "--dataset", "{folder}", "--templates", "simple", "--workers", "0", "--device", "cpu"]
 
-# (id, argv, what stderr must name); argparse lets a repeated flag override the earlier one
+# Flags that argparse refuses, checked in-process: (id, argv, the flag the one-line message must name);
+# argparse lets a repeated flag override the earlier one.
+FLAG_ROWS = [
+    ("batch-size-0", TRAIN + ["--batch-size", "0"], "--batch-size"),
+    ("batch-size-negative", TRAIN + ["--batch-size", "-4"], "--batch-size"),
+    ("lr-negative", TRAIN + ["--lr", "-1"], "--lr"),
+    ("lr-not-a-number", TRAIN + ["--lr", "fast"], "--lr"),
+    ("steps-0", TRAIN + ["--steps", "0"], "--steps"),
+    ("epochs-0", TRAIN[:7] + ["--epochs", "0", "--output", "{out}"], "--epochs"),
+    ("warmup-negative", TRAIN + ["--warmup", "-1"], "--warmup"),
+    ("workers-negative", TRAIN + ["--workers", "-1"], "--workers"),
+    ("accum-steps-0", TRAIN + ["--accum-steps", "0"], "--accum-steps"),
+    ("save-every-0", TRAIN + ["--save-every", "0"], "--save-every"),
+    ("log-every-0", TRAIN + ["--log-every", "0"], "--log-every"),
+    ("keep-0", TRAIN + ["--keep", "0"], "--keep"),
+    ("max-bad-fraction-2", TRAIN + ["--max-bad-fraction", "2"], "--max-bad-fraction"),
+    ("max-bad-steps-0", TRAIN + ["--max-bad-steps", "0"], "--max-bad-steps"),
+    ("grad-clip-negative", TRAIN + ["--grad-clip", "-1"], "--grad-clip"),
+    ("wd-negative", TRAIN + ["--wd", "-0.1"], "--wd"),
+    ("momentum-1.5", TRAIN + ["--momentum", "1.5"], "--momentum"),
+    ("train-num-samples-0", TRAIN + ["--train-num-samples", "0"], "--train-num-samples"),
+    ("eval-every-negative", TRAIN + ["--eval-every", "-5"], "--eval-every"),
+    ("make-shard-size-0", ["data.py", "make", "table.csv", "{out}", "--shard-size", "0"], "--shard-size"),
+    ("eval-batch-size-0", EVAL + ["--checkpoint", "ck.pt", "--batch-size", "0"], "--batch-size"),
+]
+MAINS = {"alip.py": alip.parse_args, "data.py": data.main,
+         "eval.py": lambda argv: evaluation.main(argv, load_model=None, choose_precision=None)}
+
+
+@pytest.mark.parametrize("row, argv, flag", FLAG_ROWS, ids=[r[0] for r in FLAG_ROWS])
+def test_bad_flags_are_one_line_naming_the_flag(tmp_path, row, argv, flag):
+    argv = [a.format(train=tmp_path, out=tmp_path, folder=tmp_path) for a in argv]
+    with pytest.raises(data.UserError, match=re.escape(flag)) as e:
+        MAINS[argv[0]](argv[1:])
+    assert "\n" not in str(e.value) and os.listdir(tmp_path) == []
+
+
+# Everything else runs as a command: (id, argv, what stderr must name)
 ROWS = [
-    ("batch-size-0", TRAIN + ["--batch-size", "0"], ["--batch-size"]),
-    ("batch-size-negative", TRAIN + ["--batch-size", "-4"], ["--batch-size"]),
-    ("lr-negative", TRAIN + ["--lr", "-1"], ["--lr"]),
-    ("lr-not-a-number", TRAIN + ["--lr", "fast"], ["--lr"]),
-    ("steps-0", TRAIN + ["--steps", "0"], ["--steps"]),
-    ("epochs-0", TRAIN[:7] + ["--epochs", "0", "--output", "{out}"], ["--epochs"]),
-    ("warmup-negative", TRAIN + ["--warmup", "-1"], ["--warmup"]),
-    ("workers-negative", TRAIN + ["--workers", "-1"], ["--workers"]),
-    ("accum-steps-0", TRAIN + ["--accum-steps", "0"], ["--accum-steps"]),
-    ("save-every-0", TRAIN + ["--save-every", "0"], ["--save-every"]),
-    ("log-every-0", TRAIN + ["--log-every", "0"], ["--log-every"]),
-    ("keep-0", TRAIN + ["--keep", "0"], ["--keep"]),
-    ("max-bad-fraction-2", TRAIN + ["--max-bad-fraction", "2"], ["--max-bad-fraction"]),
-    ("max-bad-steps-0", TRAIN + ["--max-bad-steps", "0"], ["--max-bad-steps"]),
-    ("grad-clip-negative", TRAIN + ["--grad-clip", "-1"], ["--grad-clip"]),
-    ("wd-negative", TRAIN + ["--wd", "-0.1"], ["--wd"]),
-    ("momentum-1.5", TRAIN + ["--momentum", "1.5"], ["--momentum"]),
-    ("train-num-samples-0", TRAIN + ["--train-num-samples", "0"], ["--train-num-samples"]),
-    ("eval-every-negative", TRAIN + ["--eval-every", "-5"], ["--eval-every"]),
     ("data-missing", TRAIN + ["--data", "{inputs}/no/such/dir"], ["no/such/dir"]),
     ("data-empty-tar", TRAIN + ["--data", "{inputs}/empty.tar"], ["empty.tar"]),
     ("data-dir-without-tars", TRAIN + ["--data", "{inputs}/no_tars"], ["no_tars"]),
@@ -197,8 +217,6 @@ ROWS = [
     ("make-no-image-column", ["data.py", "make", "{inputs}/make/no_image_column.csv", "{out}"],
      ["no_image_column.csv", "image"]),
     ("make-images-missing", ["data.py", "make", "{inputs}/make/images_missing.csv", "{out}"], ["img/a.jpg"]),
-    ("make-shard-size-0", ["data.py", "make", "{inputs}/make/images_missing.csv", "{out}", "--shard-size", "0"],
-     ["--shard-size"]),
     ("eval-checkpoint-missing", EVAL + ["--checkpoint", "{inputs}/gone.pt"], ["gone.pt"]),
     ("eval-checkpoint-text-file", EVAL + ["--checkpoint", "{inputs}/notes.txt"], ["notes.txt"]),
     ("eval-checkpoint-truncated", EVAL + ["--checkpoint", "{inputs}/truncated.pt"], ["truncated.pt"]),
@@ -209,7 +227,6 @@ ROWS = [
     ("eval-classnames-count", EVAL + ["--checkpoint", "{ckpt}", "--classnames", "{inputs}/two_names.txt"],
      ["two_names.txt", "3"]),
     ("eval-dataset-missing", EVAL + ["--checkpoint", "{ckpt}", "--dataset", "{inputs}/no/such/dir"], ["no/such/dir"]),
-    ("eval-batch-size-0", EVAL + ["--checkpoint", "{ckpt}", "--batch-size", "0"], ["--batch-size"]),
 ]
 
 

@@ -1,16 +1,20 @@
 """End to end on the CPU: training lowers the loss, a killed run resumes bit for bit, bad steps are caught."""
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import alip
 import data
+import eval as evaluation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +58,23 @@ def test_training_lowers_the_loss(shards, tmp_path):
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         logged = [r for r in map(json.loads, f) if "loss" in r]
     assert all(0 <= r["truth/loss_auc"] <= 1 and r["truth/w_s_clean"] == 1.0 for r in logged)  # gates off: w_s = 1
-    assert os.path.getsize(os.path.join(tmp_path, "curves.png")) > 10_000
+    assert_loss_panel_falls(os.path.join(tmp_path, "curves.png"), logged)
+
+
+def assert_loss_panel_falls(png, records):
+    """curves.png has a panel for each group of keys the records hold, and the first, the loss, shows the raw-text
+    path's line (its colour) ending lower than it starts."""
+    panels = [title for title, keys in evaluation.PANELS if any(k in r for r in records for k, _ in keys)]
+    cols = min(4, len(panels))
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape[:2] == (math.ceil(len(panels) / cols) * evaluation.PANEL[1] + evaluation.LEGEND,
+                             cols * evaluation.PANEL[0]), (img.shape, panels)
+    l, r, t, b = evaluation.plot_area(0, cols)
+    ys, xs = np.nonzero((img[t:b, l:r] == evaluation.COLOURS[0]).all(-1))
+    assert xs.size > 100, "no loss line in the loss panel"
+    span = xs.max() - xs.min()
+    start, end = ys[xs < xs.min() + span / 5].mean(), ys[xs > xs.max() - span / 5].mean()
+    assert end > start + 5, (start, end)  # rows grow downwards: a falling loss ends further down
 
 
 def kill_after(cmd, out, step, sig):
