@@ -261,29 +261,34 @@ class Gates(nn.Module):
 LOG_MAX_SCALE = math.log(100)  # the paper caps the logit scale s = exp(learnable) at 100
 
 
-def logit_scale(param):
+def capped_scale(param):
     """s = exp(param), at most 100. The cap applies before exp: exp(ln 100) rounds above 100 in fp32, so a cap after
     it would cut the gradient of weights that start at the cap, as OpenAI's do."""
     return param.clamp(max=LOG_MAX_SCALE).exp()
 
 
-def contrastive_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, offset=0, reduction="mean"):
-    """mean_i w_i (CE_i(x->t) + CE_i(t->x)) / 2 with logits s * x t^T: the readable reference.
+def sample_losses(x, t, logit_scale, x_all=None, t_all=None):
+    """(CE_i(x->t) + CE_i(t->x)) / 2 for each of this rank's n samples, with logits s x t^T: (n,).
 
-    x, t: (n, D) L2-normalized; logit_scale: the scale s. With x_all, t_all (N, D), the local loss of
-    multi-GPU training: this rank's n rows, which are rows offset..offset+n-1 of the gathered N, against all N.
-    reduction="none": the n per-sample terms instead of their mean. kernels.gated_clip_loss computes the same
-    without materialising the n x N logits. The kernel file keeps a PyTorch reference of its own, as each kernel
-    file does; tests/test_alip.py pins the two equal.
+    x, t: (n, D) L2-normalized; logit_scale: the scale s. With x_all, t_all (N, D), the rows gathered from every
+    rank (this rank's among them): the local loss of multi-GPU training, this rank's rows against all N.
+    CE_i = LSE_j(logits_ij) - s x_i.t_i: the positive pair is this rank's own, so its gradient reaches x and t here
+    and the gather's gradient brings the rest.
     """
     x_all = x if x_all is None else x_all
     t_all = t if t_all is None else t_all
-    labels = torch.arange(x.shape[0], device=x.device) + offset
-    ce_xt = F.cross_entropy(logit_scale * x @ t_all.T, labels, reduction="none")  # (n,) image -> texts
-    ce_tx = F.cross_entropy(logit_scale * t @ x_all.T, labels, reduction="none")  # (n,) text -> images
-    per_sample = (ce_xt + ce_tx) / 2
-    per_sample = per_sample if weight is None else weight * per_sample
-    return per_sample if reduction == "none" else per_sample.mean()  # Eq. 5: one path, gate-weighted
+    positive = logit_scale * (x * t).sum(-1)  # (n,)
+    ce_xt = torch.logsumexp(logit_scale * x @ t_all.T, dim=1) - positive  # (n,) image -> texts
+    ce_tx = torch.logsumexp(logit_scale * t @ x_all.T, dim=1) - positive  # (n,) text -> images
+    return (ce_xt + ce_tx) / 2
+
+
+def contrastive_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None):
+    """Eq. 5: mean_i w_i (CE_i(x->t) + CE_i(t->x)) / 2, the readable reference. kernels' fused gated_clip_loss
+    computes the same without materialising the n x N logits; the kernel file keeps a PyTorch reference of its own,
+    as each kernel file does, and tests/test_alip.py pins the two equal."""
+    per_sample = sample_losses(x, t, logit_scale, x_all, t_all)
+    return (per_sample if weight is None else weight * per_sample).mean()
 
 
 def gather_with_grad(x, world_size):
@@ -329,7 +334,7 @@ def alip_loss(x, t, c, s, objective, weights=None):
 
     def path(k, k_all, w):  # Eq. 5 for the pairs (x_i, k_i), in the loss's dtype
         cast = (lambda f: f) if o.loss_dtype is None else (lambda f: f.to(o.loss_dtype))
-        gathered = {} if o.world_size == 1 else dict(x_all=cast(x_all), t_all=cast(k_all), offset=offset)
+        gathered = {} if o.world_size == 1 else dict(x_all=cast(x_all), t_all=cast(k_all))
         return o.loss_fn(cast(x), cast(k), s, w, **gathered)
 
     if not o.bipath:
@@ -418,7 +423,7 @@ def forward_backward(run, micro):
             if cache is not None:  # this micro-batch with grad, the others from the cache
                 feats = [None if f is None else torch.cat([c[i] if k != j else f for k, c in enumerate(cache)])
                          for i, f in enumerate(feats)]
-            s = logit_scale(run.raw_model.logit_scale)
+            s = capped_scale(run.raw_model.logit_scale)
             out = alip_loss(*feats, s if j == K - 1 else s.detach(), run.objective, weights)
             weights = out.weights
             run.scaler.scale(out.loss).backward()
@@ -445,7 +450,7 @@ def train_step(run, micro, stop_requested=False):
         optimizer.zero_grad(set_to_none=True)
         return None  # a stop waits for the next good step, which saves
     lr = run.scheduler.get_last_lr()[0]  # the rate this step uses
-    scale = logit_scale(run.raw_model.logit_scale.detach())  # and the scale
+    scale = capped_scale(run.raw_model.logit_scale.detach())  # and the scale
     scaler.step(optimizer)  # fp16: the scaler itself skips steps with inf gradients
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -671,7 +676,7 @@ class Progress:
             dist.all_reduce(values)
             values /= run.world_size
         r = {"step": step, **dict(zip(["loss", *out.logs], values.tolist())), "lr": out.lr,
-             "logit_scale": logit_scale(run.raw_model.logit_scale).item(), "grad_norm": out.grad_norm.item(),
+             "logit_scale": capped_scale(run.raw_model.logit_scale).item(), "grad_norm": out.grad_norm.item(),
              "samples_per_s": rate}
         r.update({f"truth/{k}": v for k, v in (truth or {}).items()})
         skipped = dict(run.loader.skipped)
@@ -693,9 +698,9 @@ def per_sample(run, out):
     plain detector of noisy samples that the gates are compared to (eval.gate_quality)."""
     x, t, c = (None if f is None else F.normalize(f.float(), dim=-1) for f in out.feats)
     s = out.scale
-    rows = {"loss_raw": contrastive_loss(x, t, s, reduction="none")}
+    rows = {"loss_raw": sample_losses(x, t, s)}
     if c is not None:
-        rows["loss_caption"] = contrastive_loss(x, c, s, reduction="none")
+        rows["loss_caption"] = sample_losses(x, c, s)
     if out.weights is not None:
         offset = run.rank * len(x)
         rows.update(zip(("w_s", "w_t", "w_c"), (w[offset:offset + len(x)] for w in out.weights)))

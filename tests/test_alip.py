@@ -185,7 +185,7 @@ def test_local_losses_average_to_the_global_loss_and_gradients():
     gx, gt, gs = torch.autograd.grad(full, (x, t, s))
     n = N // ranks
     local = sum(alip.contrastive_loss(x[r * n:(r + 1) * n], t[r * n:(r + 1) * n], s, w[r * n:(r + 1) * n].double(),
-                                      x_all=x, t_all=t, offset=r * n) for r in range(ranks)) / ranks
+                                      x_all=x, t_all=t) for r in range(ranks)) / ranks
     lx, lt, ls = torch.autograd.grad(local, (x, t, s))
     for a, b in ((full, local), (gx, lx), (gt, lt), (gs, ls)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -201,11 +201,12 @@ def test_contrastive_loss_equals_the_kernel_files_reference(gathered):
     w = torch.rand(n if gathered else N, generator=gen, dtype=torch.float64) + 0.5
     for weight in (None, w):
         if gathered:  # this rank's rows of the gathered features, as on one of several ranks
-            x, t, kw = x_all[offset:offset + n], t_all[offset:offset + n], dict(x_all=x_all, t_all=t_all, offset=offset)
+            x, t, kw = x_all[offset:offset + n], t_all[offset:offset + n], dict(x_all=x_all, t_all=t_all)
         else:
             x, t, kw = x_all, t_all, {}
-        got = [(loss, *torch.autograd.grad(loss, (x_all, t_all, s))) for loss in
-               (fn(x, t, s, weight, **kw) for fn in (alip.contrastive_loss, kernels.gated_clip_loss_reference))]
+        losses = (alip.contrastive_loss(x, t, s, weight, **kw),
+                  kernels.gated_clip_loss_reference(x, t, s, weight, **kw, offset=offset if gathered else 0))
+        got = [(loss, *torch.autograd.grad(loss, (x_all, t_all, s))) for loss in losses]
         for a, b in zip(*got):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: report(a, b))
 
@@ -217,7 +218,7 @@ def test_alip_loss_is_two_weighted_paths(mode):
     x, t = torch.randn(9, 128, generator=gen, dtype=torch.float64), torch.randn(9, 128, generator=gen, dtype=torch.float64)
     c = t + 0.5 * torch.randn(9, 128, generator=gen, dtype=torch.float64)
     gates, twin = alip.Gates(mode=mode), alip.Gates()
-    loss, logs, (w_s, w_t, w_c) = alip.alip_loss(x, t, c, alip.logit_scale(model.logit_scale), alip.Objective(gates))
+    loss, logs, (w_s, w_t, w_c) = alip.alip_loss(x, t, c, alip.capped_scale(model.logit_scale), alip.Objective(gates))
     ws, wt, wc = twin(*(F.normalize(v, dim=-1) for v in (x, t, c)))
     ones = torch.ones(9, dtype=torch.float64)
     ws = ws if mode in ("all", "lcg") else ones
@@ -267,6 +268,6 @@ def test_logit_scale_keeps_its_gradient_at_the_cap():
     with torch.no_grad():
         model.logit_scale.fill_(math.log(100))
     x, t, c = (torch.randn(6, 128, generator=gen) for _ in range(3))
-    loss, _, _ = alip.alip_loss(x, t, c, alip.logit_scale(model.logit_scale), alip.Objective(alip.Gates()))
+    loss, _, _ = alip.alip_loss(x, t, c, alip.capped_scale(model.logit_scale), alip.Objective(alip.Gates()))
     loss.backward()
     assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0

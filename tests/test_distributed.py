@@ -31,7 +31,7 @@ def global_batch():
 def step(model, images, text, caption, world_size, rank, loss):
     x, tc = model(images, torch.cat([text, caption]))
     objective = alip.Objective(alip.Gates(init=0.1), bipath=loss == "alip", rank=rank, world_size=world_size)
-    out = alip.alip_loss(x, *tc.chunk(2), alip.logit_scale(alip_module(model).logit_scale), objective)
+    out = alip.alip_loss(x, *tc.chunk(2), alip.capped_scale(alip_module(model).logit_scale), objective)
     out.loss.backward()
     return out.loss.detach(), out.weights, objective.gates.H_tc.clone()
 
