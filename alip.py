@@ -553,6 +553,9 @@ class Run:
         torch.manual_seed(args.seed)  # same initial weights on every rank; data randomness is seeded separately
         self.amp_dtype, self.precision = choose_precision(device, args.precision)
         self.log(f"device {device} x {world_size}, precision: {self.precision}")
+        self.lock = self.metrics = None
+        if self.master and not args.bench:
+            self.lock = claim_output(args)
         if args.demo and not args.data:
             self.use_demo_data()
         self.raw_model = create_model(args.model, args.quick_gelu)  # saved and evaluated, also when compiled
@@ -574,6 +577,9 @@ class Run:
             self.use_data()
         self.optimizer = configure_optimizer(self.raw_model, args.lr, args.wd, device)
         self.scheduler = cosine_schedule(self.optimizer, args.warmup, self.total)
+        if args.warmup >= self.total and not args.bench:
+            self.log(f"warning: --warmup {args.warmup} is not shorter than the run ({self.total} steps): the learning "
+                     f"rate peaks at {self.total / args.warmup:.0%} of --lr {args.lr}")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
 
     def use_data(self):
@@ -600,8 +606,14 @@ class Run:
 
     def log_metrics(self, record):
         if self.master:
-            with open(os.path.join(self.args.output, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.metrics.log(record)
+
+    def close(self, curves=None):
+        """Rank 0: the reporters end (sent the curves), and --output's lock goes."""
+        if self.metrics:
+            self.metrics.close(curves)
+        if self.lock:
+            self.lock.close()
 
     def use_demo_data(self):
         """--demo without --data: rank 0 writes the demo set next to --output; train and evaluate on it."""
@@ -619,15 +631,19 @@ class Run:
 
 def train(args):
     """One training run as the flags say; True when it reached its last step (False: stopped by a signal)."""
-    run = Run(args)
-    step = resume(run)
-    # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
-    with stop_on_signals() as stop, closing(device_batches(run.loader, run.device)) as batches:
-        step = train_loop(run, step, stop, batches)
-    if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval) and not evaluated(run, step):
-        evaluate(run, step)
-    if run.master:
-        run.log(f"curves: {evaluation.plot_runs([args.output], os.path.join(args.output, 'curves.png'))}")
+    run, curves = Run(args), None
+    try:
+        step = resume(run)
+        # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
+        with stop_on_signals() as stop, closing(device_batches(run.loader, run.device)) as batches:
+            step = train_loop(run, step, stop, batches)
+        if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval) and not evaluated(run, step):
+            evaluate(run, step)
+        if run.master:
+            curves = evaluation.plot_runs([args.output], os.path.join(args.output, "curves.png"))
+            run.log(f"curves: {curves}")
+    finally:
+        run.close(curves)
     if run.world_size > 1:
         dist.barrier()
         if not args.demo:  # demo() trains again in the same process group, and ends it
@@ -687,7 +703,9 @@ class Progress:
                    f"w_s {r['w_s']:.3f} w_t {r['w_t']:.3f} w_c {r['w_c']:.3f} "
                    f"H_tc {r['H_tc']:.3f} H_xt {r['H_xt']:.3f} H_xc {r['H_xc']:.3f} " if run.objective.bipath else "")
                 + f"scale {r['logit_scale']:.1f} lr {r['lr']:.2e} {rate:.0f} samples/s ETA {eta / 60:.1f} min"
-                + (f" skipped {sum(skipped.values())}" if skipped else "")
+                + (f" skipped {sum(skipped.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(
+                    skipped.items(), key=lambda kv: -kv[1])[:3]) + (", ..." if len(skipped) > 3 else "") + ")"
+                   if skipped else "")
                 + (" | " + evaluation.gate_summary(truth) if truth else ""))
         run.log_metrics(r)
 
@@ -765,14 +783,22 @@ def save_checkpoint(out_dir, state, keep):
     return path
 
 
-def trim_metrics(out_dir, step):
-    """Drop the metrics logged after `step`, the checkpoint a run resumes from or 0 (those steps are about to run
-    again), and a line torn by a kill."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        kept = [json.dumps(r) + "\n" for r in evaluation.read_metrics(path) if r["step"] <= step]
-        with data.atomic_write(path, "w") as f:
-            f.writelines(kept)
+def claim_output(args):
+    """Rank 0, before anything is built: hold --output's lock (one run per folder at a time; this is also the first
+    write there), delete the temp files of a save that a kill cut short, and refuse a fresh run over another run's
+    checkpoints (pruning would delete them, and the new run's first checkpoint, which sorts before them)."""
+    try:
+        lock = data.lock_directory(args.output)
+    except data.UserError as e:
+        raise data.UserError(f"--output {e}") from e
+    for tmp in glob.glob(os.path.join(args.output, "*.tmp")) + glob.glob(os.path.join(args.output, "*.tmp[0-9]*")):
+        os.remove(tmp)  # no other process writes here while we hold the lock
+    if not args.resume and latest_checkpoint(args.output):
+        lock.close()
+        raise data.UserError(f"--output {args.output} holds the checkpoints of an earlier run (the newest: "
+                             f"{os.path.basename(latest_checkpoint(args.output))}); pass --resume to continue it, "
+                             "or another --output")
+    return lock
 
 
 CHECKPOINT_KEYS = {"model", "config", "optimizer", "scheduler", "scaler", "gates", "data", "rng", "step"}
@@ -814,14 +840,9 @@ def resume(run):
     """The step to start from: 0, or with --resume that of the newest checkpoint in --output that loads, all
     state restored. Newer checkpoints that do not load, or are of another architecture, are moved aside."""
     args = run.args
-    os.makedirs(args.output, exist_ok=True)
     path, ckpt, passed = None, None, []
     if args.resume:
         path, ckpt, passed = newest_resumable(args.output, asdict(run.raw_model.config))
-    elif latest_checkpoint(args.output):  # a fresh run would prune them, and its own first checkpoint with them
-        raise data.UserError(f"--output {args.output} holds the checkpoints of an earlier run (the newest: "
-                             f"{os.path.basename(latest_checkpoint(args.output))}); pass --resume to continue it, "
-                             "or another --output")
     if run.world_size > 1:
         seen = [None] * run.world_size
         dist.all_gather_object(seen, path and os.path.basename(path))
@@ -851,8 +872,10 @@ def resume(run):
         step = ckpt["step"]
         run.log(f"resumed from {path} at step {step}")
     if run.master:
-        trim_metrics(args.output, step)
-        with open(os.path.join(args.output, "config.json"), "w") as f:
+        options = dict(project=args.wandb_project, name=args.wandb_name or os.path.basename(os.path.abspath(args.output)),
+                       tags=args.wandb_tags, config=vars(args), resume=args.resume)
+        run.metrics = evaluation.RunLog(args.output, step, args.report_to, options)
+        with data.atomic_write(os.path.join(args.output, "config.json"), "w") as f:
             json.dump({"args": vars(args), "model": asdict(run.raw_model.config)}, f, indent=1)
     return step
 
@@ -1036,9 +1059,9 @@ def parse_args(argv=None):
                    help="make the toy data set, train the CLIP baseline and ALIP on it as `tiny`, compare them")
     p.add_argument("--seeds", type=int, nargs="+", help="--demo: one CLIP and one ALIP run per seed, mean ± sd")
     # model
-    p.add_argument("--model", default="ViT-B-32", choices=list(PRESETS))
+    p.add_argument("--model", default="ViT-B-32", choices=list(PRESETS), help="architecture (open_clip's names)")
     p.add_argument("--quick-gelu", action="store_true", help="QuickGELU, as OpenAI's weights need")
-    p.add_argument("--init", help="initial weights: a CLIP/open_clip/ALIP state dict or one of our checkpoints")
+    p.add_argument("--init", help="initial weights: a run directory, one of our checkpoints, or a CLIP/open_clip/ALIP state dict")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     # method
     p.add_argument("--loss", default="alip", choices=["alip", "clip"], help="alip: bi-path; clip: raw text only")
@@ -1049,19 +1072,20 @@ def parse_args(argv=None):
     # optimization
     p.add_argument("--batch-size", type=data.positive_int, default=256, help="per rank, per micro-step")
     p.add_argument("--accum-steps", type=data.positive_int, default=1, help="micro-batches per step (features cached)")
-    p.add_argument("--epochs", type=data.positive_float, default=32)
+    p.add_argument("--epochs", type=data.positive_float, default=32, help="passes over the data")
     p.add_argument("--steps", type=data.positive_int, help="total optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=data.positive_float, default=1e-3)
+    p.add_argument("--lr", type=data.positive_float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=data.nonnegative_int, default=2000, help="linear warmup steps")
-    p.add_argument("--wd", type=data.nonnegative_float, default=0.2)
+    p.add_argument("--wd", type=data.nonnegative_float, default=0.2, help="weight decay (not on gains, biases, ...)")
     p.add_argument("--grad-clip", type=data.nonnegative_float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--max-bad-steps", type=data.positive_int, default=5,
                    help="stop after this many non-finite steps in a row")
     # system
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 autocast on CUDA, fp32 on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initial weights, data order and augmentation")
     p.add_argument("--debug", action="store_true", help="show the traceback of an input error too (or ALIP_DEBUG=1)")
     # output
     p.add_argument("--output", default="runs/alip", help="checkpoints and metrics.jsonl go here")
@@ -1069,7 +1093,13 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=data.positive_int, default=1000,
                    help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=data.positive_int, default=3, help="checkpoints to keep")
-    p.add_argument("--log-every", type=data.positive_int, default=50)
+    p.add_argument("--log-every", type=data.positive_int, default=50, help="a log line every N steps")
+    p.add_argument("--report-to", type=lambda text: [t for t in text.split(",") if t], default=[],
+                   help="also send the metrics to tensorboard (OUTPUT/tensorboard), wandb, or both: tensorboard,wandb")
+    p.add_argument("--wandb-project", default="alip", help="W&B project (WANDB_MODE=offline: a local run folder)")
+    p.add_argument("--wandb-name", help="W&B run name (default: --output's folder name)")
+    p.add_argument("--wandb-tags", type=lambda text: [t for t in text.split(",") if t], default=[],
+                   help="W&B tags, comma-separated")
     # evaluation
     p.add_argument("--eval-every", type=data.nonnegative_int, default=0,
                    help="evaluate every N steps (0: at the end only)")
@@ -1077,7 +1107,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-retrieval", help="retrieval set (see eval.py)")
     # benchmark
     p.add_argument("--bench", action="store_true", help="time training steps on synthetic in-memory batches")
-    p.add_argument("--bench-steps", type=data.positive_int, default=20)
+    p.add_argument("--bench-steps", type=data.positive_int, default=20, help="timed steps per variant")
     p.add_argument("--bench-ablate", action="store_true", help="also time without trimming / fused SDPA / fused loss")
     p.add_argument("--peak-tflops", type=data.positive_float,
                    help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
@@ -1087,6 +1117,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not (args.data or args.demo or args.bench):
         p.error("--data is required (or --demo, or --bench)")
+    evaluation.check_reporters(args.report_to)  # a missing package is found before anything is built
     return args
 
 

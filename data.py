@@ -18,6 +18,7 @@ import collections
 import contextlib
 import csv
 import errno
+import fcntl
 import functools
 import glob
 import gzip
@@ -32,6 +33,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import tarfile
 import tempfile
@@ -64,9 +66,16 @@ def run_command(main, argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get("ALIP_DEBUG") == "1"
     try:
-        main(argv)
+        try:
+            main(argv)
+        finally:  # --help's SystemExit too: a reader gone away is caught below, not at exit as a traceback
+            sys.stdout.flush()
+    except BrokenPipeError:  # the reader of the output has gone (`| head`): nothing more to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except UserError as e:
-        sys.stdout.flush()
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
         if debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
@@ -94,8 +103,23 @@ def _peer_lost(e):
         isinstance(e, getattr(torch.distributed, "DistNetworkError", ())) or any(m in str(e) for m in PEER_LOST))
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each flag's default after its help."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        shown = action.option_strings and not (default is None or default is False or default == [] or
+                                               default is argparse.SUPPRESS)
+        return (action.help or "") + (" (default: %(default)s)" if shown and "%(default" not in (action.help or "")
+                                      else "")
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose complaints are one-line UserErrors instead of a usage block."""
+    """argparse's parser, whose complaints are one-line UserErrors instead of a usage block, and whose --help
+    shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": HelpFormatter, **kwargs})
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
@@ -417,7 +441,8 @@ def _iter_shard(shard):
     return None
 
 
-def _read_json(path):
+def read_json(path):
+    """The JSON value in the file at path, or None where there is no such file or it does not parse."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -445,8 +470,8 @@ def shard_sizes(shards):
     sizes, todo = {}, collections.defaultdict(list)
     for shard in shards:
         d, base = os.path.split(os.path.abspath(shard))
-        listing = _read_json(os.path.join(d, "sizes.json")) or {}
-        stats = _read_json(os.path.join(d, base.split(".")[0] + "_stats.json")) or {}
+        listing = read_json(os.path.join(d, "sizes.json")) or {}
+        stats = read_json(os.path.join(d, base.split(".")[0] + "_stats.json")) or {}
         if base in listing:
             sizes[shard] = int(listing[base])
         elif "successes" in stats:
@@ -456,7 +481,7 @@ def shard_sizes(shards):
     for d, group in todo.items():
         cache_paths = [os.path.join(d, ".alip_sizes.json"), os.path.join(
             os.path.expanduser("~/.cache/alip"), hashlib.sha1(d.encode()).hexdigest()[:16] + ".json")]
-        cache = next((c for c in map(_read_json, cache_paths) if c), {})
+        cache = next((c for c in map(read_json, cache_paths) if c), {})
         changed = False
         for shard in group:
             base = os.path.basename(shard)
@@ -499,6 +524,31 @@ class _Recorder:
 
     def __getattr__(self, name):
         return getattr(self._f, name)
+
+
+def lock_directory(path):
+    """Hold an exclusive lock on the folder `path` for as long as this process keeps the returned file open: a second
+    process is refused in one line naming the holder's PID. The lock is the kernel's (flock), so it ends with the
+    process, however it ends (kill -9 too), and never needs clearing by hand. Creating the lock file is also the
+    first write into `path`, so a folder that cannot be written to is found here."""
+    lock = os.path.join(path, ".lock")
+    try:
+        os.makedirs(path, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as e:
+        raise write_error(lock if os.path.isdir(path) else path, e) from e
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its PID yet"
+        f.close()
+        raise UserError(f"{path} is in use by another run ({holder}); wait for it to end, or choose another folder")
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def write_error(path, e):
@@ -993,7 +1043,7 @@ def write_demo(out_dir, seed=0):
     paths = {"train": os.path.join(out_dir, "train"), "test": os.path.join(out_dir, "test")}
     marker = os.path.join(out_dir, ".complete")
     want = {"seed": seed, "version": 2}  # bumped whenever the generator changes what it writes
-    if _read_json(marker) == want:
+    if read_json(marker) == want:
         return paths
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(marker):
         raise FileExistsError(f"data: {out_dir} exists and is not a demo dataset; not overwriting it")
@@ -1007,7 +1057,7 @@ def write_demo(out_dir, seed=0):
             f.write("\n".join(CLASSNAMES) + "\n")
         with atomic_write(os.path.join(tmp, ".complete"), "w") as f:
             json.dump(want, f)
-        if _read_json(marker) == want:  # another process (e.g. a second rank) finished first
+        if read_json(marker) == want:  # another process (e.g. a second rank) finished first
             return paths
         if os.path.exists(out_dir):  # empty, or a complete demo with another seed
             shutil.rmtree(out_dir)
@@ -1015,7 +1065,7 @@ def write_demo(out_dir, seed=0):
             os.rename(tmp, out_dir)
         except OSError:
             # Another process (e.g. a second rank) finished first; its copy is as good as ours.
-            if _read_json(marker) != want:
+            if read_json(marker) != want:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1214,7 +1264,7 @@ def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
 
 
 def main(argv=None):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     debug = ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
@@ -1225,7 +1275,7 @@ def main(argv=None):
     p.add_argument("shards")
     p.add_argument("--captions", help="JSONL side file of {key, caption}")
     p.add_argument("--missing-caption", choices=("skip", "raw"), default="skip")
-    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
     p = sub.add_parser("make", parents=[debug], help="shards from images + a CSV/JSONL table (image, text[, caption])")
     p.add_argument("src", help="the table, or a directory holding one")
     p.add_argument("out")
@@ -1248,12 +1298,13 @@ def main(argv=None):
         print(json.dumps(paths), f"({time.perf_counter() - t0:.1f} s)")
     elif args.cmd == "inspect":
         r = inspect(args.shards, args.captions, args.missing_caption)
-        print(f"{r['shards']} shards, {r['samples']} samples, {r['usable']} usable")
+        table = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the JSON object alone
+        print(f"{r['shards']} shards, {r['samples']} samples, {r['usable']} usable", file=table)
         for reason, n in sorted(r["skipped"].items(), key=lambda kv: -kv[1]):
-            print(f"  skipped {reason}: {n}")
-        print("coverage: " + ", ".join(f"{k} {v:.1%}" for k, v in r["coverage"].items()))
+            print(f"  skipped {reason}: {n}", file=table)
+        print("coverage: " + ", ".join(f"{k} {v:.1%}" for k, v in r["coverage"].items()), file=table)
         for s in r["previews"]:
-            print(f"  {s['key']} {s['size'][0]}x{s['size'][1]} text={s['text']!r} caption={s['caption']!r}")
+            print(f"  {s['key']} {s['size'][0]}x{s['size'][1]} text={s['text']!r} caption={s['caption']!r}", file=table)
         if args.json:
             print(json.dumps(r))
     elif args.cmd == "make":

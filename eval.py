@@ -8,7 +8,7 @@ and linear probe; check the gates against a data set's truth; draw training curv
         --test /data/cifar-10-batches-py
     python eval.py plot runs/demo/clip runs/demo/alip          # curves of one or more runs, overlaid
 
-Each prints a table; with --json the last line of output is one JSON object (metrics as fractions).
+Each prints a table; with --json, stdout is one JSON object (metrics as fractions) and the table goes to stderr.
 --checkpoint takes a run directory (its latest checkpoint), a ckpt-*.pt file, or an OpenAI / open_clip /
 ALIP-release state dict (add --model ViT-B-32 and --quick-gelu for OpenAI's weights).
 
@@ -28,9 +28,9 @@ Templates hold the class name as "{c}" (CLIP_benchmark's placeholder); it is sub
 str.replace, so class names with braces are safe. Ties in any ranking go to the lower index, exactly as
 a stable descending sort would order them, so every metric is deterministic.
 """
-import argparse
 import collections
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -877,6 +877,134 @@ def compare_runs(rows):
 
 
 # -----------------------------------------------------------------------------
+# a run's record: metrics.jsonl, and the same records live in TensorBoard or Weights & Biases
+
+
+REPORTERS = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # module, pip
+
+
+def check_reporters(names):
+    """--report-to's reporters, each importable; else a UserError that says what to install. Importing them is the
+    check: a half-installed package fails here too, not days into a run."""
+    for name in names:
+        if name not in REPORTERS:
+            raise data.UserError(f"--report-to {name}: choose from {', '.join(REPORTERS)} (comma-separated)")
+        module, package = REPORTERS[name]
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise data.UserError(f"--report-to {name} needs the package {package}: pip install {package} "
+                                 f"({type(e).__name__}: {e})") from e
+
+
+def _scalars(record):
+    """The finite numbers of a metrics record, by name; a nested dict (skipped samples by reason) as NAME/KEY."""
+    flat = {}
+    for key, value in record.items():
+        for k, v in (value.items() if isinstance(value, dict) else [(None, value)]):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and key != "step":
+                flat[key if k is None else f"{key}/{k}"] = v
+    return flat
+
+
+class _TensorBoard:
+    def __init__(self, out_dir, step, options, history):
+        from torch.utils.tensorboard import SummaryWriter
+        # A resumed run hides, from purge_step on, what the run before it logged after its checkpoint (TensorBoard
+        # drops those events when it reads the files), and logs those steps anew: one value per step.
+        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=step + 1)
+
+    def log(self, record):
+        for key, value in _scalars(record).items():
+            self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
+
+    def close(self, image, step):
+        if image:
+            self.writer.add_image("curves", np.asarray(Image.open(image).convert("RGB")), step, dataformats="HWC")
+        self.writer.close()
+
+
+class _WandB:
+    """One W&B run per --output, continued by every resume. W&B keeps one value per step and refuses a step that
+    goes back, so no step shows twice. What a kill cost it (W&B's service writes its buffer every few seconds, and a
+    kill -9 loses the rest) is sent again from metrics.jsonl when the run resumes."""
+
+    def __init__(self, out_dir, step, options, history):
+        import wandb
+        self.state = os.path.join(out_dir, "wandb.json")  # the run's id, and the step it had when it last ended
+        previous = data.read_json(self.state) if options["resume"] else None
+        try:
+            self.run = wandb.init(project=options["project"], name=options["name"], tags=options["tags"] or None,
+                                  config=options["config"], dir=out_dir, id=previous and previous["id"],
+                                  resume="allow" if previous else None)
+        except Exception as e:  # no login, no network: say so now, not after days of training without it
+            raise data.UserError(f"--report-to wandb: cannot start a W&B run ({type(e).__name__}: {e}); run `wandb "
+                                 "login`, or set WANDB_MODE=offline to write it locally and `wandb sync` it later") from e
+        # Online, W&B says where its history ends; offline it cannot, and the last clean end is what is known.
+        self.floor = max(previous["step"] if previous else 0, self.run.step - 1)
+        self._save(self.floor)
+        for record in history:  # what W&B may lack of the steps up to the checkpoint this run starts from
+            self.log(record)
+
+    def _save(self, step):
+        with data.atomic_write(self.state, "w") as f:
+            json.dump({"id": self.run.id, "step": step}, f)
+
+    def log(self, record):
+        if record["step"] > self.floor:
+            self.run.log(_scalars(record), step=record["step"])
+
+    def close(self, image, step):
+        import wandb
+        if image:
+            self.run.log({"curves": wandb.Image(image)}, step=step)
+        self.run.finish()  # writes out W&B's buffer: everything up to `step` is there now
+        self._save(step)
+
+
+class RunLog:
+    """Rank 0's record of a run: metrics.jsonl in its folder, one JSON object a line, and each record also to the
+    live reporters of report_to ("tensorboard", "wandb"), under the same names at the same steps.
+
+    Opened at `step`, the checkpoint a run resumes from (0 for a new run), it drops the records after that step, which
+    are about to be logged again, and a line torn by a kill. A reporter that fails later (network, disk) is dropped
+    with one warning: the run goes on. options: W&B's project, name, tags, config, and whether the run resumes.
+    """
+
+    def __init__(self, out_dir, step, report_to=(), options=None):
+        self.path, self.step = os.path.join(out_dir, "metrics.jsonl"), step
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step] if os.path.exists(self.path) else []
+        if os.path.exists(self.path):
+            with data.atomic_write(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        kinds = {"tensorboard": _TensorBoard, "wandb": _WandB}
+        self.reporters = {name: kinds[name](out_dir, step, options or {}, kept) for name in report_to}
+
+    def log(self, record):
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise data.write_error(self.path, e) from e
+        self.step = max(self.step, record["step"])
+        self._each("log", record)
+
+    def close(self, image=None):
+        """End the reporters, sending them `image` (the curves' PNG) at the last step."""
+        self._each("close", image, self.step)
+
+    def _each(self, method, *args):
+        for name, reporter in list(self.reporters.items()):
+            try:
+                getattr(reporter, method)(*args)
+            except Exception as e:  # whatever a reporter's network or disk raises: the training matters more
+                del self.reporters[name]
+                print(f"warning: --report-to {name} failed ({type(e).__name__}: {e}); the run goes on without it",
+                      file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -896,12 +1024,13 @@ def _load_model(args, load_model):
 
 
 def _report(title, metrics, info, as_json):
-    print(title)
+    table = sys.stderr if as_json else sys.stdout  # with --json, stdout holds the JSON object alone
+    print(title, file=table)
     for key, value in info.items():
-        print(f"  {key:<24} {value}")
+        print(f"  {key:<24} {value}", file=table)
     for key, value in metrics.items():
         shown = f"{value:.3g}" if key == "l2" else f"{100 * value:6.2f}"  # fractions shown as percentages
-        print(f"  {key:<24} {shown}")
+        print(f"  {key:<24} {shown}", file=table)
     if as_json:  # NaN (acc5 with < 5 classes) is not JSON: null
         out = {**info, **metrics}
         print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}))
@@ -909,7 +1038,7 @@ def _report(title, metrics, info, as_json):
 
 def main(argv=None, *, load_model, choose_precision):
     """The command line; load_model(path, name, quick_gelu) and choose_precision(device, "auto") are alip's."""
-    parser = data.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = data.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     common = data.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="run directory, ckpt-*.pt, or a CLIP state dict")
@@ -918,7 +1047,7 @@ def main(argv=None, *, load_model, choose_precision):
     common.add_argument("--batch-size", type=data.positive_int, default=256)
     common.add_argument("--workers", type=data.nonnegative_int, default=4, help="image-decoding threads")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--json", action="store_true", help="end the output with one JSON object")
+    common.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
     common.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
 
     p = commands.add_parser("zeroshot", parents=[common], help="zero-shot classification")

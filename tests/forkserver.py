@@ -9,7 +9,7 @@ process that imported torch, is skipped.
 
 Reads one JSON request per line on stdin:
     {"argv": ["alip.py", ...] or ["-m", "torch.distributed.run", ...], "out": PATH, "err": PATH,
-     "timeout": SECONDS, "env": {...}}
+     "timeout": SECONDS, "env": {...}, "fsize": BYTES or absent (the largest file the command may write)}
 and answers one JSON line on stdout:
     {"status": exit status (-N: killed by signal N), "seconds": until every process the command started
      had ended, "timed_out": bool}
@@ -22,6 +22,7 @@ import ctypes
 import gc
 import json
 import os
+import resource
 import runpy
 import signal
 import sys
@@ -81,6 +82,9 @@ def _child(request):
         os.dup2(f, fd)
         os.close(f)
     os.environ.update(request.get("env", {}))
+    if request.get("fsize"):  # no file may grow past this: a write beyond it fails (EFBIG), as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"], request["fsize"]))
     argv = list(request["argv"])
     try:
         if argv[0] == "-m":

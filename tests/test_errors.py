@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, replace
@@ -49,14 +51,14 @@ def server():
 
 @pytest.fixture
 def run(server, tmp_path):
-    """run(*argv, timeout=, env=) -> Result, for `python ARGV...` in the repository root."""
+    """run(*argv, timeout=, env=, fsize=) -> Result, for `python ARGV...` in the repository root."""
     calls = iter(range(1000))
 
-    def run(*argv, timeout=60, env=None):
+    def run(*argv, timeout=60, env=None, fsize=None):
         n = next(calls)
         out, err = tmp_path / f"stdout{n}", tmp_path / f"stderr{n}"
         request = {"argv": [str(a) for a in argv], "out": str(out), "err": str(err), "timeout": timeout,
-                   "env": env or {}}
+                   "env": env or {}, "fsize": fsize}
         server.stdin.write(json.dumps(request) + "\n")
         server.stdin.flush()
         reply = server.stdout.readline()
@@ -284,7 +286,9 @@ def test_bad_input_is_one_line_and_status_2(run, inputs, good_run, tmp_path, row
              "ckpt": good_run / "ckpt-00000001.pt"}
     r = run(*[a.format(**paths) for a in argv])
     _assert_one_line_error(r, names)
-    assert _snapshot(out) == before, "the output directory changed"
+    after = _snapshot(out)
+    after.pop(".lock", None)  # a training run locks --output first: its first write, and a check that it can write
+    assert after == before, "the output directory changed"
 
 
 def test_debug_shows_the_traceback(run, inputs, tmp_path):
@@ -335,7 +339,7 @@ def test_decompression_bomb_is_skipped_without_a_warning(run, inputs):
     r = run("data.py", "inspect", inputs / "bomb", "--json")
     assert r.status == 0, r.stderr[-3000:]
     assert "DecompressionBomb" not in r.stderr + r.stdout, r.stderr
-    assert json.loads(r.stdout.strip().splitlines()[-1])["skipped"] == {"image_too_large": 20}
+    assert json.loads(r.stdout)["skipped"] == {"image_too_large": 20}  # stdout is the JSON object alone
 
 
 def test_resume_moves_bad_newer_checkpoints_aside(run, inputs, good_run, tmp_path):
@@ -369,3 +373,75 @@ def test_resume_moves_bad_newer_checkpoints_aside(run, inputs, good_run, tmp_pat
     assert torch.load(out / "ckpt-00000002.pt", weights_only=True)["step"] == 2  # written by the resumed run
     with open(out / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2]
+
+
+# --- a machine's faults: a full disk, an unwritable --output, two runs at once, a reader that goes away
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_resume_works_after(run, inputs, good_run, tmp_path):
+    """A file-size limit fails the checkpoint's write as a full disk would: one line naming the file and the cause,
+    exit status 2, no temp file left, the previous checkpoint and metrics intact; once the space is back, --resume
+    goes on from the previous checkpoint."""
+    out = tmp_path / "run"
+    os.makedirs(out)
+    shutil.copy(good_run / "ckpt-00000001.pt", out / "ckpt-00000001.pt")
+    shutil.copy(good_run / "metrics.jsonl", out / "metrics.jsonl")
+    before = (out / "ckpt-00000001.pt").read_bytes()
+    argv = [a.format(train=inputs / "train", out=out) for a in TRAIN] + ["--steps", "3", "--log-every", "1",
+                                                                         "--save-every", "1", "--resume"]
+    r = run(*argv, fsize=2 ** 20)  # metrics and config fit; a checkpoint of `tiny` (tens of MB) does not
+    _assert_one_line_error(r, ["ckpt-00000002.pt", "File too large"])
+    assert sorted(os.listdir(out)) == [".lock", "ckpt-00000001.pt", "config.json", "metrics.jsonl"]
+    assert (out / "ckpt-00000001.pt").read_bytes() == before
+    r = run(*argv)
+    assert r.status == 0 and f"resumed from {out / 'ckpt-00000001.pt'} at step 1" in r.stdout, r.stderr[-3000:]
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3]
+
+
+def test_an_unwritable_output_is_refused_before_the_model_is_built(run, inputs, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    r = run(*[a.format(train=inputs / "train", out=tmp_path / "a_file" / "run") for a in TRAIN])
+    _assert_one_line_error(r, ["--output", "a_file", "Not a directory"])
+    assert "parameters" not in r.stdout, r.stdout  # the line that follows building the model
+
+
+def test_a_second_run_into_the_same_output_is_refused_naming_the_first(run, inputs, tmp_path):
+    out = tmp_path / "run"
+    argv = [a.format(train=inputs / "train", out=out) for a in TRAIN] + ["--save-every", "1", "--log-every", "1"]
+    first = subprocess.Popen([sys.executable, *argv, "--steps", "100000"], cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (out / "ckpt-00000001.pt").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / "ckpt-00000001.pt").exists(), first.communicate()[1][-3000:]
+        for extra in ([], ["--resume"]):
+            r = run(*argv, *extra)
+            _assert_one_line_error(r, ["--output", f"PID {first.pid}"])
+            assert r.seconds < 30
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # a lost node: its lock goes with it
+        first.wait()
+    r = run(*argv, "--resume", "--steps", "2")
+    assert r.status == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+
+
+def test_rough_edges_get_a_line(run, inputs, tmp_path):
+    """A warmup longer than the run is named; the log line gives the skipped samples' reasons; --help shows the
+    defaults; --init takes a run directory; a reader that goes away ends the output without a traceback."""
+    out = tmp_path / "bombs"
+    r = run(*[a.format(train=inputs / "bomb", out=out) for a in TRAIN], "--log-every", "1")
+    assert r.status == 0, r.stderr[-3000:]
+    assert "warning: --warmup 2000 is not shorter than the run (1 steps)" in r.stdout, r.stdout
+    assert re.search(r"skipped \d+ \(image_too_large \d+\)", r.stdout), r.stdout
+    r = run(*[a.format(train=inputs / "train", out=tmp_path / "again") for a in TRAIN], "--init", out)
+    assert r.status == 0 and f"initialised from {out}" in r.stdout, r.stderr[-3000:]
+    r = run("alip.py", "--help")
+    assert r.status == 0 and all(re.search(r"\(default:\s+" + v, r.stdout) for v in ("0.001", "runs/alip")), r.stdout
+    reader_gone = subprocess.Popen([sys.executable, "data.py", "inspect", str(inputs / "train")], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader_gone.stdout.close()
+    err = reader_gone.communicate(timeout=60)[1].decode()
+    assert "Traceback" not in err and "Exception ignored" not in err, err
