@@ -22,12 +22,11 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 import warnings
 from collections import OrderedDict
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Callable, NamedTuple
@@ -635,10 +634,10 @@ def train(args):
     try:
         step = resume(run)
         # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
-        with stop_on_signals() as stop, closing(device_batches(run.loader, run.device)) as batches:
+        with data.stop_on_signals() as stop, closing(device_batches(run.loader, run.device)) as batches:
             step = train_loop(run, step, stop, batches)
-        if run.master and step == run.total and (args.eval_zeroshot or args.eval_retrieval) and not evaluated(run, step):
-            evaluate(run, step)
+        if run.master and step == run.total and not run.metrics.evaluated(step, args.eval_zeroshot, args.eval_retrieval):
+            evaluate(run, step)  # a resumed run that had finished evaluates again only what is missing
         if run.master:
             curves = evaluation.plot_runs([args.output], os.path.join(args.output, "curves.png"))
             run.log(f"curves: {curves}")
@@ -649,22 +648,6 @@ def train(args):
         if not args.demo:  # demo() trains again in the same process group, and ends it
             dist.destroy_process_group()
     return step == run.total  # False: stopped early (by a signal)
-
-
-@contextmanager
-def stop_on_signals():
-    """SIGTERM (preemption) and SIGINT only set a flag: the loop finishes the step, saves and exits cleanly.
-    A second signal ends the process at once; on leaving, the previous handlers are back."""
-    stop = {"signal": None}
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-        signal.signal(signum, signal.SIG_DFL)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def device_batches(loader, device):
@@ -698,15 +681,7 @@ class Progress:
         skipped = dict(run.loader.skipped)
         if skipped != self.skipped:
             r["skipped"] = self.skipped = skipped
-        run.log(f"step {step}/{run.total} loss {r['loss']:.4f} "
-                + (f"(raw {r['loss_raw']:.3f} cap {r['loss_caption']:.3f}) "
-                   f"w_s {r['w_s']:.3f} w_t {r['w_t']:.3f} w_c {r['w_c']:.3f} "
-                   f"H_tc {r['H_tc']:.3f} H_xt {r['H_xt']:.3f} H_xc {r['H_xc']:.3f} " if run.objective.bipath else "")
-                + f"scale {r['logit_scale']:.1f} lr {r['lr']:.2e} {rate:.0f} samples/s ETA {eta / 60:.1f} min"
-                + (f" skipped {sum(skipped.values())} (" + ", ".join(f"{k} {v}" for k, v in sorted(
-                    skipped.items(), key=lambda kv: -kv[1])[:3]) + (", ..." if len(skipped) > 3 else "") + ")"
-                   if skipped else "")
-                + (" | " + evaluation.gate_summary(truth) if truth else ""))
+        run.log(f"step {step}/{run.total} {evaluation.summary(r, skipped)} ETA {eta / 60:.1f} min")
         run.log_metrics(r)
 
 
@@ -727,23 +702,11 @@ def per_sample(run, out):
 
 def evaluate(run, step):
     """Rank 0: zero-shot and retrieval on the --eval-* sets, in the training precision."""
-    args, results = run.args, {"step": step}
-    kw = dict(device=run.device, workers=args.workers, dtype=run.amp_dtype)
-    for task, fn, dataset in (("zeroshot", evaluation.zeroshot, args.eval_zeroshot),
-                              ("retrieval", evaluation.retrieval, args.eval_retrieval)):
-        if dataset:
-            results.update({f"{task}/{k}": v for k, v in fn(run.raw_model, dataset, **kw).items()})
-    run.log("eval " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items()))
+    args = run.args
+    results = {"step": step, **evaluation.evaluate_sets(run.raw_model, args.eval_zeroshot, args.eval_retrieval,
+                                                         device=run.device, workers=args.workers, dtype=run.amp_dtype)}
+    run.log("eval " + evaluation.summary(results))
     run.log_metrics(results)
-
-
-def evaluated(run, step):
-    """Whether --output's metrics hold, at `step`, every evaluation the flags ask for (a resumed, finished run)."""
-    path, args = os.path.join(run.args.output, "metrics.jsonl"), run.args
-    records = [r for r in evaluation.read_metrics(path) if r["step"] == step] if os.path.exists(path) else []
-    wanted = [task for task, dataset in (("zeroshot/", args.eval_zeroshot), ("retrieval/", args.eval_retrieval))
-              if dataset]
-    return all(any(k.startswith(task) for r in records for k in r) for task in wanted)
 
 
 # -----------------------------------------------------------------------------

@@ -92,6 +92,22 @@ def run_command(main, argv=None):
         sys.exit(1)
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM (preemption) and SIGINT only set stop["signal"]: a loop that checks it finishes its step, saves and
+    exits cleanly. A second signal ends the process at once; on leaving, the previous handlers are back."""
+    stop = {"signal": None}
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        signal.signal(signum, signal.SIG_DFL)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 # What gloo says when the process at the other end of a collective has gone; NCCL's ranks wait instead, until
 # torchrun stops them.
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")

@@ -198,6 +198,25 @@ class GateMeter:
         return {k: v for k, v in q.items() if math.isfinite(v)}  # NaN: a case without samples (not JSON either)
 
 
+def summary(record, skipped=None):
+    """A log line's text for a metrics record: a training step's loss, gates, scale, lr, speed, the skipped samples
+    by reason (`skipped`, the run's counts so far) and the gate quality; or an evaluation's results."""
+    r, parts = record, []
+    if "loss" not in r:  # an evaluation
+        return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
+    parts.append(f"loss {r['loss']:.4f}")
+    if "loss_caption" in r:  # ALIP's two paths and gates; the CLIP baseline has neither
+        parts.append(f"(raw {r['loss_raw']:.3f} cap {r['loss_caption']:.3f}) w_s {r['w_s']:.3f} w_t {r['w_t']:.3f} "
+                     f"w_c {r['w_c']:.3f} H_tc {r['H_tc']:.3f} H_xt {r['H_xt']:.3f} H_xc {r['H_xc']:.3f}")
+    parts.append(f"scale {r['logit_scale']:.1f} lr {r['lr']:.2e} {r['samples_per_s']:.0f} samples/s")
+    if skipped:
+        common = sorted(skipped.items(), key=lambda kv: -kv[1])
+        parts.append(f"skipped {sum(skipped.values())} (" + ", ".join(f"{k} {n}" for k, n in common[:3])
+                     + (", ..." if len(common) > 3 else "") + ")")
+    truth = {k[len("truth/"):]: v for k, v in r.items() if k.startswith("truth/")}
+    return " ".join(parts) + (" | " + gate_summary(truth) if truth else "")
+
+
 def gate_summary(q):
     """A progress line's short form of gate_quality's figures."""
     parts = [f"w_s right/wrong raw {q['w_s_clean']:.2f}/{q['w_s_noisy']:.2f} LCG AUC {q['lcg_auc']:.3f}"
@@ -577,6 +596,16 @@ def retrieval(model, dataset, *, images=None, split="test", prefix="", batch_siz
               dtype=None):
     """Image->text and text->image R@1/5/10 of model on dataset (a Karpathy JSON or caption shards)."""
     return _retrieval(model, dataset, images, split, prefix, batch_size, workers, device, dtype)[0]
+
+
+def evaluate_sets(model, zeroshot_set=None, retrieval_set=None, **kw):
+    """Zero-shot classification and retrieval on whichever sets are given, as {"TASK/METRIC": value}: what training
+    logs at its evaluations."""
+    results = {}
+    for task, fn, dataset in (("zeroshot", zeroshot, zeroshot_set), ("retrieval", retrieval, retrieval_set)):
+        if dataset:
+            results.update({f"{task}/{k}": v for k, v in fn(model, dataset, **kw).items()})
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -989,6 +1018,12 @@ class RunLog:
             raise data.write_error(self.path, e) from e
         self.step = max(self.step, record["step"])
         self._each("log", record)
+
+    def evaluated(self, step, zeroshot_set=None, retrieval_set=None):
+        """Whether the records hold, at `step`, an evaluation on each set given (a resumed run that had finished)."""
+        records = [r for r in read_metrics(self.path) if r["step"] == step] if os.path.exists(self.path) else []
+        wanted = [task for task, dataset in (("zeroshot/", zeroshot_set), ("retrieval/", retrieval_set)) if dataset]
+        return all(any(k.startswith(task) for r in records for k in r) for task in wanted)
 
     def close(self, image=None):
         """End the reporters, sending them `image` (the curves' PNG) at the last step."""
