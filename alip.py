@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -754,8 +755,9 @@ def claim_output(args):
         lock = data.lock_directory(args.output)
     except data.UserError as e:
         raise data.UserError(f"--output {e}") from e
-    for tmp in glob.glob(os.path.join(args.output, "*.tmp")) + glob.glob(os.path.join(args.output, "*.tmp[0-9]*")):
-        os.remove(tmp)  # no other process writes here while we hold the lock
+    for name in os.listdir(args.output):  # no other process writes here while we hold the lock
+        if re.fullmatch(r"(ckpt-\d+\.pt|metrics\.jsonl|config\.json|curves\.png|wandb\.json)\.tmp\d*", name):
+            os.remove(os.path.join(args.output, name))
     if not args.resume and latest_checkpoint(args.output):
         lock.close()
         raise data.UserError(f"--output {args.output} holds the checkpoints of an earlier run (the newest: "
