@@ -205,8 +205,9 @@ def test_matches_alip_contrastive_loss():
             x_all, t_all = x0.clone().requires_grad_(), t0.clone().requires_grad_()
             s = torch.tensor(50.0, device=DEVICE, requires_grad=True)
             if local:  # slices of the gathered leaves, as on one of several ranks
+                where = {"offset": offset} if fn is gated_clip_loss else {}  # alip's takes the positives from x, t
                 loss = fn(x_all[offset:offset + n], t_all[offset:offset + n], s, w[:n], x_all=x_all, t_all=t_all,
-                          offset=offset)
+                          **where)
             else:
                 loss = fn(x_all, t_all, s, w)
             got.append((loss, *torch.autograd.grad(loss, (x_all, t_all, s))))
