@@ -462,7 +462,8 @@ def train_step(run, micro, stop_requested=False):
 
 def train_loop(run, step, stop, batches):
     """Optimizer steps from `step` until run.total or a stop signal; returns the last step done."""
-    args, progress, meter, bad_steps = run.args, Progress(run, step), evaluation.GateMeter(run.world_size), 0
+    args, meter, bad_steps = run.args, evaluation.GateMeter(run.world_size), 0
+    progress = evaluation.Progress(step, run.total, args.accum_steps * args.batch_size * run.world_size, run.world_size)
     run.model.train()
     while step < run.total:
         micro = [next(batches) for _ in range(args.accum_steps)]
@@ -480,7 +481,11 @@ def train_loop(run, step, stop, batches):
         if (codes >= 0).any():
             meter.add(codes, **per_sample(run, out))
         if step % args.log_every == 0 or step == run.total:
-            progress.log(step, out, meter.figures())
+            record, line = progress.line(step, {"loss": out.loss, **out.logs}, run.loader.skipped, meter.figures(),
+                                         lr=out.lr, logit_scale=capped_scale(run.raw_model.logit_scale).item(),
+                                         grad_norm=out.grad_norm.item())
+            run.log(line)
+            run.log_metrics(record)
         if step % args.save_every == 0 or step == run.total or out.stop:
             save(run, step)
         if out.stop:
@@ -658,32 +663,6 @@ def device_batches(loader, device):
         with closing(iter(loader)) as epoch:
             for batch in epoch:
                 yield [b.to(device, non_blocking=True) for b in batch]
-
-
-class Progress:
-    """What the log lines report beyond the step itself: samples/s since the last line, ETA, new skips."""
-
-    def __init__(self, run, step):
-        self.run, self.t0, self.t, self.start, self.last, self.skipped = run, time.time(), time.time(), step, step, {}
-
-    def log(self, step, out, truth=None):
-        run, args = self.run, self.run.args
-        rate = (step - self.last) * args.accum_steps * args.batch_size * run.world_size / (time.time() - self.t)
-        self.t, self.last = time.time(), step
-        eta = (time.time() - self.t0) / (step - self.start) * (run.total - step)
-        values = torch.stack([out.loss, *(v.float() for v in out.logs.values())])
-        if run.world_size > 1:  # each rank holds its local loss and weights; log the global means
-            dist.all_reduce(values)
-            values /= run.world_size
-        r = {"step": step, **dict(zip(["loss", *out.logs], values.tolist())), "lr": out.lr,
-             "logit_scale": capped_scale(run.raw_model.logit_scale).item(), "grad_norm": out.grad_norm.item(),
-             "samples_per_s": rate}
-        r.update({f"truth/{k}": v for k, v in (truth or {}).items()})
-        skipped = dict(run.loader.skipped)
-        if skipped != self.skipped:
-            r["skipped"] = self.skipped = skipped
-        run.log(f"step {step}/{run.total} {evaluation.summary(r, skipped)} ETA {eta / 60:.1f} min")
-        run.log_metrics(r)
 
 
 @torch.no_grad()

@@ -198,6 +198,36 @@ class GateMeter:
         return {k: v for k, v in q.items() if math.isfinite(v)}  # NaN: a case without samples (not JSON either)
 
 
+class Progress:
+    """A training run's log lines: each call of `line` turns a step's values into a metrics record and its text.
+    Every rank calls it with its own values, and the record holds their means over the ranks (each rank's loss and
+    gate weights cover its share of the batch). Samples/s is measured since the previous line, the ETA from the
+    first."""
+
+    def __init__(self, step, total, samples_per_step, world_size=1):
+        self.total, self.samples, self.world_size = total, samples_per_step, world_size
+        self.start = self.last = step
+        self.t0 = self.t = time.time()
+        self.skipped = {}
+
+    def line(self, step, logs, skipped=None, truth=None, **values):
+        """(record, text) of `step`: logs (0-dim tensors, averaged over the ranks), values (numbers, as they are),
+        skipped (the run's counts by reason, recorded when they change) and gate_quality's figures."""
+        now = time.time()
+        rate = (step - self.last) * self.samples / (now - self.t)
+        eta = (now - self.t0) / (step - self.start) * (self.total - step)
+        self.t, self.last = now, step
+        means = torch.stack([v.float() for v in logs.values()])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(means)
+            means /= self.world_size
+        r = {"step": step, **dict(zip(logs, means.tolist())), **values, "samples_per_s": rate}
+        r.update({f"truth/{k}": v for k, v in (truth or {}).items()})
+        if skipped and dict(skipped) != self.skipped:
+            r["skipped"] = self.skipped = dict(skipped)
+        return r, f"step {step}/{self.total} {summary(r, skipped)} ETA {eta / 60:.1f} min"
+
+
 def summary(record, skipped=None):
     """A log line's text for a metrics record: a training step's loss, gates, scale, lr, speed, the skipped samples
     by reason (`skipped`, the run's counts so far) and the gate quality; or an evaluation's results."""
