@@ -44,7 +44,7 @@ import ftfy
 import numpy as np
 import regex
 import torch
-from PIL import Image, ImageDraw
+from PIL import ExifTags, Image, ImageDraw
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
@@ -216,10 +216,39 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 
 
+# Reading EXIF goes through Pillow's TIFF reader, which warns about a damaged block on every such image, in every
+# worker; the picture is then shown as stored, as viewers show it, and the warning tells nothing more.
+warnings.filterwarnings("ignore", category=UserWarning, module="PIL.TiffImagePlugin")
+# EXIF orientation (tag 0x0112) -> the transpose that shows the stored picture upright; 1 is upright already.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")  # unsigned 16-bit gray: PNG, TIFF
+_CONVERTS = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr")  # Pillow's convert("RGB") is the picture
+_ALPHA = ("1", "L", "P", "RGB", "LA", "PA", "RGBA")  # with transparency: to RGBA, then over white
+
+
 def decode_image(raw, min_side=0, max_pixels=MAX_PIXELS):
-    """RGB PIL image from encoded bytes; raises ValueError(reason) for anything unusable.
-    min_side > 0 lets JPEGs decode at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper) while both
-    sides stay >= min_side. max_pixels=None leaves the cap to Pillow (2 x Image.MAX_IMAGE_PIXELS)."""
+    """RGB PIL image from encoded bytes, the picture a viewer shows on a white page; raises ValueError(reason)
+    for anything unusable. min_side > 0 lets JPEGs decode at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper)
+    while both sides stay >= min_side. max_pixels=None leaves the cap to Pillow (2 x Image.MAX_IMAGE_PIXELS).
+
+    How a file becomes 8-bit RGB, training and evaluation alike:
+    - EXIF orientation (or XMP's, which Pillow reads too) is applied after decoding: phone photos come out
+      upright. The draft size asked for is square, so min_side still holds after a quarter turn.
+    - Transparency (an alpha channel, a palette's alpha, PNG's transparent colour) is composited over white,
+      what a viewer shows on a white page: c * a/255 + 255 * (1 - a/255), rounded.
+    - 16-bit samples keep their high byte (v >> 8): Pillow reduces 16-bit RGB(A) PNGs and TIFFs so before
+      we see them, and the same rule for 16-bit gray keeps a gray and a colour copy of a picture alike
+      (v >> 8 is within one level of v / 257).
+    - CMYK and YCbCr: Pillow's conversions, R = (255 - C)(255 - K) / 255 and JPEG's full-range BT.601.
+      LAB (D50, the ICC reference white): littleCMS without its lookup tables, which are off by up to 13
+      levels in places (Pillow's convert uses them). Embedded ICC profiles are not applied: pixel values
+      are taken as sRGB, as CLIP's and open_clip's loaders take them.
+    - Animated and multi-frame files (GIF, APNG, WebP, MPO, TIFF): the first frame.
+    - Pixel formats with no faithful RGB raise "unsupported_mode": floating-point or signed/32-bit integer
+      samples (range unknown), and 16-bit PNGs with a transparent colour (Pillow compares it with pixels it
+      has already reduced to 8 bits)."""
     if not raw:
         raise ValueError("empty_image")
     try:
@@ -231,14 +260,57 @@ def decode_image(raw, min_side=0, max_pixels=MAX_PIXELS):
     if max_pixels is not None and img.width * img.height > max_pixels:
         raise ValueError("image_too_large")
     try:
-        if min_side and img.format == "JPEG":
+        if min_side and img.format in ("JPEG", "MPO"):  # MPO: a JPEG with more frames, as phones write them
             img.draft("RGB", (min_side, min_side))
         img.load()  # a truncated file fails here, not at open
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")  # what Pillow asks for, instead of warning in every worker
-        return img if img.mode == "RGB" else img.convert("RGB")
+        upright = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise ValueError("corrupt_image") from None
+    try:
+        rgb = _to_rgb(img, raw)
+    except ValueError:  # a conversion this Pillow lacks
+        rgb = None
+    if rgb is None:
+        raise ValueError("unsupported_mode")
+    return rgb if upright is None else rgb.transpose(upright)
+
+
+def _to_rgb(img, raw):
+    """The loaded img as RGB, or None where its pixel format has no faithful RGB (see decode_image)."""
+    mode, key = img.mode, img.info.get("transparency")
+    if img.format == "PNG" and key is not None:
+        depth = raw[24]  # IHDR's bit depth: IHDR is a PNG's first chunk
+        if mode == "RGB" and depth == 16:
+            return None
+        if mode == "L" and depth < 8:  # Pillow scales 2- and 4-bit gray to 0..255, but not the transparent level
+            img.info["transparency"] = key = key * 255 // ((1 << depth) - 1)
+    if mode in _SIXTEEN_BIT or (mode == "I" and img.format == "PPM"):  # Pillow scales PGM to 0..65535
+        v = np.asarray(img)
+        gray = (v >> 8).astype(np.uint8)
+        if key is None:
+            return Image.fromarray(gray).convert("RGB")
+        alpha = np.where(v == key, 0, 255).astype(np.uint8)
+        return _over_white(np.stack([gray, gray, gray, alpha], -1))
+    if key is None and mode in _CONVERTS:
+        return img if mode == "RGB" else img.convert("RGB")
+    if mode in _ALPHA:
+        return _over_white(np.asarray(img.convert("RGBA")))
+    if mode == "LAB":
+        return _lab_to_srgb().apply(img)
+    return None
+
+
+def _over_white(rgba):
+    """(H, W, 4) uint8 composited over white, rounded exactly: 255 - round((255 - c) * a / 255)."""
+    a = rgba[..., 3:].astype(np.uint16)  # 255 * 255 + 127 fits
+    return Image.fromarray((255 - ((255 - rgba[..., :3].astype(np.uint16)) * a + 127) // 255).astype(np.uint8))
+
+
+@functools.lru_cache(maxsize=None)
+def _lab_to_srgb():
+    from PIL import ImageCms  # littleCMS; only LAB needs it
+    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB",
+                                   ImageCms.Intent.RELATIVE_COLORIMETRIC, flags=ImageCms.Flags.NOOPTIMIZE)  # exact
 
 
 def _to_uint8(img):
