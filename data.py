@@ -14,6 +14,7 @@ Bad data never stops a run: every broken sample or shard is skipped and counted 
 command (a flag, a path, a line of a file) is a UserError: one line on stderr and exit status 2.
 """
 import argparse
+import atexit
 import collections
 import contextlib
 import csv
@@ -38,6 +39,7 @@ import tempfile
 import time
 import traceback
 import warnings
+import weakref
 import zlib
 
 import ftfy
@@ -890,6 +892,7 @@ class TrainLoader:
         batches = iter(torch.utils.data.DataLoader(
             _BatchStream(self), batch_size=None, num_workers=self.workers, persistent_workers=False,
             pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals))
+        _LIVE_BATCHES.add(batches)
         worker_stats = {}
         base = collections.Counter(self._done_epochs_skipped)
         try:
@@ -904,15 +907,37 @@ class TrainLoader:
                 yield tuple(batch)
         finally:
             # However the epoch ends (done, an error here or in a worker, the caller closing this generator),
-            # stop the workers now. The DataLoader would stop them only once its iterator is collected, and an
-            # exception's traceback keeps it alive until after multiprocessing's exit handler, which then
-            # waits forever for workers that ignore SIGTERM.
-            shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers
-            if shutdown is not None:
-                shutdown()
+            # stop the workers now, not once the DataLoader's iterator is collected (see _stop_live_workers).
+            _stop_workers(batches)
         # The epoch is over: fold its counts in and move the position to the next epoch.
         self._done_epochs_skipped = collections.Counter(self.skipped)
         self.epoch, self.start_batch = self.epoch + 1, 0
+
+
+# DataLoader iterators of TrainLoaders, whose workers may still run.
+_LIVE_BATCHES = weakref.WeakSet()
+
+
+def _stop_workers(batches):
+    # torch's own shutdown tells each worker to stop and joins it for up to 5 s, then sends SIGTERM, which ours
+    # ignore: one still busy after that is killed, as its batch has no reader any more.
+    shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers
+    if shutdown is not None:
+        shutdown()
+        for worker in batches._workers:
+            if worker.is_alive():
+                worker.kill()
+
+
+@atexit.register
+def _stop_live_workers():
+    # A loader left mid-epoch whose iterator is still referenced at exit (`it = iter(loader)` at module level, a
+    # traceback kept by the interpreter) still has its workers. multiprocessing's exit handler would SIGTERM
+    # them, which they ignore, then join them forever. This one runs first: exit handlers run last registered
+    # first, and data.py registers it after importing torch, which registers multiprocessing's and the
+    # DataLoader's own (after which the DataLoader no longer shuts its workers down).
+    for batches in list(_LIVE_BATCHES):
+        _stop_workers(batches)
 
 
 def _ignore_stop_signals(worker_id):

@@ -1,10 +1,15 @@
 """data.py: transforms, shard expansion, broken data, splitting, exact resume, commands, demo set."""
 import collections
+import contextlib
 import io
 import json
 import math
 import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import numpy as np
@@ -319,6 +324,47 @@ def test_exact_resume(tmp_path, workers, k):
         assert all(torch.equal(x, y) for x, y in zip(a, b)), f"batch {i} differs"
     assert resumed.skipped == full.skipped
     assert resumed.state_dict()["epoch"] == 3
+
+
+# --- leaving a loader mid-epoch
+
+EXIT_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import data
+loader = data.TrainLoader({spec!r}, image_size=16, batch_size=4, workers={workers})
+{body}
+"""
+KEPT_AT_MODULE_LEVEL = "it = iter(loader)\nnext(it)\n"
+KEPT_BY_A_TRACEBACK = "def train():\n    it = iter(loader)\n    next(it)\n    raise RuntimeError('stopped')\ntrain()\n"
+
+
+def test_a_script_that_leaves_a_loader_mid_epoch_exits_at_once(tmp_path):
+    """The iterator is still referenced when the script ends, by a global or by the traceback the interpreter
+    keeps; the workers ignore SIGTERM. Each script must end, workers and all, within the deadline."""
+    spec = _shards(tmp_path / "s", 4, 12)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cases = {f"workers={w}, kept at module level": (w, KEPT_AT_MODULE_LEVEL, 0) for w in (0, 1, 2)}
+    cases["workers=2, kept by a traceback"] = (2, KEPT_BY_A_TRACEBACK, 1)
+    procs = {}
+    for name, (workers, body, _) in cases.items():
+        script = EXIT_SCRIPT.format(root=root, spec=spec, workers=workers, body=body)
+        procs[name] = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline, hung = time.monotonic() + 30, []
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            hung.append(f"{name}: still running")
+        with contextlib.suppress(ProcessLookupError):  # no process left in the script's group: all ended
+            os.killpg(proc.pid, signal.SIGKILL)
+            hung.append(f"{name}: a process of it was left running")
+    assert not hung, hung
+    for name, proc in procs.items():
+        stderr = proc.stderr.read().decode()
+        assert proc.returncode == cases[name][2], (name, stderr[-2000:])
+        assert cases[name][2] == 0 or stderr.rstrip().endswith("RuntimeError: stopped"), (name, stderr[-2000:])
 
 
 # --- commands
