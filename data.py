@@ -611,13 +611,14 @@ def atomic_write(path, mode="wb", **open_kw):
 
 
 def load_captions(path):
-    """{key: caption} from a JSONL side file of {"key": ..., "caption": ...} lines."""
+    """{key: caption} from a JSONL side file of {"key": ..., "caption": ...} lines (CRLF line ends and a UTF-8
+    byte-order mark are fine)."""
     captions, n = {}, 0
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark first is no part of the first line
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    row = json.loads(line)
+                    row = json.loads(line.lstrip("\ufeff"))  # files joined together keep each one's mark
                     captions[str(row["key"])] = str(row["caption"])
     except OSError as e:
         raise UserError(f"captions file {path}: {e.strerror}") from e
@@ -1145,27 +1146,45 @@ def inspect(spec, captions=None, missing_caption="skip", previews=3):
 
 
 def _read_table(path):
-    """The rows of a CSV (with a header) or JSONL table, each a dict that has an "image"."""
+    """The rows of a CSV or JSONL table, each a dict with an "image" path. The CSV has a header and may be
+    separated by commas, semicolons or tabs, as spreadsheets save it; a UTF-8 byte-order mark, CRLF line ends and
+    quoted fields holding separators or line breaks are read as spreadsheets mean them."""
     rows, n = [], 0
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: the byte-order mark spreadsheets and Windows editors put first is not part of the header.
+        with open(path, newline="", encoding="utf-8-sig") as f:
             if path.endswith(".jsonl"):
                 for n, line in enumerate(f, 1):
                     if line.strip():
-                        rows.append(json.loads(line))
-                        if not isinstance(rows[-1], dict) or "image" not in rows[-1]:
-                            raise UserError(f'{path}, line {n}: expected {{"image": ..., "text": ...}}')
+                        row = json.loads(line.lstrip("\ufeff"))  # files joined together keep each one's mark
+                        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
+                            raise UserError(f'{path}, line {n}: expected {{"image": PATH, "text": ...}}, '
+                                            f"got {line.strip()[:60]!r}")
+                        rows.append(row)
             else:
-                reader = csv.DictReader(f)
-                if "image" not in (reader.fieldnames or []):
-                    raise UserError(f"{path}: no column 'image' (its header: {', '.join(reader.fieldnames or [])}); "
-                                    "the table needs the columns image, text and optionally caption")
-                rows = list(reader)
+                header = f.readline()
+                # Where the comma is the decimal mark, spreadsheets separate CSV fields by semicolons.
+                delimiter = next((d for d in ",;\t" if "image" in [name.strip() for name in
+                                  next(csv.reader([header], delimiter=d), [])]), ",")
+                f.seek(0)
+                reader = csv.DictReader(f, delimiter=delimiter)
+                reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+                if "image" not in reader.fieldnames:
+                    raise UserError(f"{path}: no column 'image' (its header: {reader.fieldnames!r}); the table needs "
+                                    "a header with the columns image, text and optionally caption")
+                for row in reader:
+                    if not row["image"]:  # None: the line has fewer fields than the header
+                        raise UserError(f"{path}, line {reader.line_num}: no image path; fill in its image cell "
+                                        "or delete the line")
+                    rows.append(row)
     except OSError as e:
         raise UserError(f"{path}: {e.strerror}") from e
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise UserError(f"{path}, line {n}: not a JSON object ({e})" if path.endswith(".jsonl")
-                        else f"{path}: not a UTF-8 CSV table ({e})") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e}); save the table as UTF-8 (\"CSV UTF-8\")") from e
+    except ValueError as e:
+        raise UserError(f"{path}, line {n}: not a JSON object ({e})") from e
+    except csv.Error as e:
+        raise UserError(f"{path}, line {reader.line_num}: {e}") from e
     if not rows:
         raise UserError(f"{path}: the table has no rows")
     return rows

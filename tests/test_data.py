@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -405,6 +406,61 @@ def test_make_and_add_captions_round_trip(tmp_path, capsys):
     assert again[0]["syn.txt"] == b"cap 0"  # kept: no side caption for it
     assert again[4]["syn.txt"] == f"new {samples[4]['__key__']}".encode() and again[4]["jpg"] == samples[4]["jpg"]
     assert data.inspect(str(tmp_path / "out2"))["usable"] == 5
+
+
+# What a spreadsheet saves ("CSV UTF-8" in Excel: a byte-order mark, CRLF, quotes around fields that hold the
+# separator, a quote or a line break) and a Windows editor saves (the mark and CRLF).
+BOM = "\ufeff"
+TABLE_TEXTS = [("a cat, on a mat", "said \"hi\"; twice"), ("two\nlines", "")]
+SPREADSHEET_TABLES = {
+    "comma CSV": ("meta.csv", BOM + 'image,text,caption\r\nimg/0.jpg,"a cat, on a mat","said ""hi""; twice"\r\n'
+                  'img/1.png,"two\nlines",\r\n'),
+    "semicolon CSV": ("meta.csv", BOM + 'image;text;caption\r\nimg/0.jpg;a cat, on a mat;"said ""hi""; twice"\r\n'
+                      'img/1.png;"two\nlines";\r\n'),
+    "JSONL": ("meta.jsonl", BOM + "".join(json.dumps({"image": f"img/{i}.{'png' if i else 'jpg'}", "text": t, "caption": c})
+                                        + "\r\n" for i, (t, c) in enumerate(TABLE_TEXTS))),
+}
+
+
+@pytest.mark.parametrize("kind", list(SPREADSHEET_TABLES))
+def test_make_reads_tables_as_spreadsheets_and_windows_editors_save_them(tmp_path, kind):
+    name, text = SPREADSHEET_TABLES[kind]
+    os.makedirs(tmp_path / "src" / "img")
+    images = [_jpeg(31), _png(np.random.default_rng(32).integers(0, 256, (6, 9, 3), dtype=np.uint8))]
+    for i, raw in enumerate(images):
+        (tmp_path / "src" / "img" / f"{i}.{'png' if i else 'jpg'}").write_bytes(raw)
+    (tmp_path / "src" / name).write_bytes(text.encode("utf-8"))
+    assert data.make_shards(str(tmp_path / "src" / name), str(tmp_path / "out"))["samples"] == 2
+    samples = list(data.iter_samples(data.expand_shards(str(tmp_path / "out"))))
+    assert [s.get("jpg", s.get("png")) for s in samples] == images
+    assert [(s["txt"].decode(), s.get("syn.txt", b"").decode()) for s in samples] == TABLE_TEXTS
+
+
+def test_caption_files_with_a_byte_order_mark_and_crlf(tmp_path):
+    d = _shards(tmp_path / "s", 1, 6, caption=False)
+    caps = tmp_path / "caps.jsonl"
+    lines = [json.dumps({"key": f"{i:06d}", "caption": f"side caption {i}"}) for i in range(4)]
+    caps.write_bytes((BOM + "\r\n".join(lines[:2]) + "\r\n" + BOM + "\r\n".join(lines[2:]) + "\r\n").encode())
+    assert data.load_captions(str(caps)) == {f"{i:06d}": f"side caption {i}" for i in range(4)}
+    assert data.inspect(d, captions=str(caps))["usable"] == 4  # inspect --captions, training's --captions
+    data.add_captions(d, str(caps), str(tmp_path / "out"))
+    assert data.inspect(str(tmp_path / "out"))["usable"] == 4
+
+
+def test_table_messages_show_invisible_characters(tmp_path):
+    zero_width = tmp_path / "zero_width.csv"
+    zero_width.write_text("\u200bimage,text\nimg/0.jpg,hello\n", encoding="utf-8")
+    with pytest.raises(data.UserError, match=re.escape("['\\u200bimage', 'text']")):
+        data.make_shards(str(zero_width), str(tmp_path / "out"))
+    short = tmp_path / "short.csv"
+    short.write_text("text,image\r\nhello,img/0.jpg\r\nno image here\r\n", encoding="utf-8")
+    with pytest.raises(data.UserError, match="short.csv, line 3: no image path"):
+        data.make_shards(str(short), str(tmp_path / "out"))
+    not_utf8 = tmp_path / "latin1.csv"
+    not_utf8.write_bytes("image,text\ncafé.jpg,x\n".encode("latin-1"))
+    with pytest.raises(data.UserError, match="latin1.csv: not UTF-8 text"):
+        data.make_shards(str(not_utf8), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_bench_counts_what_it_decodes(tmp_path):
