@@ -967,6 +967,64 @@ def _write_sizes(out_dir, sizes):
         json.dump(sizes, f, indent=0, sort_keys=True)
 
 
+# What --overwrite may replace: shards and their metadata (ours, img2dataset's), and atomic_write's temp files.
+_SHARD_DIR_ENTRY = re.compile(r".+\.(tar|tar\.gz|json|parquet)(\.tmp\d+)?")
+
+
+@contextlib.contextmanager
+def new_data_dir(out_dir, overwrite=False, inputs=()):
+    """A fresh directory beside out_dir to write a data set into: when the block ends without an error it
+    replaces out_dir as a whole, else it is removed and out_dir stays as it was; out_dir never mixes old files
+    with new ones, nor holds a part. Refused (a UserError, before anything is written): an out_dir that holds
+    one of inputs; a non-empty out_dir without overwrite; with it, one that holds more than shards and their
+    .json/.parquet files (a folder of images, say), which replacing as a whole would delete."""
+    out_dir = os.path.realpath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} is a file; the output must be a directory")
+    inside = next((p for p in inputs if os.path.commonpath([os.path.realpath(p), out_dir]) == out_dir), None)
+    if inside is not None:
+        raise UserError(f"{out_dir} holds the input {inside}; write to another directory")
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if entries and not overwrite:
+        raise UserError(f"{out_dir} is not empty (it holds {entries[0]!r}{' and more' if len(entries) > 1 else ''});"
+                        " pass --overwrite to replace it as a whole, or choose another directory")
+    other = [e for e in entries if not (_SHARD_DIR_ENTRY.fullmatch(e) and os.path.isfile(os.path.join(out_dir, e)))]
+    if other:
+        raise UserError(f"{out_dir} holds more than shards (e.g. {other[0]!r}); --overwrite replaces only a "
+                        "directory of shards and their .json files: choose another directory")
+    tmp = _temp_beside(out_dir)
+    try:
+        yield tmp
+        _swap_in(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when swapped in
+
+
+def _temp_beside(path):
+    """A new empty directory beside path, hidden, on the same file system: renaming it to path is atomic."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp", dir=os.path.dirname(path))
+    except OSError as e:
+        raise write_error(path, e) from e
+
+
+def _swap_in(new, path):
+    """Rename the complete directory `new` to path. A path that holds files is renamed aside first and removed
+    after: a crash between the two renames leaves the old content whole beside it, as {new}.old."""
+    try:
+        try:
+            os.rename(new, path)  # path absent, or an empty directory
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            os.rename(path, new + ".old")
+            os.rename(new, path)
+            shutil.rmtree(new + ".old", ignore_errors=True)
+    except OSError as e:
+        raise write_error(path, e) from e
+
+
 # -----------------------------------------------------------------------------
 # Demo dataset: two coloured shapes per image, the class is their pair of colours (15 classes), attributes a
 # from-scratch ViT learns in CPU minutes. Raw texts are noisy the way web alt-text is, often about another
@@ -1085,8 +1143,9 @@ def _demo_split(out, n, n_shards, seed, split):
 
 
 def write_demo(out_dir, seed=0):
-    """Build (or reuse) the demo dataset: {"train": dir, "test": dir}. Written to a temp dir and renamed,
-    so a directory with the .complete marker is always whole."""
+    """Build (or reuse) the demo dataset: {"train": dir, "test": dir}. Written to a temp dir beside out_dir and
+    swapped in whole (as new_data_dir does), so a directory with the .complete marker is always whole. A demo
+    set of another seed is replaced; any other non-empty out_dir is refused."""
     out_dir = os.path.abspath(out_dir)
     paths = {"train": os.path.join(out_dir, "train"), "test": os.path.join(out_dir, "test")}
     marker = os.path.join(out_dir, ".complete")
@@ -1094,27 +1153,25 @@ def write_demo(out_dir, seed=0):
     if _read_json(marker) == want:
         return paths
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(marker):
-        raise FileExistsError(f"data: {out_dir} exists and is not a demo dataset; not overwriting it")
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp", dir=os.path.dirname(out_dir))
+        raise UserError(f"{out_dir} exists and is not a demo dataset (it has no .complete); not overwriting it: "
+                        "move it away or choose another directory")
+    tmp = _temp_beside(out_dir)
     try:
         for split, n, n_shards in (("train", DEMO_TRAIN, DEMO_SHARDS), ("test", DEMO_TEST, 1)):
             os.makedirs(os.path.join(tmp, split))
             _demo_split(os.path.join(tmp, split), n, n_shards, seed, split)
-        with open(os.path.join(tmp, "test", "classnames.txt"), "w") as f:
+        with atomic_write(os.path.join(tmp, "test", "classnames.txt"), "w") as f:
             f.write("\n".join(CLASSNAMES) + "\n")
         with atomic_write(os.path.join(tmp, ".complete"), "w") as f:
             json.dump(want, f)
-        if _read_json(marker) == want:  # another process (e.g. a second rank) finished first
-            return paths
-        if os.path.exists(out_dir):  # empty, or a complete demo with another seed
-            shutil.rmtree(out_dir)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            # Another process (e.g. a second rank) finished first; its copy is as good as ours.
-            if _read_json(marker) != want:
-                raise
+        if _read_json(marker) != want:  # else another process (e.g. a second rank) finished first
+            try:
+                _swap_in(tmp, out_dir)
+            except UserError:
+                if _read_json(marker) != want:  # another process's copy, swapped in meanwhile, is as good
+                    raise
+    except OSError as e:  # making a directory in tmp: the files go through atomic_write
+        raise write_error(out_dir, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return paths
@@ -1190,68 +1247,79 @@ def _read_table(path):
     return rows
 
 
-def make_shards(src, out_dir, shard_size=10000):
+def make_shards(src, out_dir, shard_size=10000, overwrite=False):
     """Shards from a CSV/JSONL table with columns image (path relative to the table), text and optional
-    caption. src is the table or a directory holding exactly one. Image bytes are stored as they are."""
+    caption. src is the table or a directory holding exactly one. Image bytes are stored as they are.
+    out_dir is written as a whole (see new_data_dir): a non-empty one only with overwrite."""
     if os.path.isdir(src):
         tables = [p for p in sorted(os.listdir(src)) if p.endswith((".csv", ".jsonl"))]
         if len(tables) != 1:
             raise UserError(f"{src}: expected one .csv or .jsonl table in it, found {len(tables)} {tables[:5]}")
         src = os.path.join(src, tables[0])
     rows, root = _read_table(src), os.path.dirname(os.path.abspath(src))
+    paths = [os.path.join(root, row["image"]) for row in rows]
+    where = "image paths are relative to the table's folder"
+    if not any(map(os.path.isfile, paths)):  # an input error, so found before the output is looked at
+        raise UserError(f"{src}: none of its {len(rows)} images was found, e.g. {paths[0]!r}; {where}")
     sizes, samples, missing = {}, [], []
+    with new_data_dir(out_dir, overwrite, inputs=[src]) as tmp:
+        def flush():
+            name = f"{len(sizes):05d}.tar"
+            write_tar(os.path.join(tmp, name), samples)
+            sizes[name] = len(samples)
+            samples.clear()
 
-    def flush():
-        os.makedirs(out_dir, exist_ok=True)
-        name = f"{len(sizes):05d}.tar"
-        write_tar(os.path.join(out_dir, name), samples)
-        sizes[name] = len(samples)
-        samples.clear()
-
-    for i, row in enumerate(rows):
-        path = os.path.join(root, row["image"])
-        ext = os.path.splitext(path)[1].lower().lstrip(".")
-        try:
-            with open(path, "rb") as f:
-                files = {ext: f.read()}
-        except OSError:
-            missing.append(path)
-            continue
-        files["txt"] = str(row.get("text") or "").encode()
-        if row.get("caption"):
-            files["syn.txt"] = str(row["caption"]).encode()
-        samples.append((f"{i:09d}", files))
-        if len(samples) == shard_size:
+        for i, (row, path) in enumerate(zip(rows, paths)):
+            ext = os.path.splitext(path)[1].lower().lstrip(".")
+            try:
+                with open(path, "rb") as f:
+                    files = {ext: f.read()}
+            except OSError:
+                missing.append(path)
+                continue
+            files["txt"] = str(row.get("text") or "").encode()
+            if row.get("caption"):
+                files["syn.txt"] = str(row["caption"]).encode()
+            samples.append((f"{i:09d}", files))
+            if len(samples) == shard_size:
+                flush()
+        if samples:
             flush()
-    if samples:
-        flush()
-    if missing:
-        where = f"e.g. {missing[0]}; image paths are relative to the table's folder"
         if not sizes:
-            raise UserError(f"{src}: none of its {len(rows)} images was found, {where}")
-        print(f"data: warning: {len(missing)} of {len(rows)} images not found, skipped ({where})", file=sys.stderr)
-    _write_sizes(out_dir, sizes)
+            raise UserError(f"{src}: none of its {len(rows)} images could be read, e.g. {missing[0]!r}")
+        _write_sizes(tmp, sizes)
+    if missing:
+        print(f"data: warning: {len(missing)} of {len(rows)} images not found, skipped (e.g. {missing[0]!r}; "
+              f"{where})", file=sys.stderr)
     return {"samples": sum(sizes.values()), "shards": len(sizes), "missing_image_files": len(missing)}
 
 
-def add_captions(spec, captions, out_dir):
-    """Copy shards to out_dir with each sample's caption from the JSONL side file added as {key}.syn.txt."""
+def add_captions(spec, captions, out_dir, overwrite=False):
+    """Copy shards to out_dir with each sample's caption from the JSONL side file added as {key}.syn.txt.
+    out_dir is written as a whole (see new_data_dir): a non-empty one only with overwrite, and never the
+    folder of the input shards."""
     shards = find_shards(spec)
     caps = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
-    os.makedirs(out_dir, exist_ok=True)
-    stats, sizes, counts = collections.Counter(), {}, collections.Counter()
+    names = collections.defaultdict(list)
     for shard in shards:
-        samples = []
-        for sample in iter_samples([shard], stats):
-            files = {k: v for k, v in sample.items() if not k.startswith("__")}
-            if sample["__key__"] in caps:
-                files["syn.txt"] = caps[sample["__key__"]].encode()
-            counts["with_caption" if "syn.txt" in files else "without_caption"] += 1
-            samples.append((sample["__key__"], files))
-        name = os.path.basename(shard).split(".")[0] + ".tar"
-        write_tar(os.path.join(out_dir, name), samples)
-        sizes[name] = len(samples)
-    _write_sizes(out_dir, sizes)
+        names[os.path.basename(shard).split(".")[0] + ".tar"].append(shard)
+    clash = next((group for group in names.values() if len(group) > 1), None)
+    if clash:
+        raise UserError(f"{spec}: the shards {clash[0]} and {clash[1]} would both be copied to "
+                        f"{os.path.basename(clash[0]).split('.')[0]}.tar; copy them in separate runs")
+    stats, sizes, counts = collections.Counter(), {}, collections.Counter()
+    with new_data_dir(out_dir, overwrite, inputs=shards) as tmp:
+        for name, (shard,) in names.items():
+            samples = []
+            for sample in iter_samples([shard], stats):
+                files = {k: v for k, v in sample.items() if not k.startswith("__")}
+                if sample["__key__"] in caps:
+                    files["syn.txt"] = caps[sample["__key__"]].encode()
+                counts["with_caption" if "syn.txt" in files else "without_caption"] += 1
+                samples.append((sample["__key__"], files))
+            write_tar(os.path.join(tmp, name), samples)
+            sizes[name] = len(samples)
+        _write_sizes(tmp, sizes)
     return {**counts, "shards": len(sizes), "skipped": dict(stats)}
 
 
@@ -1342,11 +1410,16 @@ def main(argv=None):
     p.add_argument("--captions", help="JSONL side file of {key, caption}")
     p.add_argument("--missing-caption", choices=("skip", "raw"), default="skip")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
-    p = sub.add_parser("make", parents=[debug], help="shards from images + a CSV/JSONL table (image, text[, caption])")
+    overwrite = ArgumentParser(add_help=False)
+    overwrite.add_argument("--overwrite", action="store_true",
+                           help="replace a non-empty OUT of shards as a whole, once the new shards are complete")
+    p = sub.add_parser("make", parents=[debug, overwrite],
+                       help="shards from images + a CSV/JSONL table (image, text[, caption])")
     p.add_argument("src", help="the table, or a directory holding one")
     p.add_argument("out")
     p.add_argument("--shard-size", type=positive_int, default=10000)
-    p = sub.add_parser("add-captions", parents=[debug], help="copy shards, adding {key}.syn.txt from a JSONL side file")
+    p = sub.add_parser("add-captions", parents=[debug, overwrite],
+                       help="copy shards, adding {key}.syn.txt from a JSONL side file")
     p.add_argument("shards")
     p.add_argument("captions")
     p.add_argument("out")
@@ -1373,9 +1446,9 @@ def main(argv=None):
         if args.json:
             print(json.dumps(r))
     elif args.cmd == "make":
-        print(json.dumps(make_shards(args.src, args.out, args.shard_size)))
+        print(json.dumps(make_shards(args.src, args.out, args.shard_size, args.overwrite)))
     elif args.cmd == "add-captions":
-        print(json.dumps(add_captions(args.shards, args.captions, args.out)))
+        print(json.dumps(add_captions(args.shards, args.captions, args.out, args.overwrite)))
     elif args.cmd == "bench":
         if not args.synthetic and not args.shards:
             parser.error("bench needs SHARDS or --synthetic")

@@ -1,6 +1,7 @@
 """data.py: transforms, shard expansion, broken data, splitting, exact resume, commands, demo set."""
 import collections
 import contextlib
+import errno
 import io
 import json
 import math
@@ -408,6 +409,103 @@ def test_make_and_add_captions_round_trip(tmp_path, capsys):
     assert data.inspect(str(tmp_path / "out2"))["usable"] == 5
 
 
+def _table(src, n, seed):
+    """A folder with n images and meta.jsonl naming them; returns the table's path."""
+    os.makedirs(src / "img")
+    for i in range(n):
+        (src / "img" / f"{i}.jpg").write_bytes(_jpeg(seed + i))
+    (src / "meta.jsonl").write_text("".join(json.dumps({"image": f"img/{i}.jpg", "text": f"text {seed + i}",
+                                                        "caption": "c"}) + "\n" for i in range(n)))
+    return str(src / "meta.jsonl")
+
+
+def _folder(path):
+    """{name: bytes} of the files in a folder."""
+    return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
+
+
+def _texts(folder):
+    return sorted(s["txt"].decode() for s in data.iter_samples(data.expand_shards(str(folder))))
+
+
+def test_make_replaces_a_data_directory_only_as_a_whole(tmp_path, monkeypatch):
+    old_table, new_table = _table(tmp_path / "old", 5, 100), _table(tmp_path / "new", 2, 200)
+    out = tmp_path / "out"
+    data.main(["make", old_table, str(out), "--shard-size", "2"])  # 3 shards
+    before = _folder(out)
+    with pytest.raises(data.UserError, match="is not empty.*--overwrite"):
+        data.main(["make", new_table, str(out)])
+    assert _folder(out) == before
+    # A write that fails half-way (the disk fills at the second file): one line, and the old shards stay whole.
+    fsync, calls = os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(data.UserError, match="No space left on device; free some space"):
+        data.main(["make", new_table, str(out), "--shard-size", "1", "--overwrite"])
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert _folder(out) == before and sorted(os.listdir(tmp_path)) == ["new", "old", "out"]
+    # Stopped half-way (Ctrl-C): the same.
+    write_tar = data.write_tar
+
+    def interrupted(path, samples):  # at the second shard
+        if not path.endswith("00000.tar"):
+            raise KeyboardInterrupt
+        write_tar(path, samples)
+    monkeypatch.setattr(data, "write_tar", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.make_shards(new_table, str(out), shard_size=1, overwrite=True)
+    monkeypatch.setattr(data, "write_tar", write_tar)
+    assert _folder(out) == before and sorted(os.listdir(tmp_path)) == ["new", "old", "out"]
+    # Complete: the new shards replace the old ones, none of which is left.
+    data.main(["make", new_table, str(out), "--overwrite"])
+    assert sorted(os.listdir(out)) == ["00000.tar", "sizes.json"] and _texts(out) == ["text 200", "text 201"]
+    assert sorted(os.listdir(tmp_path)) == ["new", "old", "out"]
+
+
+def test_overwrite_replaces_nothing_but_shards(tmp_path):
+    table = _table(tmp_path / "src", 2, 300)
+    with pytest.raises(data.UserError, match="holds the input .*meta.jsonl"):  # the table's own folder
+        data.make_shards(table, str(tmp_path / "src"), overwrite=True)
+    with_folder, with_notes = tmp_path / "with_folder", tmp_path / "with_notes"
+    os.makedirs(with_folder / "img")
+    os.makedirs(with_notes)
+    (with_notes / "notes.txt").write_text("mine")
+    for folder, extra in ((with_folder, "img"), (with_notes, "notes.txt")):
+        (folder / "00000.tar").write_bytes(b"")
+        with pytest.raises(data.UserError, match=f"holds more than shards \\(e.g. '{extra}'\\)"):
+            data.make_shards(table, str(folder), overwrite=True)
+        assert sorted(os.listdir(folder)) == ["00000.tar", extra]
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(data.UserError, match="is a file"):
+        data.make_shards(table, str(tmp_path / "a_file"), overwrite=True)
+
+
+def test_add_captions_never_replaces_its_input(tmp_path):
+    d = _shards(tmp_path / "s", 2, 3, caption=False)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"key": f"{i:06d}", "caption": f"new {i}"}) + "\n" for i in range(6)))
+    before = _folder(tmp_path / "s")
+    for spec in (d, os.path.join(d, "00001.tar")):
+        with pytest.raises(data.UserError, match="holds the input"):
+            data.main(["add-captions", spec, str(caps), d, "--overwrite"])
+    assert _folder(tmp_path / "s") == before
+    other = _shards(tmp_path / "other", 1, 2)
+    data.write_tar(os.path.join(other, "00000.tar.gz"), [_good(9)])  # a second shard named 00000
+    with pytest.raises(data.UserError, match="would both be copied to 00000.tar"):
+        data.add_captions(f"{d}::{other}", str(caps), str(tmp_path / "out"))
+    data.add_captions(d, str(caps), str(tmp_path / "out"))
+    with pytest.raises(data.UserError, match="--overwrite"):
+        data.add_captions(os.path.join(d, "00000.tar"), str(caps), str(tmp_path / "out"))
+    data.add_captions(os.path.join(d, "00000.tar"), str(caps), str(tmp_path / "out"), overwrite=True)
+    assert sorted(os.listdir(tmp_path / "out")) == ["00000.tar", "sizes.json"]  # 00001.tar went with the rest
+    assert data.inspect(str(tmp_path / "out"))["usable"] == 3
+
+
 # What a spreadsheet saves ("CSV UTF-8" in Excel: a byte-order mark, CRLF, quotes around fields that hold the
 # separator, a quote or a line break) and a Windows editor saves (the mark and CRLF).
 BOM = "\ufeff"
@@ -496,8 +594,9 @@ def test_write_demo_small_is_deterministic(tmp_path, monkeypatch):
     assert os.path.getmtime(os.path.join(a["train"], "00000.tar")) == mtime
     os.makedirs(tmp_path / "user")
     (tmp_path / "user" / "precious.txt").write_text("x")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(data.UserError, match="not a demo dataset"):
         data.write_demo(str(tmp_path / "user"))
+    assert os.listdir(tmp_path / "user") == ["precious.txt"]
 
 
 def _named_colours(text):
