@@ -242,7 +242,7 @@ def decode_image(raw, min_side=0, max_pixels=MAX_PIXELS):
       what a viewer shows on a white page: c * a/255 + 255 * (1 - a/255), rounded.
     - 16-bit samples keep their high byte (v >> 8): Pillow reduces 16-bit RGB(A) PNGs and TIFFs so before
       we see them, and the same rule for 16-bit gray keeps a gray and a colour copy of a picture alike
-      (v >> 8 is within one level of v / 257).
+      (v >> 8 is within one level of v / 257, which Pillow uses for 16-bit colour PPMs).
     - CMYK and YCbCr: Pillow's conversions, R = (255 - C)(255 - K) / 255 and JPEG's full-range BT.601.
       LAB (D50, the ICC reference white): littleCMS without its lookup tables, which are off by up to 13
       levels in places (Pillow's convert uses them). Embedded ICC profiles are not applied: pixel values
@@ -265,9 +265,12 @@ def decode_image(raw, min_side=0, max_pixels=MAX_PIXELS):
         if min_side and img.format in ("JPEG", "MPO"):  # MPO: a JPEG with more frames, as phones write them
             img.draft("RGB", (min_side, min_side))
         img.load()  # a truncated file fails here, not at open
-        upright = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise ValueError("corrupt_image") from None
+    try:
+        upright = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
+    except (OSError, SyntaxError, ValueError):  # a damaged EXIF block: the picture as stored, as viewers show it
+        upright = None
     try:
         rgb = _to_rgb(img, raw)
     except ValueError:  # a conversion this Pillow lacks

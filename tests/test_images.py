@@ -336,6 +336,14 @@ def test_exif_orientation_in_other_formats(fmt):
     assert np.array_equal(np.asarray(got), np.rot90(stored, -1))
 
 
+def test_a_damaged_exif_block_leaves_the_picture_as_stored():
+    stored = _rng("damaged exif").integers(0, 256, SIZE + (3,), dtype=np.uint8)
+    raw = bytearray(_encode(Image.fromarray(stored), "WEBP", lossless=True, exif=_exif(6)))
+    header = raw.index(b"II*\0") if b"II*\0" in raw else raw.index(b"MM\0*")
+    raw[header:header + 2] = b"XX"  # byte order unknown: the block cannot be read
+    assert np.array_equal(np.asarray(data.decode_image(bytes(raw))), stored)
+
+
 def _unsupported():
     rng = _rng("unsupported")
     floats = rng.uniform(-1, 3, SIZE).astype(np.float32)
