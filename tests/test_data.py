@@ -515,8 +515,8 @@ SPREADSHEET_TABLES = {
                   'img/1.png,"two\nlines",\r\n'),
     "semicolon CSV": ("meta.csv", BOM + 'image;text;caption\r\nimg/0.jpg;a cat, on a mat;"said ""hi""; twice"\r\n'
                       'img/1.png;"two\nlines";\r\n'),
-    "JSONL": ("meta.jsonl", BOM + "".join(json.dumps({"image": f"img/{i}.{'png' if i else 'jpg'}", "text": t, "caption": c})
-                                        + "\r\n" for i, (t, c) in enumerate(TABLE_TEXTS))),
+    "JSONL": ("meta.jsonl", BOM + "".join(json.dumps({"image": f"img/{i}.{'png' if i else 'jpg'}", "text": t,
+                                                      "caption": c}) + "\r\n" for i, (t, c) in enumerate(TABLE_TEXTS))),
 }
 
 
