@@ -14,6 +14,7 @@ Bad data never stops a run: every broken sample or shard is skipped and counted 
 command (a flag, a path, a line of a file) is a UserError: one line on stderr and exit status 2.
 """
 import argparse
+import atexit
 import collections
 import contextlib
 import csv
@@ -40,13 +41,14 @@ import tempfile
 import time
 import traceback
 import warnings
+import weakref
 import zlib
 
 import ftfy
 import numpy as np
 import regex
 import torch
-from PIL import Image, ImageDraw
+from PIL import ExifTags, Image, ImageDraw
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
@@ -256,10 +258,39 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 
 
+# Reading EXIF goes through Pillow's TIFF reader, which warns about a damaged block on every such image, in every
+# worker; the picture is then shown as stored, as viewers show it, and the warning tells nothing more.
+warnings.filterwarnings("ignore", category=UserWarning, module="PIL.TiffImagePlugin")
+# EXIF orientation (tag 0x0112) -> the transpose that shows the stored picture upright; 1 is upright already.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")  # unsigned 16-bit gray: PNG, TIFF
+_CONVERTS = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr")  # Pillow's convert("RGB") is the picture
+_ALPHA = ("1", "L", "P", "RGB", "LA", "PA", "RGBA")  # with transparency: to RGBA, then over white
+
+
 def decode_image(raw, min_side=0, max_pixels=MAX_PIXELS):
-    """RGB PIL image from encoded bytes; raises ValueError(reason) for anything unusable.
-    min_side > 0 lets JPEGs decode at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper) while both
-    sides stay >= min_side. max_pixels=None leaves the cap to Pillow (2 x Image.MAX_IMAGE_PIXELS)."""
+    """RGB PIL image from encoded bytes, the picture a viewer shows on a white page; raises ValueError(reason)
+    for anything unusable. min_side > 0 lets JPEGs decode at 1/2, 1/4 or 1/8 scale (DCT scaling, much cheaper)
+    while both sides stay >= min_side. max_pixels=None leaves the cap to Pillow (2 x Image.MAX_IMAGE_PIXELS).
+
+    How a file becomes 8-bit RGB, training and evaluation alike:
+    - EXIF orientation (or XMP's, which Pillow reads too) is applied after decoding: phone photos come out
+      upright. The draft size asked for is square, so min_side still holds after a quarter turn.
+    - Transparency (an alpha channel, a palette's alpha, PNG's transparent colour) is composited over white,
+      what a viewer shows on a white page: c * a/255 + 255 * (1 - a/255), rounded.
+    - 16-bit samples keep their high byte (v >> 8): Pillow reduces 16-bit RGB(A) PNGs and TIFFs so before
+      we see them, and the same rule for 16-bit gray keeps a gray and a colour copy of a picture alike
+      (v >> 8 is within one level of v / 257, which Pillow uses for 16-bit colour PPMs).
+    - CMYK and YCbCr: Pillow's conversions, R = (255 - C)(255 - K) / 255 and JPEG's full-range BT.601.
+      LAB (D50, the ICC reference white): littleCMS without its lookup tables, which are off by up to 13
+      levels in places (Pillow's convert uses them). Embedded ICC profiles are not applied: pixel values
+      are taken as sRGB, as CLIP's and open_clip's loaders take them.
+    - Animated and multi-frame files (GIF, APNG, WebP, MPO, TIFF): the first frame.
+    - Pixel formats with no faithful RGB raise "unsupported_mode": floating-point or signed/32-bit integer
+      samples (range unknown), and 16-bit PNGs with a transparent colour (Pillow compares it with pixels it
+      has already reduced to 8 bits)."""
     if not raw:
         raise ValueError("empty_image")
     try:
@@ -271,14 +302,60 @@ def decode_image(raw, min_side=0, max_pixels=MAX_PIXELS):
     if max_pixels is not None and img.width * img.height > max_pixels:
         raise ValueError("image_too_large")
     try:
-        if min_side and img.format == "JPEG":
+        if min_side and img.format in ("JPEG", "MPO"):  # MPO: a JPEG with more frames, as phones write them
             img.draft("RGB", (min_side, min_side))
         img.load()  # a truncated file fails here, not at open
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")  # what Pillow asks for, instead of warning in every worker
-        return img if img.mode == "RGB" else img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise ValueError("corrupt_image") from None
+    try:
+        upright = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
+    except (OSError, SyntaxError, ValueError):  # a damaged EXIF block: the picture as stored, as viewers show it
+        upright = None
+    try:
+        rgb = _to_rgb(img, raw)
+    except ValueError:  # a conversion this Pillow lacks
+        rgb = None
+    if rgb is None:
+        raise ValueError("unsupported_mode")
+    return rgb if upright is None else rgb.transpose(upright)
+
+
+def _to_rgb(img, raw):
+    """The loaded img as RGB, or None where its pixel format has no faithful RGB (see decode_image)."""
+    mode, key = img.mode, img.info.get("transparency")
+    if img.format == "PNG" and key is not None:
+        depth = raw[24]  # IHDR's bit depth: IHDR is a PNG's first chunk
+        if mode == "RGB" and depth == 16:
+            return None
+        if mode == "L" and depth < 8:  # Pillow scales 2- and 4-bit gray to 0..255, but not the transparent level
+            img.info["transparency"] = key = key * 255 // ((1 << depth) - 1)
+    if mode in _SIXTEEN_BIT or (mode == "I" and img.format == "PPM"):  # Pillow scales PGM to 0..65535
+        v = np.asarray(img)
+        gray = (v >> 8).astype(np.uint8)
+        if key is None:
+            return Image.fromarray(gray).convert("RGB")
+        alpha = np.where(v == key, 0, 255).astype(np.uint8)
+        return _over_white(np.stack([gray, gray, gray, alpha], -1))
+    if key is None and mode in _CONVERTS:
+        return img if mode == "RGB" else img.convert("RGB")
+    if mode in _ALPHA:
+        return _over_white(np.asarray(img.convert("RGBA")))
+    if mode == "LAB":
+        return _lab_to_srgb().apply(img)
+    return None
+
+
+def _over_white(rgba):
+    """(H, W, 4) uint8 composited over white, rounded exactly: 255 - round((255 - c) * a / 255)."""
+    a = rgba[..., 3:].astype(np.uint16)  # 255 * 255 + 127 fits
+    return Image.fromarray((255 - ((255 - rgba[..., :3].astype(np.uint16)) * a + 127) // 255).astype(np.uint8))
+
+
+@functools.lru_cache(maxsize=None)
+def _lab_to_srgb():
+    from PIL import ImageCms  # littleCMS; only LAB needs it
+    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB",
+                                   ImageCms.Intent.RELATIVE_COLORIMETRIC, flags=ImageCms.Flags.NOOPTIMIZE)  # exact
 
 
 def _to_uint8(img):
@@ -603,13 +680,14 @@ def atomic_write(path, mode="wb", **open_kw):
 
 
 def load_captions(path):
-    """{key: caption} from a JSONL side file of {"key": ..., "caption": ...} lines."""
+    """{key: caption} from a JSONL side file of {"key": ..., "caption": ...} lines (CRLF line ends and a UTF-8
+    byte-order mark are fine)."""
     captions, n = {}, 0
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark first is no part of the first line
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    row = json.loads(line)
+                    row = json.loads(line.lstrip("\ufeff"))  # files joined together keep each one's mark
                     captions[str(row["key"])] = str(row["caption"])
     except OSError as e:
         raise UserError(f"captions file {path}: {e.strerror}") from e
@@ -884,6 +962,7 @@ class TrainLoader:
         batches = iter(torch.utils.data.DataLoader(
             _BatchStream(self), batch_size=None, num_workers=self.workers, persistent_workers=False,
             pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals))
+        _LIVE_BATCHES.add(batches)
         worker_stats = {}
         base = collections.Counter(self._done_epochs_skipped)
         try:
@@ -898,15 +977,37 @@ class TrainLoader:
                 yield tuple(batch)
         finally:
             # However the epoch ends (done, an error here or in a worker, the caller closing this generator),
-            # stop the workers now. The DataLoader would stop them only once its iterator is collected, and an
-            # exception's traceback keeps it alive until after multiprocessing's exit handler, which then
-            # waits forever for workers that ignore SIGTERM.
-            shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers
-            if shutdown is not None:
-                shutdown()
+            # stop the workers now, not once the DataLoader's iterator is collected (see _stop_live_workers).
+            _stop_workers(batches)
         # The epoch is over: fold its counts in and move the position to the next epoch.
         self._done_epochs_skipped = collections.Counter(self.skipped)
         self.epoch, self.start_batch = self.epoch + 1, 0
+
+
+# DataLoader iterators of TrainLoaders, whose workers may still run.
+_LIVE_BATCHES = weakref.WeakSet()
+
+
+def _stop_workers(batches):
+    # torch's own shutdown tells each worker to stop and joins it for up to 5 s, then sends SIGTERM, which ours
+    # ignore: one still busy after that is killed, as its batch has no reader any more.
+    shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers
+    if shutdown is not None:
+        shutdown()
+        for worker in batches._workers:
+            if worker.is_alive():
+                worker.kill()
+
+
+@atexit.register
+def _stop_live_workers():
+    # A loader left mid-epoch whose iterator is still referenced at exit (`it = iter(loader)` at module level, a
+    # traceback kept by the interpreter) still has its workers. multiprocessing's exit handler would SIGTERM
+    # them, which they ignore, then join them forever. This one runs first: exit handlers run last registered
+    # first, and data.py registers it after importing torch, which registers multiprocessing's and the
+    # DataLoader's own (after which the DataLoader no longer shuts its workers down).
+    for batches in list(_LIVE_BATCHES):
+        _stop_workers(batches)
 
 
 def _ignore_stop_signals(worker_id):
@@ -933,6 +1034,64 @@ def write_tar(path, samples):
 def _write_sizes(out_dir, sizes):
     with atomic_write(os.path.join(out_dir, "sizes.json"), "w") as f:
         json.dump(sizes, f, indent=0, sort_keys=True)
+
+
+# What --overwrite may replace: shards and their metadata (ours, img2dataset's), and atomic_write's temp files.
+_SHARD_DIR_ENTRY = re.compile(r".+\.(tar|tar\.gz|json|parquet)(\.tmp\d+)?")
+
+
+@contextlib.contextmanager
+def new_data_dir(out_dir, overwrite=False, inputs=()):
+    """A fresh directory beside out_dir to write a data set into: when the block ends without an error it
+    replaces out_dir as a whole, else it is removed and out_dir stays as it was; out_dir never mixes old files
+    with new ones, nor holds a part. Refused (a UserError, before anything is written): an out_dir that holds
+    one of inputs; a non-empty out_dir without overwrite; with it, one that holds more than shards and their
+    .json/.parquet files (a folder of images, say), which replacing as a whole would delete."""
+    out_dir = os.path.realpath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} is a file; the output must be a directory")
+    inside = next((p for p in inputs if os.path.commonpath([os.path.realpath(p), out_dir]) == out_dir), None)
+    if inside is not None:
+        raise UserError(f"{out_dir} holds the input {inside}; write to another directory")
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if entries and not overwrite:
+        raise UserError(f"{out_dir} is not empty (it holds {entries[0]!r}{' and more' if len(entries) > 1 else ''});"
+                        " pass --overwrite to replace it as a whole, or choose another directory")
+    other = [e for e in entries if not (_SHARD_DIR_ENTRY.fullmatch(e) and os.path.isfile(os.path.join(out_dir, e)))]
+    if other:
+        raise UserError(f"{out_dir} holds more than shards (e.g. {other[0]!r}); --overwrite replaces only a "
+                        "directory of shards and their .json files: choose another directory")
+    tmp = _temp_beside(out_dir)
+    try:
+        yield tmp
+        _swap_in(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when swapped in
+
+
+def _temp_beside(path):
+    """A new empty directory beside path, hidden, on the same file system: renaming it to path is atomic."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp", dir=os.path.dirname(path))
+    except OSError as e:
+        raise write_error(path, e) from e
+
+
+def _swap_in(new, path):
+    """Rename the complete directory `new` to path. A path that holds files is renamed aside first and removed
+    after: a crash between the two renames leaves the old content whole beside it, as {new}.old."""
+    try:
+        try:
+            os.rename(new, path)  # path absent, or an empty directory
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            os.rename(path, new + ".old")
+            os.rename(new, path)
+            shutil.rmtree(new + ".old", ignore_errors=True)
+    except OSError as e:
+        raise write_error(path, e) from e
 
 
 # -----------------------------------------------------------------------------
@@ -1053,8 +1212,9 @@ def _demo_split(out, n, n_shards, seed, split):
 
 
 def write_demo(out_dir, seed=0):
-    """Build (or reuse) the demo dataset: {"train": dir, "test": dir}. Written to a temp dir and renamed,
-    so a directory with the .complete marker is always whole."""
+    """Build (or reuse) the demo dataset: {"train": dir, "test": dir}. Written to a temp dir beside out_dir and
+    swapped in whole (as new_data_dir does), so a directory with the .complete marker is always whole. A demo
+    set of another seed is replaced; any other non-empty out_dir is refused."""
     out_dir = os.path.abspath(out_dir)
     paths = {"train": os.path.join(out_dir, "train"), "test": os.path.join(out_dir, "test")}
     marker = os.path.join(out_dir, ".complete")
@@ -1062,27 +1222,25 @@ def write_demo(out_dir, seed=0):
     if read_json(marker) == want:
         return paths
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(marker):
-        raise FileExistsError(f"data: {out_dir} exists and is not a demo dataset; not overwriting it")
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp", dir=os.path.dirname(out_dir))
+        raise UserError(f"{out_dir} exists and is not a demo dataset (it has no .complete); not overwriting it: "
+                        "move it away or choose another directory")
+    tmp = _temp_beside(out_dir)
     try:
         for split, n, n_shards in (("train", DEMO_TRAIN, DEMO_SHARDS), ("test", DEMO_TEST, 1)):
             os.makedirs(os.path.join(tmp, split))
             _demo_split(os.path.join(tmp, split), n, n_shards, seed, split)
-        with open(os.path.join(tmp, "test", "classnames.txt"), "w") as f:
+        with atomic_write(os.path.join(tmp, "test", "classnames.txt"), "w") as f:
             f.write("\n".join(CLASSNAMES) + "\n")
         with atomic_write(os.path.join(tmp, ".complete"), "w") as f:
             json.dump(want, f)
-        if read_json(marker) == want:  # another process (e.g. a second rank) finished first
-            return paths
-        if os.path.exists(out_dir):  # empty, or a complete demo with another seed
-            shutil.rmtree(out_dir)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            # Another process (e.g. a second rank) finished first; its copy is as good as ours.
-            if read_json(marker) != want:
-                raise
+        if read_json(marker) != want:  # else another process (e.g. a second rank) finished first
+            try:
+                _swap_in(tmp, out_dir)
+            except UserError:
+                if read_json(marker) != want:  # another process's copy, swapped in meanwhile, is as good
+                    raise
+    except OSError as e:  # making a directory in tmp: the files go through atomic_write
+        raise write_error(out_dir, e) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return paths
@@ -1114,94 +1272,123 @@ def inspect(spec, captions=None, missing_caption="skip", previews=3):
 
 
 def _read_table(path):
-    """The rows of a CSV (with a header) or JSONL table, each a dict that has an "image"."""
+    """The rows of a CSV or JSONL table, each a dict with an "image" path. The CSV has a header and may be
+    separated by commas, semicolons or tabs, as spreadsheets save it; a UTF-8 byte-order mark, CRLF line ends and
+    quoted fields holding separators or line breaks are read as spreadsheets mean them."""
     rows, n = [], 0
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: the byte-order mark spreadsheets and Windows editors put first is not part of the header.
+        with open(path, newline="", encoding="utf-8-sig") as f:
             if path.endswith(".jsonl"):
                 for n, line in enumerate(f, 1):
                     if line.strip():
-                        rows.append(json.loads(line))
-                        if not isinstance(rows[-1], dict) or "image" not in rows[-1]:
-                            raise UserError(f'{path}, line {n}: expected {{"image": ..., "text": ...}}')
+                        row = json.loads(line.lstrip("\ufeff"))  # files joined together keep each one's mark
+                        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"]:
+                            raise UserError(f'{path}, line {n}: expected {{"image": PATH, "text": ...}}, '
+                                            f"got {line.strip()[:60]!r}")
+                        rows.append(row)
             else:
-                reader = csv.DictReader(f)
-                if "image" not in (reader.fieldnames or []):
-                    raise UserError(f"{path}: no column 'image' (its header: {', '.join(reader.fieldnames or [])}); "
-                                    "the table needs the columns image, text and optionally caption")
-                rows = list(reader)
+                header = f.readline()
+                # Where the comma is the decimal mark, spreadsheets separate CSV fields by semicolons.
+                delimiter = next((d for d in ",;\t" if "image" in [name.strip() for name in
+                                  next(csv.reader([header], delimiter=d), [])]), ",")
+                f.seek(0)
+                reader = csv.DictReader(f, delimiter=delimiter)
+                reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+                if "image" not in reader.fieldnames:
+                    raise UserError(f"{path}: no column 'image' (its header: {reader.fieldnames!r}); the table needs "
+                                    "a header with the columns image, text and optionally caption")
+                for row in reader:
+                    if not row["image"]:  # None: the line has fewer fields than the header
+                        raise UserError(f"{path}, line {reader.line_num}: no image path; fill in its image cell "
+                                        "or delete the line")
+                    rows.append(row)
     except OSError as e:
         raise UserError(f"{path}: {e.strerror}") from e
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise UserError(f"{path}, line {n}: not a JSON object ({e})" if path.endswith(".jsonl")
-                        else f"{path}: not a UTF-8 CSV table ({e})") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e}); save the table as UTF-8 (\"CSV UTF-8\")") from e
+    except ValueError as e:
+        raise UserError(f"{path}, line {n}: not a JSON object ({e})") from e
+    except csv.Error as e:
+        raise UserError(f"{path}, line {reader.line_num}: {e}") from e
     if not rows:
         raise UserError(f"{path}: the table has no rows")
     return rows
 
 
-def make_shards(src, out_dir, shard_size=10000):
+def make_shards(src, out_dir, shard_size=10000, overwrite=False):
     """Shards from a CSV/JSONL table with columns image (path relative to the table), text and optional
-    caption. src is the table or a directory holding exactly one. Image bytes are stored as they are."""
+    caption. src is the table or a directory holding exactly one. Image bytes are stored as they are.
+    out_dir is written as a whole (see new_data_dir): a non-empty one only with overwrite."""
     if os.path.isdir(src):
         tables = [p for p in sorted(os.listdir(src)) if p.endswith((".csv", ".jsonl"))]
         if len(tables) != 1:
             raise UserError(f"{src}: expected one .csv or .jsonl table in it, found {len(tables)} {tables[:5]}")
         src = os.path.join(src, tables[0])
     rows, root = _read_table(src), os.path.dirname(os.path.abspath(src))
+    paths = [os.path.join(root, row["image"]) for row in rows]
+    where = "image paths are relative to the table's folder"
+    if not any(map(os.path.isfile, paths)):  # an input error, so found before the output is looked at
+        raise UserError(f"{src}: none of its {len(rows)} images was found, e.g. {paths[0]!r}; {where}")
     sizes, samples, missing = {}, [], []
+    with new_data_dir(out_dir, overwrite, inputs=[src]) as tmp:
+        def flush():
+            name = f"{len(sizes):05d}.tar"
+            write_tar(os.path.join(tmp, name), samples)
+            sizes[name] = len(samples)
+            samples.clear()
 
-    def flush():
-        os.makedirs(out_dir, exist_ok=True)
-        name = f"{len(sizes):05d}.tar"
-        write_tar(os.path.join(out_dir, name), samples)
-        sizes[name] = len(samples)
-        samples.clear()
-
-    for i, row in enumerate(rows):
-        path = os.path.join(root, row["image"])
-        ext = os.path.splitext(path)[1].lower().lstrip(".")
-        try:
-            with open(path, "rb") as f:
-                files = {ext: f.read()}
-        except OSError:
-            missing.append(path)
-            continue
-        files["txt"] = str(row.get("text") or "").encode()
-        if row.get("caption"):
-            files["syn.txt"] = str(row["caption"]).encode()
-        samples.append((f"{i:09d}", files))
-        if len(samples) == shard_size:
+        for i, (row, path) in enumerate(zip(rows, paths)):
+            ext = os.path.splitext(path)[1].lower().lstrip(".")
+            try:
+                with open(path, "rb") as f:
+                    files = {ext: f.read()}
+            except OSError:
+                missing.append(path)
+                continue
+            files["txt"] = str(row.get("text") or "").encode()
+            if row.get("caption"):
+                files["syn.txt"] = str(row["caption"]).encode()
+            samples.append((f"{i:09d}", files))
+            if len(samples) == shard_size:
+                flush()
+        if samples:
             flush()
-    if samples:
-        flush()
-    if missing:
-        where = f"e.g. {missing[0]}; image paths are relative to the table's folder"
         if not sizes:
-            raise UserError(f"{src}: none of its {len(rows)} images was found, {where}")
-        print(f"data: warning: {len(missing)} of {len(rows)} images not found, skipped ({where})", file=sys.stderr)
-    _write_sizes(out_dir, sizes)
+            raise UserError(f"{src}: none of its {len(rows)} images could be read, e.g. {missing[0]!r}")
+        _write_sizes(tmp, sizes)
+    if missing:
+        print(f"data: warning: {len(missing)} of {len(rows)} images not found, skipped (e.g. {missing[0]!r}; "
+              f"{where})", file=sys.stderr)
     return {"samples": sum(sizes.values()), "shards": len(sizes), "missing_image_files": len(missing)}
 
 
-def add_captions(spec, captions, out_dir):
-    """Copy shards to out_dir with each sample's caption from the JSONL side file added as {key}.syn.txt."""
+def add_captions(spec, captions, out_dir, overwrite=False):
+    """Copy shards to out_dir with each sample's caption from the JSONL side file added as {key}.syn.txt.
+    out_dir is written as a whole (see new_data_dir): a non-empty one only with overwrite, and never the
+    folder of the input shards."""
     shards = find_shards(spec)
     caps = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
-    os.makedirs(out_dir, exist_ok=True)
-    stats, sizes, counts = collections.Counter(), {}, collections.Counter()
+    names = collections.defaultdict(list)
     for shard in shards:
-        samples = []
-        for sample in iter_samples([shard], stats):
-            files = {k: v for k, v in sample.items() if not k.startswith("__")}
-            if sample["__key__"] in caps:
-                files["syn.txt"] = caps[sample["__key__"]].encode()
-            counts["with_caption" if "syn.txt" in files else "without_caption"] += 1
-            samples.append((sample["__key__"], files))
-        name = os.path.basename(shard).split(".")[0] + ".tar"
-        write_tar(os.path.join(out_dir, name), samples)
-        sizes[name] = len(samples)
-    _write_sizes(out_dir, sizes)
+        names[os.path.basename(shard).split(".")[0] + ".tar"].append(shard)
+    clash = next((group for group in names.values() if len(group) > 1), None)
+    if clash:
+        raise UserError(f"{spec}: the shards {clash[0]} and {clash[1]} would both be copied to "
+                        f"{os.path.basename(clash[0]).split('.')[0]}.tar; copy them in separate runs")
+    stats, sizes, counts = collections.Counter(), {}, collections.Counter()
+    with new_data_dir(out_dir, overwrite, inputs=shards) as tmp:
+        for name, (shard,) in names.items():
+            samples = []
+            for sample in iter_samples([shard], stats):
+                files = {k: v for k, v in sample.items() if not k.startswith("__")}
+                if sample["__key__"] in caps:
+                    files["syn.txt"] = caps[sample["__key__"]].encode()
+                counts["with_caption" if "syn.txt" in files else "without_caption"] += 1
+                samples.append((sample["__key__"], files))
+            write_tar(os.path.join(tmp, name), samples)
+            sizes[name] = len(samples)
+        _write_sizes(tmp, sizes)
     return {**counts, "shards": len(sizes), "skipped": dict(stats)}
 
 
@@ -1292,11 +1479,16 @@ def main(argv=None):
     p.add_argument("--captions", help="JSONL side file of {key, caption}")
     p.add_argument("--missing-caption", choices=("skip", "raw"), default="skip")
     p.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
-    p = sub.add_parser("make", parents=[debug], help="shards from images + a CSV/JSONL table (image, text[, caption])")
+    overwrite = ArgumentParser(add_help=False)
+    overwrite.add_argument("--overwrite", action="store_true",
+                           help="replace a non-empty OUT of shards as a whole, once the new shards are complete")
+    p = sub.add_parser("make", parents=[debug, overwrite],
+                       help="shards from images + a CSV/JSONL table (image, text[, caption])")
     p.add_argument("src", help="the table, or a directory holding one")
     p.add_argument("out")
     p.add_argument("--shard-size", type=positive_int, default=10000)
-    p = sub.add_parser("add-captions", parents=[debug], help="copy shards, adding {key}.syn.txt from a JSONL side file")
+    p = sub.add_parser("add-captions", parents=[debug, overwrite],
+                       help="copy shards, adding {key}.syn.txt from a JSONL side file")
     p.add_argument("shards")
     p.add_argument("captions")
     p.add_argument("out")
@@ -1324,9 +1516,9 @@ def main(argv=None):
         if args.json:
             print(json.dumps(r))
     elif args.cmd == "make":
-        print(json.dumps(make_shards(args.src, args.out, args.shard_size)))
+        print(json.dumps(make_shards(args.src, args.out, args.shard_size, args.overwrite)))
     elif args.cmd == "add-captions":
-        print(json.dumps(add_captions(args.shards, args.captions, args.out)))
+        print(json.dumps(add_captions(args.shards, args.captions, args.out, args.overwrite)))
     elif args.cmd == "bench":
         if not args.synthetic and not args.shards:
             parser.error("bench needs SHARDS or --synthetic")

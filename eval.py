@@ -49,7 +49,8 @@ import data
 
 IMAGE_PROBLEMS = {"empty_image": "the file is empty", "not_an_image": "not an image Pillow can read",
                   "corrupt_image": "truncated or corrupt", "image_too_large": "more pixels than Pillow's limit "
-                  "(a decompression bomb?)"}  # data.decode_image's reasons, for a message
+                  "(a decompression bomb?)", "unsupported_mode": "a pixel format with no faithful RGB picture "
+                  "(floating-point or 32-bit samples, say)"}  # data.decode_image's reasons, for a message
 ZEROSHOT_LOGIT_SCALE = 100.0  # CLIP's fixed zero-shot temperature; irrelevant to the ranking, kept for the logits
 
 

@@ -1,10 +1,17 @@
 """data.py: transforms, shard expansion, broken data, splitting, exact resume, commands, demo set."""
 import collections
+import contextlib
+import errno
 import io
 import json
 import math
 import os
+import re
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 
 import numpy as np
@@ -321,6 +328,47 @@ def test_exact_resume(tmp_path, workers, k):
     assert resumed.state_dict()["epoch"] == 3
 
 
+# --- leaving a loader mid-epoch
+
+EXIT_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import data
+loader = data.TrainLoader({spec!r}, image_size=16, batch_size=4, workers={workers})
+{body}
+"""
+KEPT_AT_MODULE_LEVEL = "it = iter(loader)\nnext(it)\n"
+KEPT_BY_A_TRACEBACK = "def train():\n    it = iter(loader)\n    next(it)\n    raise RuntimeError('stopped')\ntrain()\n"
+
+
+def test_a_script_that_leaves_a_loader_mid_epoch_exits_at_once(tmp_path):
+    """The iterator is still referenced when the script ends, by a global or by the traceback the interpreter
+    keeps; the workers ignore SIGTERM. Each script must end, workers and all, within the deadline."""
+    spec = _shards(tmp_path / "s", 4, 12)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cases = {f"workers={w}, kept at module level": (w, KEPT_AT_MODULE_LEVEL, 0) for w in (0, 1, 2)}
+    cases["workers=2, kept by a traceback"] = (2, KEPT_BY_A_TRACEBACK, 1)
+    procs = {}
+    for name, (workers, body, _) in cases.items():
+        script = EXIT_SCRIPT.format(root=root, spec=spec, workers=workers, body=body)
+        procs[name] = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline, hung = time.monotonic() + 30, []
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            hung.append(f"{name}: still running")
+        with contextlib.suppress(ProcessLookupError):  # no process left in the script's group: all ended
+            os.killpg(proc.pid, signal.SIGKILL)
+            hung.append(f"{name}: a process of it was left running")
+    assert not hung, hung
+    for name, proc in procs.items():
+        stderr = proc.stderr.read().decode()
+        assert proc.returncode == cases[name][2], (name, stderr[-2000:])
+        assert cases[name][2] == 0 or stderr.rstrip().endswith("RuntimeError: stopped"), (name, stderr[-2000:])
+
+
 # --- commands
 
 def test_inspect_json_cli(tmp_path, capsys):
@@ -361,6 +409,158 @@ def test_make_and_add_captions_round_trip(tmp_path, capsys):
     assert data.inspect(str(tmp_path / "out2"))["usable"] == 5
 
 
+def _table(src, n, seed):
+    """A folder with n images and meta.jsonl naming them; returns the table's path."""
+    os.makedirs(src / "img")
+    for i in range(n):
+        (src / "img" / f"{i}.jpg").write_bytes(_jpeg(seed + i))
+    (src / "meta.jsonl").write_text("".join(json.dumps({"image": f"img/{i}.jpg", "text": f"text {seed + i}",
+                                                        "caption": "c"}) + "\n" for i in range(n)))
+    return str(src / "meta.jsonl")
+
+
+def _folder(path):
+    """{name: bytes} of the files in a folder."""
+    return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
+
+
+def _texts(folder):
+    return sorted(s["txt"].decode() for s in data.iter_samples(data.expand_shards(str(folder))))
+
+
+def test_make_replaces_a_data_directory_only_as_a_whole(tmp_path, monkeypatch):
+    old_table, new_table = _table(tmp_path / "old", 5, 100), _table(tmp_path / "new", 2, 200)
+    out = tmp_path / "out"
+    data.main(["make", old_table, str(out), "--shard-size", "2"])  # 3 shards
+    before = _folder(out)
+    with pytest.raises(data.UserError, match="is not empty.*--overwrite"):
+        data.main(["make", new_table, str(out)])
+    assert _folder(out) == before
+    # A write that fails half-way (the disk fills at the second file): one line, and the old shards stay whole.
+    fsync, calls = os.fsync, []
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(data.UserError, match="No space left on device; free some space"):
+        data.main(["make", new_table, str(out), "--shard-size", "1", "--overwrite"])
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert _folder(out) == before and sorted(os.listdir(tmp_path)) == ["new", "old", "out"]
+    # Stopped half-way (Ctrl-C): the same.
+    write_tar = data.write_tar
+
+    def interrupted(path, samples):  # at the second shard
+        if not path.endswith("00000.tar"):
+            raise KeyboardInterrupt
+        write_tar(path, samples)
+    monkeypatch.setattr(data, "write_tar", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.make_shards(new_table, str(out), shard_size=1, overwrite=True)
+    monkeypatch.setattr(data, "write_tar", write_tar)
+    assert _folder(out) == before and sorted(os.listdir(tmp_path)) == ["new", "old", "out"]
+    # Complete: the new shards replace the old ones, none of which is left.
+    data.main(["make", new_table, str(out), "--overwrite"])
+    assert sorted(os.listdir(out)) == ["00000.tar", "sizes.json"] and _texts(out) == ["text 200", "text 201"]
+    assert sorted(os.listdir(tmp_path)) == ["new", "old", "out"]
+
+
+def test_overwrite_replaces_nothing_but_shards(tmp_path):
+    table = _table(tmp_path / "src", 2, 300)
+    with pytest.raises(data.UserError, match="holds the input .*meta.jsonl"):  # the table's own folder
+        data.make_shards(table, str(tmp_path / "src"), overwrite=True)
+    with_folder, with_notes = tmp_path / "with_folder", tmp_path / "with_notes"
+    os.makedirs(with_folder / "img")
+    os.makedirs(with_notes)
+    (with_notes / "notes.txt").write_text("mine")
+    for folder, extra in ((with_folder, "img"), (with_notes, "notes.txt")):
+        (folder / "00000.tar").write_bytes(b"")
+        with pytest.raises(data.UserError, match=f"holds more than shards \\(e.g. '{extra}'\\)"):
+            data.make_shards(table, str(folder), overwrite=True)
+        assert sorted(os.listdir(folder)) == ["00000.tar", extra]
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(data.UserError, match="is a file"):
+        data.make_shards(table, str(tmp_path / "a_file"), overwrite=True)
+
+
+def test_add_captions_never_replaces_its_input(tmp_path):
+    d = _shards(tmp_path / "s", 2, 3, caption=False)
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"key": f"{i:06d}", "caption": f"new {i}"}) + "\n" for i in range(6)))
+    before = _folder(tmp_path / "s")
+    for spec in (d, os.path.join(d, "00001.tar")):
+        with pytest.raises(data.UserError, match="holds the input"):
+            data.main(["add-captions", spec, str(caps), d, "--overwrite"])
+    assert _folder(tmp_path / "s") == before
+    other = _shards(tmp_path / "other", 1, 2)
+    data.write_tar(os.path.join(other, "00000.tar.gz"), [_good(9)])  # a second shard named 00000
+    with pytest.raises(data.UserError, match="would both be copied to 00000.tar"):
+        data.add_captions(f"{d}::{other}", str(caps), str(tmp_path / "out"))
+    data.add_captions(d, str(caps), str(tmp_path / "out"))
+    with pytest.raises(data.UserError, match="--overwrite"):
+        data.add_captions(os.path.join(d, "00000.tar"), str(caps), str(tmp_path / "out"))
+    data.add_captions(os.path.join(d, "00000.tar"), str(caps), str(tmp_path / "out"), overwrite=True)
+    assert sorted(os.listdir(tmp_path / "out")) == ["00000.tar", "sizes.json"]  # 00001.tar went with the rest
+    assert data.inspect(str(tmp_path / "out"))["usable"] == 3
+
+
+# What a spreadsheet saves ("CSV UTF-8" in Excel: a byte-order mark, CRLF, quotes around fields that hold the
+# separator, a quote or a line break) and a Windows editor saves (the mark and CRLF).
+BOM = "\ufeff"
+TABLE_TEXTS = [("a cat, on a mat", "said \"hi\"; twice"), ("two\nlines", "")]
+SPREADSHEET_TABLES = {
+    "comma CSV": ("meta.csv", BOM + 'image,text,caption\r\nimg/0.jpg,"a cat, on a mat","said ""hi""; twice"\r\n'
+                  'img/1.png,"two\nlines",\r\n'),
+    "semicolon CSV": ("meta.csv", BOM + 'image;text;caption\r\nimg/0.jpg;a cat, on a mat;"said ""hi""; twice"\r\n'
+                      'img/1.png;"two\nlines";\r\n'),
+    "JSONL": ("meta.jsonl", BOM + "".join(json.dumps({"image": f"img/{i}.{'png' if i else 'jpg'}", "text": t,
+                                                      "caption": c}) + "\r\n" for i, (t, c) in enumerate(TABLE_TEXTS))),
+}
+
+
+@pytest.mark.parametrize("kind", list(SPREADSHEET_TABLES))
+def test_make_reads_tables_as_spreadsheets_and_windows_editors_save_them(tmp_path, kind):
+    name, text = SPREADSHEET_TABLES[kind]
+    os.makedirs(tmp_path / "src" / "img")
+    images = [_jpeg(31), _png(np.random.default_rng(32).integers(0, 256, (6, 9, 3), dtype=np.uint8))]
+    for i, raw in enumerate(images):
+        (tmp_path / "src" / "img" / f"{i}.{'png' if i else 'jpg'}").write_bytes(raw)
+    (tmp_path / "src" / name).write_bytes(text.encode("utf-8"))
+    assert data.make_shards(str(tmp_path / "src" / name), str(tmp_path / "out"))["samples"] == 2
+    samples = list(data.iter_samples(data.expand_shards(str(tmp_path / "out"))))
+    assert [s.get("jpg", s.get("png")) for s in samples] == images
+    assert [(s["txt"].decode(), s.get("syn.txt", b"").decode()) for s in samples] == TABLE_TEXTS
+
+
+def test_caption_files_with_a_byte_order_mark_and_crlf(tmp_path):
+    d = _shards(tmp_path / "s", 1, 6, caption=False)
+    caps = tmp_path / "caps.jsonl"
+    lines = [json.dumps({"key": f"{i:06d}", "caption": f"side caption {i}"}) for i in range(4)]
+    caps.write_bytes((BOM + "\r\n".join(lines[:2]) + "\r\n" + BOM + "\r\n".join(lines[2:]) + "\r\n").encode())
+    assert data.load_captions(str(caps)) == {f"{i:06d}": f"side caption {i}" for i in range(4)}
+    assert data.inspect(d, captions=str(caps))["usable"] == 4  # inspect --captions, training's --captions
+    data.add_captions(d, str(caps), str(tmp_path / "out"))
+    assert data.inspect(str(tmp_path / "out"))["usable"] == 4
+
+
+def test_table_messages_show_invisible_characters(tmp_path):
+    zero_width = tmp_path / "zero_width.csv"
+    zero_width.write_text("\u200bimage,text\nimg/0.jpg,hello\n", encoding="utf-8")
+    with pytest.raises(data.UserError, match=re.escape("['\\u200bimage', 'text']")):
+        data.make_shards(str(zero_width), str(tmp_path / "out"))
+    short = tmp_path / "short.csv"
+    short.write_text("text,image\r\nhello,img/0.jpg\r\nno image here\r\n", encoding="utf-8")
+    with pytest.raises(data.UserError, match="short.csv, line 3: no image path"):
+        data.make_shards(str(short), str(tmp_path / "out"))
+    not_utf8 = tmp_path / "latin1.csv"
+    not_utf8.write_bytes("image,text\ncafé.jpg,x\n".encode("latin-1"))
+    with pytest.raises(data.UserError, match="latin1.csv: not UTF-8 text"):
+        data.make_shards(str(not_utf8), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_bench_counts_what_it_decodes(tmp_path):
     """The benchmark's bookkeeping: the images it read, their size, and the figures derived from its rates."""
     r = data.bench(_shards(tmp_path / "s", 2, 8), image_size=16, workers=0, batch_size=4, seconds=0.05)
@@ -394,8 +594,9 @@ def test_write_demo_small_is_deterministic(tmp_path, monkeypatch):
     assert os.path.getmtime(os.path.join(a["train"], "00000.tar")) == mtime
     os.makedirs(tmp_path / "user")
     (tmp_path / "user" / "precious.txt").write_text("x")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(data.UserError, match="not a demo dataset"):
         data.write_demo(str(tmp_path / "user"))
+    assert os.listdir(tmp_path / "user") == ["precious.txt"]
 
 
 def _named_colours(text):
