@@ -640,7 +640,7 @@ def train(args):
     try:
         step = resume(run)
         # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
-        with data.stop_on_signals() as stop, closing(device_batches(run.loader, run.device)) as batches:
+        with data.stop_on_signals() as stop, closing(run.loader.batches(run.device)) as batches:
             step = train_loop(run, step, stop, batches)
         if run.master and step == run.total and not run.metrics.evaluated(step, args.eval_zeroshot, args.eval_retrieval):
             evaluate(run, step)  # a resumed run that had finished evaluates again only what is missing
@@ -654,15 +654,6 @@ def train(args):
         if not args.demo:  # demo() trains again in the same process group, and ends it
             dist.destroy_process_group()
     return step == run.total  # False: stopped early (by a signal)
-
-
-def device_batches(loader, device):
-    """The loader's batches on the device, epoch after epoch (the loader moves on to the next by itself).
-    Closing this generator stops the loader's workers."""
-    while True:
-        with closing(iter(loader)) as epoch:
-            for batch in epoch:
-                yield [b.to(device, non_blocking=True) for b in batch]
 
 
 @torch.no_grad()

@@ -957,6 +957,14 @@ class TrainLoader:
         self._done_epochs_skipped = collections.Counter(sd.get("skipped", {}))
         self.skipped = collections.Counter(self._done_epochs_skipped)
 
+    def batches(self, device):
+        """The batches on `device`, epoch after epoch (an epoch moves the position on to the next by itself).
+        Closing this generator stops the workers."""
+        while True:
+            with contextlib.closing(iter(self)) as epoch:
+                for batch in epoch:
+                    yield [b.to(device, non_blocking=True) for b in batch]
+
     def __iter__(self):
         W = max(self.workers, 1)
         batches = iter(torch.utils.data.DataLoader(
