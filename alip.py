@@ -558,9 +558,7 @@ class Run:
         torch.manual_seed(args.seed)  # same initial weights on every rank; data randomness is seeded separately
         self.amp_dtype, self.precision = choose_precision(device, args.precision)
         self.log(f"device {device} x {world_size}, precision: {self.precision}")
-        self.lock = self.metrics = None
-        if self.master and not args.bench:
-            self.lock = claim_output(args)
+        self.metrics, self.lock = None, claim_output(args) if self.master and not args.bench else None
         if args.demo and not args.data:
             self.use_demo_data()
         self.raw_model = create_model(args.model, args.quick_gelu)  # saved and evaluated, also when compiled
@@ -624,7 +622,6 @@ class Run:
         """--demo without --data: rank 0 writes the demo set next to --output; train and evaluate on it."""
         args, root = self.args, os.path.join(os.path.dirname(os.path.abspath(self.args.output)), "demo_data")
         if self.master:
-            os.makedirs(os.path.dirname(root), exist_ok=True)
             data.write_demo(root)
         if self.world_size > 1:  # the other ranks reuse what rank 0 wrote
             dist.barrier()
@@ -721,10 +718,7 @@ def claim_output(args):
     """Rank 0, before anything is built: hold --output's lock (one run per folder at a time; this is also the first
     write there), delete the temp files of a save that a kill cut short, and refuse a fresh run over another run's
     checkpoints (pruning would delete them, and the new run's first checkpoint, which sorts before them)."""
-    try:
-        lock = data.lock_directory(args.output)
-    except data.UserError as e:
-        raise data.UserError(f"--output {e}") from e
+    lock = data.lock_directory(args.output, "--output")
     for name in os.listdir(args.output):  # no other process writes here while we hold the lock
         if re.fullmatch(r"(ckpt-\d+\.pt|metrics\.jsonl|config\.json|curves\.png|wandb\.json)\.tmp\d*", name):
             os.remove(os.path.join(args.output, name))

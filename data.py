@@ -619,9 +619,9 @@ class _Recorder:
         return getattr(self._f, name)
 
 
-def lock_directory(path):
-    """Hold an exclusive lock on the folder `path` for as long as this process keeps the returned file open: a second
-    process is refused in one line naming the holder's PID. The lock is the kernel's (flock), so it ends with the
+def lock_directory(path, flag=None):
+    """Hold an exclusive lock on the folder `path` (given by `flag`, if one) for as long as this process keeps the
+    returned file open: a second process is refused in one line naming the holder's PID. The lock is the kernel's (flock), so it ends with the
     process, however it ends (kill -9 too), and never needs clearing by hand. Creating the lock file is also the
     first write into `path`, so a folder that cannot be written to is found here."""
     lock = os.path.join(path, ".lock")
@@ -629,14 +629,15 @@ def lock_directory(path):
         os.makedirs(path, exist_ok=True)
         f = open(lock, "a+")
     except OSError as e:
-        raise write_error(lock if os.path.isdir(path) else path, e) from e
+        raise write_error(lock if os.path.isdir(path) else path, e, flag) from e
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "a process that has not written its PID yet"
         f.close()
-        raise UserError(f"{path} is in use by another run ({holder}); wait for it to end, or choose another folder")
+        raise UserError(f"{flag + ' ' if flag else ''}{path} is in use by another run ({holder}); wait for it to end, "
+                        "or choose another folder")
     f.seek(0)
     f.truncate()
     f.write(f"PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -644,12 +645,13 @@ def lock_directory(path):
     return f
 
 
-def write_error(path, e):
-    """The UserError for a failed write of `path`: one line with the cause and what to do."""
+def write_error(path, e, flag=None):
+    """The UserError for a failed write of `path` (given by `flag`, if one): one line with the cause and what to do."""
     advice = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
               errno.EFBIG: "the file is larger than this system allows", errno.EROFS: "choose a writable location",
               errno.EACCES: "choose a location you may write to", errno.EPERM: "choose a location you may write to"}
-    return UserError(f"cannot write {path}: {e.strerror or e}; {advice.get(e.errno, 'check the location')}")
+    return UserError(f"{flag + ': ' if flag else ''}cannot write {path}: {e.strerror or e}; "
+                     f"{advice.get(e.errno, 'check the location')}")
 
 
 @contextlib.contextmanager
