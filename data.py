@@ -1186,10 +1186,10 @@ class _CaptionImages(torch.utils.data.IterableDataset):
             out = self.image_processor([image for _, _, image in items], return_tensors="pt")
             # Sent in the model's dtype: bf16 halves what crosses between processes.
             images = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in out.items()}
-        seen = {n: sum(r[n] for r in records) for n in ("samples", "resumed")}
-        seen["skipped"] = sum(sum(r["skipped"].values()) for r in records)
+        progress = {n: sum(r[n] for r in records) for n in ("samples", "resumed")}
+        progress["skipped"] = sum(sum(r["skipped"].values()) for r in records)
         return {"shards": [i for i, _, _ in items], "keys": [k for _, k, _ in items], "images": images,
-                "finished": finished, "progress": seen}
+                "finished": finished, "progress": progress}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -1247,14 +1247,20 @@ class _PartWriter:
     def __init__(self, parts, lines):
         self.parts, self.lines, self.files, self.synced = parts, lines, {}, time.monotonic()
 
-    def add(self, i, key, caption):
+    def _open(self, i):
         path = _part(self.parts, i, "jsonl")
         try:
-            if i not in self.files:
-                self.files[i] = open(path, "a", encoding="utf-8")
-            self.files[i].write(json.dumps({"key": key, "caption": caption}) + "\n")
+            self.files[i] = open(path, "a", encoding="utf-8")
         except OSError as e:
             raise write_error(path, e) from e
+        return self.files[i]
+
+    def add(self, i, key, caption):
+        f = self.files.get(i) or self._open(i)
+        try:
+            f.write(json.dumps({"key": key, "caption": caption}) + "\n")
+        except OSError as e:
+            raise write_error(f.name, e) from e
         self.lines[i] += 1
 
     def _flush(self, f, sync):
@@ -1273,6 +1279,8 @@ class _PartWriter:
             self.synced = time.monotonic()
 
     def finish(self, i, record):
+        if i not in self.files and self.lines[i]:  # all captioned by a run that was killed: on disk before the marker
+            self._open(i)
         f = self.files.pop(i, None)
         if f is not None:
             self._flush(f, True)

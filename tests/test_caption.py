@@ -8,6 +8,7 @@ that has imported transformers once (see tests/forkserver.py), or as fresh proce
 to limit its file sizes."""
 import importlib.util
 import io
+import itertools
 import json
 import os
 import resource
@@ -30,9 +31,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
 PROMPT = "a picture of"  # BLIP's default prompt in data.py
 SIDE = 32  # the tiny captioner's input size: JPEGs decode at a reduced scale that keeps both sides >= SIDE
 
-# A BLIP captioner with 2-layer, 32-wide towers and a 70-word vocabulary, saved as a folder; then the captions that its
-# own greedy generate gives, one image at a time, for every image of the shards that the pipeline captions (each key
-# once: the first shard that holds it), with the pipeline's decoding and its documented post-processing.
+# A BLIP captioner with 2-layer, 32-wide towers and a vocabulary of 83 words and letters, saved as a folder; then the
+# captions that its own greedy generate gives, one image at a time, for every image of the shards that the pipeline
+# captions (each key once: the first shard that holds it), with the pipeline's decoding and its documented
+# post-processing.
 BUILD = r"""
 import json, os, sys
 import torch
@@ -49,8 +51,9 @@ os.makedirs(model_dir)
 words = ("a picture of the photo with red green blue cat dog on in and sky tree car man woman sitting standing "
          "small large two people grass water").split()
 letters = "bcdefghijklmnopqrstuvwxyz"  # "a" is a word already
+vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *letters, *("##" + c for c in "a" + letters)]
 with open(os.path.join(model_dir, "vocab.txt"), "w") as f:
-    f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *letters, *("##" + c for c in "a" + letters)]))
+    f.write("\n".join(vocab))
 tokenizer = BertTokenizer(os.path.join(model_dir, "vocab.txt"))
 # BLIP's initializer_range of 0.02 makes a random model blind, with one caption for every image.
 tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.2)
@@ -102,8 +105,8 @@ def _write_shards(d):
     os.makedirs(d)
     data.write_tar(os.path.join(d, "00000.tar"), [_good(f"a{i:03d}", i) for i in range(6)])
     jpg = _image(99)
-    broken = [("corrupt", {"jpg": jpg[:len(jpg) // 2], "txt": b"t"}), ("notimage", {"jpg": b"<html></html>", "txt": b"t"}),
-              ("zerobytes", {"jpg": b"", "txt": b"t"}), ("noimage", {"txt": b"t"})]
+    broken = [("corrupt", {"jpg": jpg[:len(jpg) // 2], "txt": b"t"}), ("zerobytes", {"jpg": b"", "txt": b"t"}),
+              ("notimage", {"jpg": b"<html></html>", "txt": b"t"}), ("noimage", {"txt": b"t"})]
     good = [_good(f"b{i:03d}", 100 + i, "PNG" if i % 4 == 0 else "JPEG") for i in range(14)]
     data.write_tar(os.path.join(d, "00001.tar"), good[:3] + broken[:2] + good[3:9] + broken[2:] + good[9:])
     data.write_tar(os.path.join(d, "00002.tar"), [_good(f"c{i:03d}", 200 + i) for i in range(5)] + [_good("a000", 7)])
@@ -132,7 +135,7 @@ def made(tmp_path_factory):
     empty = [k for k, c in reference.items() if not c]
     if empty:
         skipped["empty_caption"] = len(empty)
-    return {"dir": d, "shards": str(d / "shards"), "model": str(d / "blip"), "skipped": skipped,
+    return {"shards": str(d / "shards"), "model": str(d / "blip"), "skipped": skipped,
             "captions": {k: c for k, c in reference.items() if c}}
 
 
@@ -149,24 +152,25 @@ def server():
     proc.wait(timeout=60)
 
 
+def _command(server, folder, name, argv, timeout=120):
+    """(status, stdout, stderr, seconds) of `python ARGV...` in the repository root, once the command and every
+    process it started have ended; its output goes to folder/name.stdout and .stderr."""
+    out, err = folder / f"{name}.stdout", folder / f"{name}.stderr"
+    server.stdin.write(json.dumps({"argv": [str(a) for a in argv], "out": str(out), "err": str(err),
+                                   "timeout": timeout}) + "\n")
+    server.stdin.flush()
+    reply = server.stdout.readline()
+    assert reply, "the fork server died"
+    reply = json.loads(reply)
+    assert not reply["timed_out"], f"still running after {reply['seconds']:.0f} s: {err.read_text()[-3000:]}"
+    return reply["status"], out.read_text(), err.read_text(), reply["seconds"]
+
+
 @pytest.fixture
 def run(server, tmp_path):
-    """run(*argv, timeout=) -> (status, stdout, stderr, seconds), for `python ARGV...` in the repository root; it
-    returns once the command and every process it started have ended."""
-    calls = iter(range(1000))
-
-    def run(*argv, timeout=120):
-        n = next(calls)
-        out, err = tmp_path / f"stdout{n}", tmp_path / f"stderr{n}"
-        server.stdin.write(json.dumps({"argv": [str(a) for a in argv], "out": str(out), "err": str(err),
-                                       "timeout": timeout}) + "\n")
-        server.stdin.flush()
-        reply = server.stdout.readline()
-        assert reply, "the fork server died"
-        reply = json.loads(reply)
-        assert not reply["timed_out"], f"still running after {reply['seconds']:.0f} s: {err.read_text()[-3000:]}"
-        return reply["status"], out.read_text(), err.read_text(), reply["seconds"]
-    return run
+    """run(*argv, timeout=) -> (status, stdout, stderr, seconds): see _command."""
+    calls = itertools.count()
+    return lambda *argv, timeout=120: _command(server, tmp_path, f"call{next(calls)}", argv, timeout)
 
 
 def caption_argv(made, out, *extra):
@@ -181,14 +185,11 @@ def _lines(path):
 @pytest.fixture(scope="module")
 def single(made, server, tmp_path_factory):
     """One uninterrupted run in one process, 2 loader workers: (captions file, summary)."""
-    out = tmp_path_factory.mktemp("single") / "caps.jsonl"
-    argv = caption_argv(made, out, "--batch-size", "4", "--workers", "2", "--json")
-    server.stdin.write(json.dumps({"argv": [str(a) for a in argv], "out": f"{out}.stdout", "err": f"{out}.stderr", "timeout": 120}) + "\n")
-    server.stdin.flush()
-    reply = json.loads(server.stdout.readline())
-    with open(f"{out}.stdout") as f, open(f"{out}.stderr") as g:
-        stdout, stderr = f.read(), g.read()
-    assert reply["status"] == 0, stderr[-3000:]
+    folder = tmp_path_factory.mktemp("single")
+    out = folder / "caps.jsonl"
+    status, stdout, stderr, _ = _command(server, folder, "single",
+                                         caption_argv(made, out, "--batch-size", "4", "--workers", "2", "--json"))
+    assert status == 0, stderr[-3000:]
     return out, json.loads(stdout.strip().splitlines()[-1]), stdout
 
 
