@@ -1371,11 +1371,12 @@ def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=
     and when `out` exists with no run under way (nothing to do)."""
     shards = find_shards(spec)
     parts = out + ".parts"
-    if os.path.exists(out) and not os.path.isdir(parts):
-        print(f"{out} exists and no captioning into it is under way ({parts}/ is absent): nothing to do. To caption "
-              "again, remove it or choose another --out")
-        return None
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if os.path.exists(out) and not os.path.isdir(parts):
+        if rank == 0:
+            print(f"{out} exists and no captioning into it is under way ({parts}/ is absent): nothing to do. To "
+                  "caption again, remove it or choose another --out")
+        return None
     device, dtype, precision = caption_device(device, precision)
     processor, model = load_captioner(captioner, device, dtype)
     if prompt is None:
