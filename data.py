@@ -8,6 +8,9 @@ Shards use the WebDataset layout: members "{key}.{ext}" grouped by key, e.g. 000
     python data.py make images/meta.csv OUT --shard-size 10000
     python data.py add-captions 'shards/*.tar' caps.jsonl OUT
     python data.py bench --synthetic [--workers 2]            # decode + augment throughput
+    python data.py caption 'shards/*.tar' --out caps.jsonl    # stage one: a synthetic caption per image (GPU)
+    torchrun --standalone --nproc_per_node=8 data.py caption 'shards/*.tar' --out caps.jsonl   # on 8 GPUs
+    python data.py caption-bench --random blip --batch-size 64 256   # captions/s of a BLIP-base-sized captioner
 
 Bad data never stops a run: every broken sample or shard is skipped and counted by reason
 (loader.skipped), and only an excessive share of failures (max_bad_fraction) raises. Bad input to a
@@ -18,6 +21,7 @@ import atexit
 import collections
 import contextlib
 import csv
+import datetime
 import errno
 import fcntl
 import functools
@@ -1257,6 +1261,557 @@ def write_demo(out_dir, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# Stage one: synthetic captions. A captioner writes one caption per image of the shards into the JSONL side file that
+# training reads (--captions). Progress lives in FILE.parts/ beside it: per shard, the captions written so far
+# (appended, one line each) and, once the shard is finished, a marker with its counts. A run that is killed continues
+# where it stopped; FILE itself is written once, from the progress files, when every shard is finished.
+
+# The closest stand-in in transformers for the paper's OFA-base (OFA is not in it): BLIP's ViT-B captioner, a
+# COCO-style captioner of about OFA-base's size (224M parameters against 180M). README: "Stage one" says why.
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+# The prompt a model kind continues when --prompt is not given, by transformers model type. BLIP's captioner was
+# fine-tuned on COCO behind "a picture of " and its authors decode with it (the echo is dropped); Florence-2 takes its
+# task token. Others (GIT, BLIP-2) caption unprompted.
+DEFAULT_PROMPTS = {"blip": "a picture of", "florence2": "<CAPTION>"}
+CAPTION_SYNC_SECONDS = 30  # progress files are fsynced this often: what a lost node may cost, captions redone
+CAPTION_LOG_SECONDS = 30  # a progress line this often in a log file; on a terminal it is redrawn every second
+# A rank that has finished waits for the others: up to this long, which only a rank that hangs without dying reaches.
+CAPTION_TIMEOUT_HOURS = 12
+SETTING_FLAGS = {"captioner": "--captioner", "prompt": "--prompt", "max_new_tokens": "--max-new-tokens",
+                 "num_beams": "--num-beams", "precision": "--precision", "shards": "SHARDS"}
+
+
+def import_transformers():
+    """The transformers module (5.x), which only stage one needs: a UserError saying what to install otherwise."""
+    # transformers imports Hugging Face's package named `kernels` when it is first imported, and this repository's own
+    # kernels/ shadows it: the repository folder is on sys.path whenever a command runs from it, and alip may have
+    # imported ours. So transformers is imported, with the module that binds Hugging Face's names, while the folder is
+    # off sys.path and our package out of sys.modules; then both are put back, and each side keeps its own `kernels`.
+    root = os.path.dirname(os.path.abspath(__file__))
+    path, before = sys.path[:], {n: m for n, m in sys.modules.items() if n == "kernels" or n.startswith("kernels.")}
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    for name in before:
+        del sys.modules[name]
+    try:
+        import transformers
+        import transformers.integrations.hub_kernels  # noqa: F401
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "transformers":
+            raise UserError("captioning needs the transformers package, which is not installed: "
+                            "pip install transformers") from e
+        raise UserError(f"transformers does not import ({e}); pip install -U transformers") from e
+    finally:
+        sys.path[:] = path
+        sys.modules.pop("kernels", None)
+        sys.modules.update(before)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise UserError(f"captioning needs transformers 5 or newer, this is {transformers.__version__}: "
+                        "pip install -U transformers")
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; downloads keep theirs
+    return transformers
+
+
+def caption_device(device, precision):
+    """(torch device, weight dtype, precision name) for --device and --precision; under torchrun, the rank's GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: torch sees no CUDA device here; pass --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if precision == "auto":  # bf16 matmuls are slow on most CPUs
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision], precision
+
+
+def load_captioner(name, device, dtype):
+    """(processor, model): a folder or Hugging Face model id that AutoProcessor and AutoModelForImageTextToText load,
+    the model in eval mode on device with weights in dtype."""
+    transformers = import_transformers()
+    try:
+        # Pillow's image processing: the same pixels whether or not torchvision is installed.
+        processor = transformers.AutoProcessor.from_pretrained(name, backend="pil")
+        # Without Hugging Face's hub kernels, which transformers would fetch and swap in where that package is
+        # installed: captions must not depend on what a host happens to have.
+        model = transformers.AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, use_kernels=False)
+    except Exception as e:  # whatever transformers raises for a folder or id that is not a captioner
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"--captioner {name}: does not load ({type(e).__name__}: {first}); it must be a folder or a "
+                        "Hugging Face model id that transformers' AutoProcessor and AutoModelForImageTextToText "
+                        "load") from e
+    if getattr(processor, "image_processor", None) is None:
+        raise UserError(f"--captioner {name}: its processor has no image processor")
+    return processor, model.to(device).eval()
+
+
+def prompt_inputs(processor, prompt):
+    """The model inputs that come from the prompt, (1, L) each: what the processor gives for an image and the prompt,
+    less what its image processor gives for the image alone."""
+    dummy = Image.new("RGB", (64, 64))
+    image_keys = set(processor.image_processor([dummy], return_tensors="pt"))
+    both = processor(images=[dummy], text=[prompt] if prompt else None, return_tensors="pt")
+    return {k: v for k, v in both.items() if k not in image_keys}
+
+
+def clean_caption(text, prompt):
+    """One line: whitespace collapsed, and the prompt dropped where the model repeats it (BLIP does)."""
+    text, prompt = " ".join(text.split()), " ".join((prompt or "").split())
+    if prompt and text.lower().startswith(prompt.lower()):
+        text = text[len(prompt):].strip()
+    return text
+
+
+def generate_ids(model, images, text_inputs, max_new_tokens, num_beams, min_new_tokens=None):
+    """Token ids for one batch of preprocessed images ({name: (B, ...)}, as the image processor returns them), greedy
+    when num_beams is 1; the prompt's inputs (1, L) are repeated for every image."""
+    n = len(next(iter(images.values())))
+    inputs = {k: v.to(model.device, non_blocking=True) for k, v in images.items()}
+    inputs.update({k: v.repeat(n, *[1] * (v.dim() - 1)).to(model.device) for k, v in text_inputs.items()})
+    with torch.inference_mode():
+        return model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                              min_new_tokens=min_new_tokens)
+
+
+def image_min_side(image_processor):
+    """The side both sides of a decoded JPEG keep at least (decode_image's draft scaling): the processor's largest
+    target side, so that it only ever scales down. 0 (full decoding) when its size is not given in pixels."""
+    size = getattr(image_processor, "size", None)  # a dict, or transformers' SizeDict, or one number
+    if isinstance(size, int):
+        return size
+    sides = [size.get(k) if isinstance(size, dict) else getattr(size, k, None)
+             for k in ("height", "width", "shortest_edge")]
+    return max((s for s in sides if isinstance(s, int)), default=0)
+
+
+class _CaptionImages(torch.utils.data.IterableDataset):
+    """What the loader's workers do: read whole shards, decode and preprocess their images, hand over batches. One
+    worker reads each shard, in order, so that the shard's progress file is appended in order; a shard's counts
+    travel with the batch that holds its last image."""
+
+    def __init__(self, shards, todo, captioned, image_processor, batch_size, dtype):
+        self.shards, self.todo, self.captioned = shards, todo, captioned
+        self.image_processor, self.min_side = image_processor, image_min_side(image_processor)
+        self.batch_size, self.dtype = batch_size, dtype
+
+    def _images(self, i, record):
+        """(key, image) for each sample of shard i not captioned yet; the others are counted in record."""
+        seen, done, skipped = set(), self.captioned.get(i, ()), record["skipped"]
+        for sample in iter_samples([self.shards[i]], skipped):
+            key = sample["__key__"]
+            record["samples"] += 1
+            if key in seen:  # the training loader would give both samples the one caption
+                skipped["duplicate_key"] += 1
+                continue
+            seen.add(key)
+            if key in done:
+                record["resumed"] += 1
+                continue
+            image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if image_ext is None:
+                skipped["missing_image"] += 1
+                continue
+            try:
+                image = decode_image(sample[image_ext], self.min_side)
+            except ValueError as e:  # the reasons the training loader counts
+                skipped[str(e)] += 1
+                continue
+            yield key, image
+
+    def _batch(self, items, finished, records):
+        images = {}
+        if items:
+            out = self.image_processor([image for _, _, image in items], return_tensors="pt")
+            # Sent in the model's dtype: bf16 halves what crosses between processes.
+            images = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in out.items()}
+        progress = {n: sum(r[n] for r in records) for n in ("samples", "resumed")}
+        progress["skipped"] = sum(sum(r["skipped"].values()) for r in records)
+        return {"shards": [i for i, _, _ in items], "keys": [k for _, k, _ in items], "images": images,
+                "finished": finished, "progress": progress}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        items, finished, records = [], [], []
+        for i in self.todo[wid::n_workers]:
+            record = {"shard": self.shards[i], "samples": 0, "resumed": 0, "skipped": collections.Counter()}
+            records.append(record)
+            for key, image in self._images(i, record):
+                items.append((i, key, image))
+                if len(items) == self.batch_size:
+                    yield {"worker": wid, **self._batch(items, finished, records)}
+                    items, finished = [], []
+            finished.append((i, {**record, "skipped": dict(record["skipped"])}))
+        yield {"worker": wid, **self._batch(items, finished, records)}
+
+
+def _part(parts, i, ext):
+    return os.path.join(parts, f"{i:05d}.{ext}")  # shard i of the run's list: names need not be unique across sources
+
+
+def read_part(path):
+    """The keys of a progress file's whole lines. A torn or unreadable tail (a write cut off by a kill or a lost node)
+    is cut off the file, so that appending goes on after the last whole line and its captions are made again."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from e
+    keys, whole = [], 0
+    for line in raw.split(b"\n")[:-1]:  # after a whole last line the last piece is b""; else it is the torn one
+        try:
+            row = json.loads(line)
+            key, _ = row["key"], row["caption"]
+        except (ValueError, KeyError, TypeError):
+            break
+        keys.append(str(key))
+        whole += len(line) + 1
+    if whole < len(raw):
+        try:
+            with open(path, "r+b") as f:
+                f.truncate(whole)
+        except OSError as e:
+            raise write_error(path, e) from e
+    return keys
+
+
+class _PartWriter:
+    """Appends captions to the progress files of the shards being captioned, and marks a shard done once its file is
+    on disk. Written data reach the OS after every batch, so a killed process loses none of them; an fsync every
+    CAPTION_SYNC_SECONDS bounds what a lost node loses."""
+
+    def __init__(self, parts, lines):
+        self.parts, self.lines, self.files, self.synced = parts, lines, {}, time.monotonic()
+
+    def _open(self, i):
+        path = _part(self.parts, i, "jsonl")
+        try:
+            self.files[i] = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise write_error(path, e) from e
+        return self.files[i]
+
+    def add(self, i, key, caption):
+        f = self.files.get(i) or self._open(i)
+        try:
+            f.write(json.dumps({"key": key, "caption": caption}) + "\n")
+        except OSError as e:
+            raise write_error(f.name, e) from e
+        self.lines[i] += 1
+
+    def _flush(self, f, sync):
+        try:
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(f.name, e) from e
+
+    def flush(self):
+        sync = time.monotonic() - self.synced > CAPTION_SYNC_SECONDS
+        for f in self.files.values():
+            self._flush(f, sync)
+        if sync:
+            self.synced = time.monotonic()
+
+    def finish(self, i, record):
+        if i not in self.files and self.lines[i]:  # all captioned by a run that was killed: on disk before the marker
+            self._open(i)
+        f = self.files.pop(i, None)
+        if f is not None:
+            self._flush(f, True)
+            f.close()
+        with atomic_write(_part(self.parts, i, "done"), "w") as marker:
+            json.dump({**record, "captions": self.lines[i]}, marker)
+
+    def close(self):
+        for f in self.files.values():
+            with contextlib.suppress(OSError):  # closing after a failed write: that error is the one to report
+                f.close()
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _CaptionProgress:
+    """The progress line on stderr, images/s and ETA: redrawn every second on a terminal, one line every
+    CAPTION_LOG_SECONDS in a log. The ETA assumes the shards still to do hold as many samples as the finished ones."""
+
+    def __init__(self, label, n_shards, finished_samples):
+        self.label, self.n_shards, self.finished = label, n_shards, list(finished_samples)
+        self.tty = sys.stderr.isatty()
+        self.t0 = self.shown = time.monotonic()
+
+    def show(self, captioned, progress, shards_done, final=False):
+        now = time.monotonic()
+        if not final and now - self.shown < (1 if self.tty else CAPTION_LOG_SECONDS):
+            return
+        self.shown = now
+        rate = (progress["samples"] - progress["resumed"]) / max(now - self.t0, 1e-9)
+        eta = "?"
+        if self.finished and rate > 0:
+            left = self.n_shards * sum(self.finished) / len(self.finished) - progress["samples"]
+            eta = _duration(max(left, 0) / rate)
+        line = (f"{self.label}{captioned:,} captioned, {progress['skipped']:,} skipped, {rate:.1f} images/s, "
+                f"shards {shards_done}/{self.n_shards}, ETA {eta}")
+        print("\r" + line.ljust(100) if self.tty else line, end="\n" if final or not self.tty else "",
+              file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM (a scheduler, or torchrun stopping the other ranks) and Ctrl-C end the run as an exception would: the
+    progress files are flushed, the workers stopped. The loader's workers ignore both (_ignore_stop_signals)."""
+    def stop(signum, frame):
+        raise SystemExit(f"caption: stopped by signal {signum}; run the same command again to continue")
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _check_settings(parts, settings):
+    """Whether the progress folder is new; a UserError if it holds a run made with other settings."""
+    if not os.path.isdir(parts):
+        return True
+    there = read_json(os.path.join(parts, "settings.json"))
+    if not isinstance(there, dict):
+        if any(name.endswith((".jsonl", ".done")) for name in os.listdir(parts)):
+            raise UserError(f"{parts} holds captions but no readable settings.json, so what made them is unknown; "
+                            "remove the folder to start over")
+        return True
+    for name, flag in SETTING_FLAGS.items():
+        was, now = there.get(name), settings[name]
+        if was == now:
+            continue
+        if name == "shards":
+            was, now = (f"{len(s)} shards ({s[0]} ... {s[-1]})" if s else "no shards" for s in (was or [], now))
+        else:
+            was, now = repr(was), repr(now)
+        raise UserError(f"{parts} holds an unfinished run made with {flag} {was}; this command has {now}. One captions "
+                        f"file comes from one captioner and one set of settings: pass {flag} {was} to continue that "
+                        f"run, or remove {parts} to start over")
+    return False
+
+
+def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=20, num_beams=1, batch_size=64,
+            precision="auto", device="auto", workers=None):
+    """Stage one: a caption for every usable image of the shards, written to `out` as JSONL {"key", "caption"}, by
+    one process or by every rank under torchrun, each captioning its share of the shards. Killed at any point, the
+    same call continues where it stopped (see this section's header). workers: loader processes per rank (default:
+    the node's CPU cores shared among its ranks, at most 8). Returns the summary on rank 0; None on the other ranks,
+    and when `out` exists with no run under way (nothing to do)."""
+    shards = find_shards(spec)
+    parts = out + ".parts"
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if os.path.exists(out) and not os.path.isdir(parts):
+        if rank == 0:
+            print(f"{out} exists and no captioning into it is under way ({parts}/ is absent): nothing to do. To "
+                  "caption again, remove it or choose another --out")
+        return None
+    device, dtype, precision = caption_device(device, precision)
+    processor, model = load_captioner(captioner, device, dtype)
+    if prompt is None:
+        prompt = DEFAULT_PROMPTS.get(model.config.model_type, "")
+    settings = {"captioner": os.path.abspath(captioner) if os.path.isdir(captioner) else captioner, "prompt": prompt,
+                "max_new_tokens": max_new_tokens, "num_beams": num_beams, "precision": precision,
+                "shards": [os.path.basename(s) for s in shards]}
+    new = _check_settings(parts, settings)  # on every rank, so that every rank stops alike
+    if world > 1:
+        # gloo, also beside CUDA: the ranks only meet at the start and the end, and a barrier must outwait the
+        # slowest rank's share. A rank that dies ends the others' wait at once (its connections close).
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=CAPTION_TIMEOUT_HOURS))
+    todo = finished = None
+    if rank == 0:
+        if new:
+            try:
+                os.makedirs(parts, exist_ok=True)
+            except OSError as e:
+                raise write_error(parts, e) from e
+            with atomic_write(os.path.join(parts, "settings.json"), "w") as f:
+                json.dump({**settings, "shard_paths": [os.path.abspath(s) for s in shards]}, f, indent=1)
+        markers = [read_json(_part(parts, i, "done")) for i in range(len(shards))]
+        todo = [i for i, m in enumerate(markers) if not isinstance(m, dict)]
+        finished = [m["samples"] for m in markers if isinstance(m, dict)]
+    if world > 1:  # every rank the same list, read before any rank marks a shard done
+        box = [todo]
+        torch.distributed.broadcast_object_list(box, src=0)
+        todo = box[0]
+    label = f"caption: rank 0 of {world}: " if world > 1 else "caption: "
+    progress = _CaptionProgress(label, len(todo[rank::world]), finished) if rank == 0 else None
+    t0 = time.monotonic()
+    if workers is None:
+        workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    images = _caption_shards(shards, todo[rank::world], parts, processor, model, settings, batch_size, workers,
+                             progress)
+    seconds = time.monotonic() - t0
+    ran = [(images, seconds)]
+    if world > 1:  # waits for the slowest rank
+        ran = [None] * world
+        torch.distributed.all_gather_object(ran, (images, seconds))
+    summary = None
+    if rank == 0:
+        summary = {"out": out, "shards": len(shards), **_assemble(shards, parts, out),
+                   "settings": {k: v for k, v in settings.items() if k != "shards"}}
+        images, seconds = sum(n for n, _ in ran), max(s for _, s in ran)
+        summary["this_run"] = {"images": images, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9)}
+        try:
+            shutil.rmtree(parts)
+        except OSError as e:
+            raise UserError(f"{out} is complete, but {parts} could not be removed ({e.strerror}): remove it") from e
+    if world > 1:
+        torch.distributed.barrier()  # so that `out` is complete wherever the command has ended
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _caption_shards(shards, mine, parts, processor, model, settings, batch_size, workers, progress):
+    """Caption the shards numbered `mine` (their unfinished tails) as settings say, appending to their progress files
+    and marking each done; the number of images that went through the captioner."""
+    captioned = {i: set(read_part(_part(parts, i, "jsonl"))) for i in mine}
+    writer = _PartWriter(parts, collections.Counter({i: len(keys) for i, keys in captioned.items()}))
+    prompt = settings["prompt"]
+    text_inputs = prompt_inputs(processor, prompt)
+    workers = min(workers, len(mine))
+    # Workers decode and preprocess; this process only generates. Out of order: a slow worker holds up no other.
+    batches = iter(torch.utils.data.DataLoader(
+        _CaptionImages(shards, mine, captioned, processor.image_processor, batch_size, model.dtype), batch_size=None,
+        num_workers=workers, pin_memory=model.device.type == "cuda", in_order=False,
+        worker_init_fn=_ignore_stop_signals if workers else None))
+    empty, seen, images, done = collections.Counter(), {}, 0, 0
+    try:
+        with _stop_on_signals():
+            for batch in batches:
+                if batch["keys"]:
+                    ids = generate_ids(model, batch["images"], text_inputs, settings["max_new_tokens"],
+                                       settings["num_beams"])
+                    captions = [clean_caption(t, prompt) for t in processor.batch_decode(ids, skip_special_tokens=True)]
+                    for i, key, text in zip(batch["shards"], batch["keys"], captions):
+                        if text:
+                            writer.add(i, key, text)
+                        else:
+                            empty[i] += 1
+                    writer.flush()
+                    images += len(captions)
+                for i, record in batch["finished"]:
+                    if empty[i]:
+                        record["skipped"]["empty_caption"] = empty.pop(i)
+                    writer.finish(i, record)
+                    done += 1
+                    if progress:
+                        progress.finished.append(record["samples"])
+                seen[batch["worker"]] = collections.Counter(batch["progress"])
+                if progress:
+                    progress.show(sum(writer.lines.values()), sum(seen.values(), collections.Counter()), done)
+    finally:
+        writer.close()
+        # As in TrainLoader.__iter__: the workers stop now, however the loop ended.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    if progress:
+        progress.show(sum(writer.lines.values()), sum(seen.values(), collections.Counter()), done, final=True)
+    return images
+
+
+def _assemble(shards, parts, out):
+    """Write `out` from the progress files of a finished run: every key once (the first shard that holds it wins), in
+    the order of the shards and of their samples; the counts over all of them."""
+    seen, skipped, n = set(), collections.Counter(), 0
+    with atomic_write(out) as f:
+        for i, shard in enumerate(shards):
+            marker, path = _part(parts, i, "done"), _part(parts, i, "jsonl")
+            record = read_json(marker)
+            if not isinstance(record, dict):
+                raise UserError(f"{marker}: unreadable; remove it to caption {shard} again")
+            skipped.update(record.get("skipped", {}))
+            lines = 0
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as part:
+                for lines, line in enumerate(part, 1):
+                    try:
+                        key = json.loads(line)["key"]
+                    except (ValueError, KeyError, TypeError) as e:
+                        raise UserError(f"{path}, line {lines}: damaged; remove it and {marker} to caption {shard} "
+                                        "again") from e
+                    if key in seen:
+                        skipped["duplicate_key"] += 1  # in another shard: the training loader joins by key alone
+                        continue
+                    seen.add(key)
+                    f.write(line)
+                    n += 1
+            if lines != record.get("captions"):
+                raise UserError(f"{path} holds {lines} captions, {marker} says {record.get('captions')}: remove both "
+                                f"to caption {shard} again")
+    return {"captions": n, "skipped": dict(skipped)}
+
+
+def caption_bench(captioner=DEFAULT_CAPTIONER, random_type=None, batch_sizes=(64, 256), max_new_tokens=20,
+                  num_beams=1, precision="auto", device="auto", seconds=10.0):
+    """Captions/s of the captioner alone, on synthetic images already preprocessed (the loader's workers do that part
+    of a real run, beside the GPU), for each batch size. Every caption is made max_new_tokens long: a real batch ends
+    with its longest caption, so this is the low end of the captioner's rate. random_type (a transformers model type,
+    e.g. "blip": BLIP-base's size) builds that model from its default config with random weights: nothing is
+    downloaded, and the time per token is that of the trained model."""
+    device, dtype, precision = caption_device(device, precision)
+    transformers = import_transformers()
+    if random_type:
+        try:
+            config = transformers.AutoConfig.for_model(random_type)
+            with device:  # weights made where they run: a GPU initialises 224M parameters in a moment
+                model = transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
+            side = config.vision_config.image_size
+        except (ValueError, KeyError, AttributeError) as e:
+            raise UserError(f"--random {random_type}: not a transformers model type with an image-to-text model and "
+                            "an image size in its vision config (e.g. blip, blip-2, git)") from e
+        text_inputs = {}
+
+        def images(n):
+            return {"pixel_values": torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(0))}
+        name = f"{random_type}, random weights"
+    else:
+        processor, model = load_captioner(captioner, device, dtype)
+        prompt = DEFAULT_PROMPTS.get(model.config.model_type, "")
+        text_inputs = prompt_inputs(processor, prompt)
+        rng = np.random.default_rng(0)
+        pictures = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(8)]
+
+        def images(n):
+            return dict(processor.image_processor([pictures[k % 8] for k in range(n)], return_tensors="pt"))
+        name = captioner
+    result = {"captioner": name, "parameters": sum(p.numel() for p in model.parameters()), "precision": precision,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores",
+              "max_new_tokens": max_new_tokens, "num_beams": num_beams, "results": []}
+    print(f"{name}: {result['parameters'] / 1e6:.0f}M parameters, {precision} on {result['device']}, "
+          f"{max_new_tokens} new tokens per caption, {num_beams} beam(s)")
+    for b in batch_sizes:
+        batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in images(b).items()}
+        generate_ids(model, batch, text_inputs, max_new_tokens, num_beams, min_new_tokens=max_new_tokens)  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while n < 2 or time.perf_counter() - t0 < seconds:
+            generate_ids(model, batch, text_inputs, max_new_tokens, num_beams, min_new_tokens=max_new_tokens)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            n += 1
+        rate = n * b / (time.perf_counter() - t0)
+        result["results"].append({"batch_size": b, "captions_per_s": rate,
+                                  "device_hours_per_million": 1e6 / rate / 3600})
+        print(f"batch {b}: {rate:.1f} captions/s ({b / rate:.3f} s per batch; {1e6 / rate / 3600:.2f} device-hours "
+              "per million images)", flush=True)
+    return result
+
+
+# -----------------------------------------------------------------------------
 # Commands: inspect, make, add-captions, bench, demo.
 
 def inspect(spec, captions=None, missing_caption="skip", previews=3):
@@ -1508,6 +2063,36 @@ def main(argv=None):
     p.add_argument("--image-size", type=positive_int, default=224)
     p.add_argument("--workers", type=nonnegative_int, default=2)
     p.add_argument("--seconds", type=positive_float, default=3.0)
+    # stage one: captions
+    captioner = ArgumentParser(add_help=False)
+    captioner.add_argument("--captioner", default=DEFAULT_CAPTIONER,
+                           help="a folder or Hugging Face model id that transformers' AutoProcessor and "
+                                "AutoModelForImageTextToText load (BLIP, BLIP-2, GIT, Florence-2); default %(default)s")
+    captioner.add_argument("--max-new-tokens", type=positive_int, default=20,
+                           help="caption length limit, in tokens (default %(default)s)")
+    captioner.add_argument("--num-beams", type=positive_int, default=1,
+                           help="beam search width; 1 (the default): greedy decoding")
+    captioner.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                           help="weights and activations (auto: bf16 on CUDA, fp32 on CPU)")
+    captioner.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: the rank's GPU)")
+    p = sub.add_parser("caption", parents=[debug, captioner],
+                       help="stage one: a synthetic caption for every image of SHARDS, resumable, under torchrun too")
+    p.add_argument("shards")
+    p.add_argument("--out", required=True, help="the captions file, JSONL of {key, caption}; progress in OUT.parts/")
+    p.add_argument("--prompt", help="text the captioner continues (default by model kind: BLIP 'a picture of', "
+                                    "Florence-2 '<CAPTION>', none for others; '' for none)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per generate call (default %(default)s)")
+    p.add_argument("--workers", type=nonnegative_int,
+                   help="processes that decode and preprocess images, per rank (default: the node's CPU cores "
+                        "shared among its ranks, at most 8)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p = sub.add_parser("caption-bench", parents=[debug, captioner],
+                       help="captions/s of a captioner on synthetic images")
+    p.add_argument("--random", metavar="MODEL_TYPE",
+                   help="time this transformers model type (blip: BLIP-base's size) built from its default config "
+                        "with random weights, instead of --captioner: nothing is downloaded")
+    p.add_argument("--batch-size", type=positive_int, nargs="+", default=[64, 256])
+    p.add_argument("--seconds", type=positive_float, default=10.0, help="timed per batch size, after one warm-up batch")
     args = parser.parse_args(argv)
 
     if args.cmd == "demo":
@@ -1543,6 +2128,20 @@ def main(argv=None):
         print(f"loader with {args.workers} workers: {r['loader_images_per_s']:.0f} img/s "
               f"(on {os.cpu_count()} CPUs); ~{r['workers_for_4000_per_s']} workers for 4000 img/s at this rate")
         print(json.dumps(r))
+    elif args.cmd == "caption":
+        r = caption(args.shards, args.out, args.captioner, args.prompt, args.max_new_tokens, args.num_beams,
+                    args.batch_size, args.precision, args.device, args.workers)
+        if r is not None:
+            run = r["this_run"]
+            print(f"{args.out}: {r['captions']} captions of {r['shards']} shards; this run {run['images']} images in "
+                  f"{run['seconds']:.0f} s, {run['images_per_s']:.1f} images/s")
+            for reason, n in sorted(r["skipped"].items(), key=lambda kv: -kv[1]):
+                print(f"  skipped {reason}: {n}")
+            if args.json:
+                print(json.dumps(r))
+    elif args.cmd == "caption-bench":
+        print(json.dumps(caption_bench(args.captioner, args.random, args.batch_size, args.max_new_tokens,
+                                       args.num_beams, args.precision, args.device, args.seconds)))
 
 
 if __name__ == "__main__":

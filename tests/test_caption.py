@@ -1,0 +1,348 @@
+"""Stage one, `python data.py caption`: a tiny random BLIP captioner made here (nothing is downloaded) captions a small
+shard set with broken samples. The captions are the model's own greedy ones, every usable key is written once after a
+kill -9 and a rerun, two torchrun ranks write the same file as one process, and the file trains.
+
+transformers cannot be imported into a process that has imported this repository's kernels/ (pytest has, for
+tests/test_kernels.py): everything that needs it runs in processes of its own. Commands run in forks of a fork server
+that has imported transformers once (see tests/forkserver.py), or as fresh processes where a test needs to kill one or
+to limit its file sizes."""
+import importlib.util
+import io
+import itertools
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server needs Linux"),
+              pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                 reason="stage one needs transformers: pip install transformers")]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+PROMPT = "a picture of"  # BLIP's default prompt in data.py
+SIDE = 32  # the tiny captioner's input size: JPEGs decode at a reduced scale that keeps both sides >= SIDE
+
+# A BLIP captioner with 2-layer, 32-wide towers and a vocabulary of 83 words and letters, saved as a folder; then the
+# captions that its own greedy generate gives, one image at a time, for every image of the shards that the pipeline
+# captions (each key once: the first shard that holds it), with the pipeline's decoding and its documented
+# post-processing.
+BUILD = r"""
+import json, os, sys
+import torch
+# Before the repository joins sys.path: its kernels/ would shadow the package of that name that transformers imports.
+from transformers import (AutoModelForImageTextToText, AutoProcessor, BertTokenizer, BlipConfig,
+                          BlipForConditionalGeneration, BlipProcessor)
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+model_dir, shards, root, side, prompt = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+sys.path.append(root)
+import data
+
+os.makedirs(model_dir)
+words = ("a picture of the photo with red green blue cat dog on in and sky tree car man woman sitting standing "
+         "small large two people grass water").split()
+letters = "bcdefghijklmnopqrstuvwxyz"  # "a" is a word already
+vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *letters, *("##" + c for c in "a" + letters)]
+with open(os.path.join(model_dir, "vocab.txt"), "w") as f:
+    f.write("\n".join(vocab))
+tokenizer = BertTokenizer(os.path.join(model_dir, "vocab.txt"))
+# BLIP's initializer_range of 0.02 makes a random model blind, with one caption for every image.
+tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, initializer_range=0.2)
+config = BlipConfig(
+    vision_config=dict(**tower, image_size=side, patch_size=8),
+    text_config=dict(**tower, vocab_size=len(tokenizer), encoder_hidden_size=32, max_position_embeddings=64,
+                     bos_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id, pad_token_id=0),
+    projection_dim=32)
+torch.manual_seed(0)
+BlipForConditionalGeneration(config).save_pretrained(model_dir)
+BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": side, "width": side}),
+              tokenizer=tokenizer).save_pretrained(model_dir)
+
+processor = AutoProcessor.from_pretrained(model_dir, backend="pil")
+model = AutoModelForImageTextToText.from_pretrained(model_dir, use_kernels=False).eval()
+captions = {}
+for sample in data.iter_samples(data.expand_shards(shards)):
+    ext = next((e for e in data.IMAGE_EXTS if e in sample), None)
+    if sample["__key__"] in captions or ext is None:
+        continue
+    try:
+        image = data.decode_image(sample[ext], side)
+    except ValueError:
+        continue
+    with torch.inference_mode():
+        ids = model.generate(**processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=20,
+                             num_beams=1, do_sample=False)
+    text = " ".join(processor.decode(ids[0], skip_special_tokens=True).split())
+    captions[sample["__key__"]] = text[len(prompt):].strip() if text.startswith(prompt) else text
+print(json.dumps(captions))
+"""
+
+
+def _image(seed, fmt="JPEG", size=(96, 72)):
+    # Blocks of colour: images that differ in what a 32-pixel view of them shows, as noise would not.
+    blocks = np.random.default_rng(seed).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(blocks).resize(size, Image.BILINEAR).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _good(key, seed, fmt="JPEG"):
+    return key, {"jpg" if fmt == "JPEG" else "png": _image(seed, fmt), "txt": f"raw text {seed}".encode()}
+
+
+def _write_shards(d):
+    """Five shards: good JPEGs and PNGs, one of each broken kind the training loader counts, a key that an earlier
+    shard holds already, a tar cut off and a file that is no tar. Returns the skip counts the pipeline must report."""
+    os.makedirs(d)
+    data.write_tar(os.path.join(d, "00000.tar"), [_good(f"a{i:03d}", i) for i in range(6)])
+    jpg = _image(99)
+    broken = [("corrupt", {"jpg": jpg[:len(jpg) // 2], "txt": b"t"}), ("zerobytes", {"jpg": b"", "txt": b"t"}),
+              ("notimage", {"jpg": b"<html></html>", "txt": b"t"}), ("noimage", {"txt": b"t"})]
+    good = [_good(f"b{i:03d}", 100 + i, "PNG" if i % 4 == 0 else "JPEG") for i in range(14)]
+    data.write_tar(os.path.join(d, "00001.tar"), good[:3] + broken[:2] + good[3:9] + broken[2:] + good[9:])
+    data.write_tar(os.path.join(d, "00002.tar"), [_good(f"c{i:03d}", 200 + i) for i in range(5)] + [_good("a000", 7)])
+    cut = os.path.join(d, "00003.tar")
+    data.write_tar(cut, [_good(f"d{i:03d}", 300 + i) for i in range(3)])
+    with open(cut, "rb") as f:
+        raw = f.read()
+    with open(cut, "wb") as f:
+        f.write(raw[:raw.index(b"d002.jpg") + 700])  # inside the third sample: two survive
+    with open(os.path.join(d, "00004.tar"), "wb") as f:
+        f.write(np.random.default_rng(0).bytes(3000))
+    return {"corrupt_image": 1, "not_an_image": 1, "empty_image": 1, "missing_image": 1, "duplicate_key": 1,
+            "truncated_tar": 1, "not_a_tar": 1}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """The shard set, the tiny captioner, its reference captions and the skip counts the pipeline must report."""
+    d = tmp_path_factory.mktemp("caption")
+    skipped = _write_shards(d / "shards")
+    r = subprocess.run([sys.executable, "-c", BUILD, d / "blip", d / "shards", ROOT, str(SIDE), PROMPT], cwd=d,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(set(reference.values())) >= len(reference) // 2, f"the model must see its images: {reference}"
+    empty = [k for k, c in reference.items() if not c]
+    if empty:
+        skipped["empty_caption"] = len(empty)
+    return {"shards": str(d / "shards"), "model": str(d / "blip"), "skipped": skipped,
+            "captions": {k: c for k, c in reference.items() if c}}
+
+
+@pytest.fixture(scope="module")
+def server():
+    """tests/forkserver.py, in an interpreter that has imported transformers first (data.import_transformers)."""
+    start = ("import data, runpy; data.import_transformers(); import transformers; "
+             "transformers.AutoModelForImageTextToText, transformers.AutoProcessor, transformers.BlipProcessor, "
+             "transformers.BlipForConditionalGeneration; runpy.run_path('tests/forkserver.py', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", start], cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    yield proc
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+def _command(server, folder, name, argv, timeout=120):
+    """(status, stdout, stderr, seconds) of `python ARGV...` in the repository root, once the command and every
+    process it started have ended; its output goes to folder/name.stdout and .stderr."""
+    out, err = folder / f"{name}.stdout", folder / f"{name}.stderr"
+    server.stdin.write(json.dumps({"argv": [str(a) for a in argv], "out": str(out), "err": str(err),
+                                   "timeout": timeout}) + "\n")
+    server.stdin.flush()
+    reply = server.stdout.readline()
+    assert reply, "the fork server died"
+    reply = json.loads(reply)
+    assert not reply["timed_out"], f"still running after {reply['seconds']:.0f} s: {err.read_text()[-3000:]}"
+    return reply["status"], out.read_text(), err.read_text(), reply["seconds"]
+
+
+@pytest.fixture
+def run(server, tmp_path):
+    """run(*argv, timeout=) -> (status, stdout, stderr, seconds): see _command."""
+    calls = itertools.count()
+    return lambda *argv, timeout=120: _command(server, tmp_path, f"call{next(calls)}", argv, timeout)
+
+
+def caption_argv(made, out, *extra):
+    return ["data.py", "caption", made["shards"], "--captioner", made["model"], "--out", out, "--device", "cpu", *extra]
+
+
+def _lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def single(made, server, tmp_path_factory):
+    """One uninterrupted run in one process, 2 loader workers: (captions file, summary)."""
+    folder = tmp_path_factory.mktemp("single")
+    out = folder / "caps.jsonl"
+    status, stdout, stderr, _ = _command(server, folder, "single",
+                                         caption_argv(made, out, "--batch-size", "4", "--workers", "2", "--json"))
+    assert status == 0, stderr[-3000:]
+    return out, json.loads(stdout.strip().splitlines()[-1]), stdout
+
+
+def test_captions_are_the_models_own_greedy_ones(made, single):
+    out, summary, _ = single
+    rows = _lines(out)
+    assert [set(r) for r in rows] == [{"key", "caption"}] * len(rows)
+    # every usable key once, in the order of the shards and of their samples, with the model's own caption
+    assert [(r["key"], r["caption"]) for r in rows] == list(made["captions"].items())
+    assert data.load_captions(out) == made["captions"]
+    assert summary["captions"] == len(rows) and summary["shards"] == 5
+    assert summary["settings"]["prompt"] == PROMPT and summary["settings"]["precision"] == "fp32"
+    assert not os.path.exists(f"{out}.parts"), "the progress folder goes once the file is complete"
+
+
+def test_bad_images_are_counted_by_reason(made, single):
+    _, summary, stdout = single
+    assert summary["skipped"] == made["skipped"]
+    for reason, n in made["skipped"].items():
+        assert f"skipped {reason}: {n}" in stdout, stdout
+
+
+def test_two_ranks_write_the_same_file(made, single, run, tmp_path):
+    out = tmp_path / "caps.jsonl"
+    status, stdout, stderr, _ = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                    *caption_argv(made, out, "--batch-size", "3", "--workers", "1"), timeout=180)
+    assert status == 0, stderr[-3000:]
+    with open(out, "rb") as f, open(single[0], "rb") as g:
+        assert f.read() == g.read()
+    assert "rank 0 of 2" in stderr and not os.path.exists(f"{out}.parts")
+
+
+def _kill_when(cmd, ready, timeout=120):
+    """Start cmd, SIGKILL it and its workers as soon as ready() holds; its output."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert ready(), f"the run ended first: {proc.communicate()[0][-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate()[0]
+
+
+def _limit_file_size(limit):
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_file_size
+
+
+def test_kill_and_rerun_captions_every_key_once(made, single, run, tmp_path):
+    os.makedirs(tmp_path / "o")
+    out, parts = tmp_path / "o" / "caps.jsonl", tmp_path / "o" / "caps.jsonl.parts"
+    argv = caption_argv(made, out, "--batch-size", "2", "--workers", "1")
+    # Killed when shard 0 is finished and shard 1 (the largest) half captioned.
+    _kill_when([sys.executable, *argv], lambda: os.path.exists(parts / "00000.done") and os.path.exists(
+        parts / "00001.jsonl") and os.path.getsize(parts / "00001.jsonl") > 200)
+    assert not os.path.exists(out), "the captions file exists only once it is complete"
+    assert not os.path.exists(parts / "00001.done")
+    # A write cut off in the middle of a line, as a lost node leaves it.
+    raw = (parts / "00001.jsonl").read_bytes()
+    last = raw.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    (parts / "00001.jsonl").write_bytes(raw[:len(raw) - 1 - len(last) // 2])
+
+    status, _, stderr, _ = run(*argv, "--max-new-tokens", "5")
+    assert status == 2 and len(stderr.strip().splitlines()) == 1 and "--max-new-tokens 20" in stderr, stderr
+
+    # The rerun captions the rest; then the captions file is one byte over the file size the process may write: a
+    # one-line error, no temp file, and the progress kept for the next run. (No loader workers: their batches go
+    # through shared-memory files, which the limit would stop too.)
+    limit = os.path.getsize(single[0]) - 1
+    r = subprocess.run([sys.executable, "-B", *argv, "--workers", "0"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120, preexec_fn=_limit_file_size(limit))
+    assert r.returncode == 2 and "File too large" in r.stderr and str(out) in r.stderr, r.stderr[-3000:]
+    # the progress line, then the error in one line
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr
+    assert r.stderr.count("error") == 1, r.stderr
+    assert os.listdir(tmp_path / "o") == ["caps.jsonl.parts"]
+    assert sorted(p.suffix for p in parts.iterdir()) == [".done"] * 5 + [".json"] + [".jsonl"] * 4
+    assert max(os.path.getsize(p) for p in parts.iterdir()) < limit, "the limit must leave the progress files room"
+
+    status, stdout, stderr, _ = run(*argv)
+    assert status == 0, stderr[-3000:]
+    with open(out, "rb") as f, open(single[0], "rb") as g:
+        assert f.read() == g.read()  # every key once, the same captions, the same order
+    assert not os.path.exists(parts)
+    status, stdout, _, _ = run(*argv)  # complete: nothing to do, the file untouched
+    assert status == 0 and "nothing to do" in stdout
+    with open(out, "rb") as f, open(single[0], "rb") as g:
+        assert f.read() == g.read()
+
+
+def test_the_captions_train(made, single, run, tmp_path):
+    out, _, _ = single
+    loader = data.TrainLoader(made["shards"], image_size=32, batch_size=8, workers=0, captions=str(out))
+    _, _, caption_ids = next(iter(loader))
+    wanted = {tuple(data.tokenize(c)[0].tolist()) for c in made["captions"].values()}
+    assert {tuple(row.tolist()) for row in caption_ids} <= wanted
+    status, _, stderr, _ = run("alip.py", "--data", made["shards"], "--captions", out, "--model", "tiny",
+                               "--batch-size", "8", "--steps", "2", "--workers", "0", "--warmup", "1",
+                               "--output", tmp_path / "run")
+    assert status == 0, stderr[-3000:]
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert any(json.loads(line).get("step") == 2 for line in f)
+
+
+def test_bench_times_the_captioner(made, run):
+    status, stdout, stderr, _ = run("data.py", "caption-bench", "--captioner", made["model"], "--batch-size", "2", "3",
+                                    "--seconds", "0.1", "--max-new-tokens", "4", "--device", "cpu")
+    assert status == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert [r["batch_size"] for r in result["results"]] == [2, 3]
+    assert all(r["captions_per_s"] > 0 for r in result["results"]) and "captions/s" in stdout
+
+
+def test_one_failing_rank_ends_the_run(made, single, run, tmp_path):
+    """Rank 1 cannot read its first progress file (a folder stands in its place): the whole run ends, at once."""
+    out, parts = tmp_path / "o" / "caps.jsonl", tmp_path / "o" / "caps.jsonl.parts"
+    os.makedirs(parts / "00001.jsonl")
+    settings = {**single[1]["settings"], "shards": [f"{i:05d}.tar" for i in range(5)]}
+    (parts / "settings.json").write_text(json.dumps(settings))
+    status, _, stderr, seconds = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                     "--monitor-interval", "0.5",
+                                     *caption_argv(made, out, "--batch-size", "2", "--workers", "1"), timeout=120)
+    assert status != 0 and "error: cannot read" in stderr and "00001.jsonl: Is a directory" in stderr, stderr[-3000:]
+    assert seconds < 60 and not os.path.exists(out)
+
+
+@pytest.mark.parametrize("case", ["transformers-missing", "model-folder", "batch-size-0", "workers-negative",
+                                  "shards-missing", "device-unknown"])
+def test_bad_input_is_one_line_and_status_2(made, run, tmp_path, case):
+    os.makedirs(tmp_path / "o")
+    out = tmp_path / "o" / "caps.jsonl"
+    if case == "transformers-missing":  # as if it were not installed
+        hide = ("import runpy, sys; sys.modules['transformers'] = None; sys.argv = sys.argv[1:]; "
+                "runpy.run_path('data.py', run_name='__main__')")
+        r = subprocess.run([sys.executable, "-c", hide, *caption_argv(made, out)], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=60)
+        status, stderr, names = r.returncode, r.stderr, ["pip install transformers"]
+    else:
+        (tmp_path / "not_a_model").mkdir()
+        (tmp_path / "not_a_model" / "config.json").write_text('{"model_type": "bert"}')  # a text model, no weights
+        argv, names = {
+            "model-folder": (caption_argv(made, out, "--captioner", tmp_path / "not_a_model"),
+                             ["--captioner", "not_a_model", "AutoProcessor"]),
+            "batch-size-0": (caption_argv(made, out, "--batch-size", "0"), ["--batch-size"]),
+            "workers-negative": (caption_argv(made, out, "--workers", "-1"), ["--workers"]),
+            "shards-missing": (["data.py", "caption", tmp_path / "none", "--out", out], ["none"]),
+            "device-unknown": (caption_argv(made, out, "--device", "gpu7"), ["--device", "gpu7"]),
+        }[case]
+        status, _, stderr, _ = run(*argv)
+    assert status == 2, (status, stderr[-3000:])
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("error: ") and all(n in stderr for n in names), stderr
+    assert os.listdir(tmp_path / "o") == [], "nothing is written"
