@@ -1620,6 +1620,7 @@ def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=
             print(f"{out} exists and no captioning into it is under way ({parts}/ is absent): nothing to do. To "
                   "caption again, remove it or choose another --out")
         return None
+    lock = lock_directory(parts, "--out") if rank == 0 else None  # one job per captions file, before the slow load
     device, dtype, precision = caption_device(device, precision)
     processor, model = load_captioner(captioner, device, dtype)
     if prompt is None:
@@ -1670,6 +1671,7 @@ def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=
             shutil.rmtree(parts)
         except OSError as e:
             raise UserError(f"{out} is complete, but {parts} could not be removed ({e.strerror}): remove it") from e
+        lock.close()
     if world > 1:
         torch.distributed.barrier()  # so that `out` is complete wherever the command has ended
         torch.distributed.destroy_process_group()

@@ -346,3 +346,14 @@ def test_bad_input_is_one_line_and_status_2(made, run, tmp_path, case):
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith("error: ") and all(n in stderr for n in names), stderr
     assert os.listdir(tmp_path / "o") == [], "nothing is written"
+
+
+def test_a_second_job_into_the_same_file_is_refused_naming_the_first(made, run, tmp_path):
+    out = tmp_path / "caps.jsonl"
+    held = data.lock_directory(str(out) + ".parts")  # as a first job, this process, holds it
+    try:
+        status, _, stderr, seconds = run(*caption_argv(made, out))
+    finally:
+        held.close()
+    assert status == 2 and f"PID {os.getpid()}" in stderr and "--out" in stderr, stderr[-3000:]
+    assert len(stderr.strip().splitlines()) == 1 and seconds < 30, stderr
