@@ -1568,7 +1568,7 @@ class _CaptionProgress:
 
 
 @contextlib.contextmanager
-def _stop_on_signals():
+def _exit_on_signals():
     """SIGTERM (a scheduler, or torchrun stopping the other ranks) and Ctrl-C end the run as an exception would: the
     progress files are flushed, the workers stopped. The loader's workers ignore both (_ignore_stop_signals)."""
     def stop(signum, frame):
@@ -1693,7 +1693,7 @@ def _caption_shards(shards, mine, parts, processor, model, settings, batch_size,
         worker_init_fn=_ignore_stop_signals if workers else None))
     empty, seen, images, done = collections.Counter(), {}, 0, 0
     try:
-        with _stop_on_signals():
+        with _exit_on_signals():
             for batch in batches:
                 if batch["keys"]:
                     ids = generate_ids(model, batch["images"], text_inputs, settings["max_new_tokens"],
