@@ -2033,7 +2033,8 @@ def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
     return result
 
 
-def main(argv=None):
+def command_line():
+    """The parser of `python data.py COMMAND ...`."""
     parser = ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     debug = ArgumentParser(add_help=False)
@@ -2087,7 +2088,7 @@ def main(argv=None):
     p.add_argument("--workers", type=nonnegative_int,
                    help="processes that decode and preprocess images, per rank (default: the node's CPU cores "
                         "shared among its ranks, at most 8)")
-    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--json", action="store_true", help="print one JSON object (the summary goes to stderr)")
     p = sub.add_parser("caption-bench", parents=[debug, captioner],
                        help="captions/s of a captioner on synthetic images")
     p.add_argument("--random", metavar="MODEL_TYPE",
@@ -2095,8 +2096,11 @@ def main(argv=None):
                         "with random weights, instead of --captioner: nothing is downloaded")
     p.add_argument("--batch-size", type=positive_int, nargs="+", default=[64, 256])
     p.add_argument("--seconds", type=positive_float, default=10.0, help="timed per batch size, after one warm-up batch")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv=None):
+    args = command_line().parse_args(argv)
     if args.cmd == "demo":
         t0 = time.perf_counter()
         paths = write_demo(args.out, args.seed)
@@ -2118,7 +2122,7 @@ def main(argv=None):
         print(json.dumps(add_captions(args.shards, args.captions, args.out, args.overwrite)))
     elif args.cmd == "bench":
         if not args.synthetic and not args.shards:
-            parser.error("bench needs SHARDS or --synthetic")
+            raise UserError("bench needs SHARDS or --synthetic (see data.py bench --help)")
         with tempfile.TemporaryDirectory() as tmp:
             if args.synthetic:
                 _synthetic_jpegs(tmp)
@@ -2134,11 +2138,11 @@ def main(argv=None):
         r = caption(args.shards, args.out, args.captioner, args.prompt, args.max_new_tokens, args.num_beams,
                     args.batch_size, args.precision, args.device, args.workers)
         if r is not None:
-            run = r["this_run"]
+            run, table = r["this_run"], sys.stderr if args.json else sys.stdout  # --json: stdout is the JSON alone
             print(f"{args.out}: {r['captions']} captions of {r['shards']} shards; this run {run['images']} images in "
-                  f"{run['seconds']:.0f} s, {run['images_per_s']:.1f} images/s")
+                  f"{run['seconds']:.0f} s, {run['images_per_s']:.1f} images/s", file=table)
             for reason, n in sorted(r["skipped"].items(), key=lambda kv: -kv[1]):
-                print(f"  skipped {reason}: {n}")
+                print(f"  skipped {reason}: {n}", file=table)
             if args.json:
                 print(json.dumps(r))
     elif args.cmd == "caption-bench":

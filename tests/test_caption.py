@@ -190,7 +190,7 @@ def single(made, server, tmp_path_factory):
     status, stdout, stderr, _ = _command(server, folder, "single",
                                          caption_argv(made, out, "--batch-size", "4", "--workers", "2", "--json"))
     assert status == 0, stderr[-3000:]
-    return out, json.loads(stdout.strip().splitlines()[-1]), stdout
+    return out, json.loads(stdout), stderr  # --json: stdout is the JSON object alone, the summary goes to stderr
 
 
 def test_captions_are_the_models_own_greedy_ones(made, single):
@@ -206,10 +206,10 @@ def test_captions_are_the_models_own_greedy_ones(made, single):
 
 
 def test_bad_images_are_counted_by_reason(made, single):
-    _, summary, stdout = single
+    _, summary, stderr = single
     assert summary["skipped"] == made["skipped"]
     for reason, n in made["skipped"].items():
-        assert f"skipped {reason}: {n}" in stdout, stdout
+        assert f"skipped {reason}: {n}" in stderr, stderr
 
 
 def test_two_ranks_write_the_same_file(made, single, run, tmp_path):
