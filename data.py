@@ -1620,7 +1620,6 @@ def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=
             print(f"{out} exists and no captioning into it is under way ({parts}/ is absent): nothing to do. To "
                   "caption again, remove it or choose another --out")
         return None
-    lock = lock_directory(parts, "--out") if rank == 0 else None  # one job per captions file, before the slow load
     device, dtype, precision = caption_device(device, precision)
     processor, model = load_captioner(captioner, device, dtype)
     if prompt is None:
@@ -1628,6 +1627,7 @@ def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=
     settings = {"captioner": os.path.abspath(captioner) if os.path.isdir(captioner) else captioner, "prompt": prompt,
                 "max_new_tokens": max_new_tokens, "num_beams": num_beams, "precision": precision,
                 "shards": [os.path.basename(s) for s in shards]}
+    lock = lock_directory(parts, "--out") if rank == 0 else None  # one job per captions file, once the input is good
     new = _check_settings(parts, settings)  # on every rank, so that every rank stops alike
     if world > 1:
         # gloo, also beside CUDA: the ranks only meet at the start and the end, and a barrier must outwait the
