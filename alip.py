@@ -329,7 +329,8 @@ def select_loss_fn(kind, device):
     if not kernels.fused_available(device):
         raise data.UserError("--kernel fused needs a CUDA device, or TRITON_INTERPRET=1 to run Triton on the CPU")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return kernels.gated_clip_loss, "fused Triton kernel" + (" (interpreted)" if interpreted else "")
+    return (lambda *a, **kw: kernels.gated_clip_loss.gated_clip_loss(*a, **kw, impl="fused"),
+            "fused Triton kernel" + (" (interpreted)" if interpreted else ""))
 
 # -----------------------------------------------------------------------------
 # optimizer and schedule
