@@ -67,7 +67,7 @@ DTYPES = {"bf16": (torch.bfloat16, "highest"), "fp16": (torch.float16, "highest"
           "tf32": (torch.float32, "high"), "fp32": (torch.float32, "highest")}
 GEMMS = {"reference": 6, "floor": 4, "inf_cl": 10}  # per direction pair; the fused rows' come from launch_plan
 # Bound on |loss - reference loss| / |reference loss|. Both sum exact 16-bit products in fp32, in different orders
-# (up to D 2^-24 s per logit, far less in the mean); tf32 rounds the inputs to 10 bits in both.
+# (up to D 2^-24 s per logit, far less in the mean); tf32 rounds fp32 inputs to 10 bits in both.
 TOL = {"bf16": 1e-3, "fp16": 1e-3, "tf32": 1e-3, "fp32": 1e-4}
 SCALE = 100.0  # the largest logit scale ALIP allows, the hardest case for the softmax
 # The estimate printed beside the fused rows until a GPU measures them: every similarity GEMM of the launch plan

@@ -120,7 +120,7 @@ def gated_clip_loss_reference(x, t, logit_scale, weight=None, *, x_all=None, t_a
     """The loss above, materialising the (n, N) logits. Equals alip.contrastive_loss without *_all.
 
     16-bit inputs are widened before the products, so the logits are fp32 sums of exact products, as in the
-    kernels (and so under tf32 too for bf16, whose 8 bits tf32 holds; fp16 loses its last bit there)."""
+    kernels; under tf32 too, which holds bf16 and fp16 values exactly (fp16's 10 mantissa bits, fp32's exponent)."""
     x_all = x if x_all is None else x_all
     t_all = t if t_all is None else t_all
     acc = torch.promote_types(x.dtype, torch.float32)
