@@ -17,6 +17,7 @@ precision, the Run) -> checkpoints -> weight files -> flags -> demo -> benchmark
 way: data.py and kernels/ know nothing of this file, eval.py's functions take any model.
 """
 import argparse
+import functools
 import glob
 import json
 import math
@@ -332,10 +333,12 @@ def alip_loss(x, t, c, s, objective, weights=None):
     x_all, t_all = gather_with_grad(x, o.world_size), gather_with_grad(t, o.world_size)
     n, offset = x.shape[0], o.rank * x.shape[0]
 
-    def path(k, k_all, w):  # Eq. 5 for the pairs (x_i, k_i), in the loss's dtype
-        cast = (lambda f: f) if o.loss_dtype is None else (lambda f: f.to(o.loss_dtype))
-        gathered = {} if o.world_size == 1 else dict(x_all=cast(x_all), t_all=cast(k_all))
-        return o.loss_fn(cast(x), cast(k), s, w, **gathered)
+    cast = (lambda f: f) if o.loss_dtype is None else (lambda f: f.to(o.loss_dtype))  # the gates keep `acc`
+    x_loss, x_all_loss = cast(x), cast(x_all)
+
+    def path(k, k_all, w):  # Eq. 5 for the pairs (x_i, k_i), the features in the loss's dtype
+        gathered = {} if o.world_size == 1 else dict(x_all=x_all_loss, t_all=cast(k_all))
+        return o.loss_fn(x_loss, cast(k), s, w, **gathered)
 
     if not o.bipath:
         loss = path(t, t_all, None)
@@ -532,21 +535,19 @@ def choose_precision(device, precision):
     return dtype, reasons[precision]
 
 
-def select_loss_fn(kind, device):
-    """--kernel auto|fused|reference -> (function, reason); auto is fused on CUDA, reference elsewhere.
-
-    Where the Triton kernels can run is kernels.fused_available's to say (CUDA, or the interpreter)."""
-    if kind == "auto":
-        if device.type != "cuda":
-            return contrastive_loss, "reference (PyTorch; fused runs on CUDA only)"
-        kind = "fused"
-    if kind == "reference":
-        return contrastive_loss, "reference"
-    if not kernels.fused_available(device):
+def select_loss(args, device, amp_dtype, world_size):
+    """--kernel -> (loss function, the dtype it is handed the features in, what to log). "reference" is
+    contrastive_loss, on fp32 features. "fused" and "auto" are kernels' gated_clip_loss, handed the features in the
+    training precision (bf16 under bf16 autocast: it sums in fp32); under "auto" it picks, per shape, its fused kernels
+    or its PyTorch reference (kernels.gated_clip_loss.choose_impl, whose choice for this run's shape is logged)."""
+    if args.kernel == "reference":
+        return contrastive_loss, None, "reference (PyTorch, fp32)"
+    if args.kernel == "fused" and not kernels.fused_available(device):
         raise data.UserError("--kernel fused needs a CUDA device, or TRITON_INTERPRET=1 to run Triton on the CPU")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return kernels.gated_clip_loss, "fused Triton kernel" + (" (interpreted)" if interpreted else "")
-
+    n = args.batch_size * args.accum_steps  # the rows of one loss call on this rank, against all ranks' rows
+    name, why = kernels.gated_clip_loss.choose_impl(n, n * world_size, PRESETS[args.model].embed_dim,
+                                                    amp_dtype or torch.float32, device, args.kernel)
+    return functools.partial(kernels.gated_clip_loss.gated_clip_loss, impl=args.kernel), amp_dtype, f"{name}: {why}"
 
 
 class Run:
@@ -570,11 +571,11 @@ class Run:
         self.model = torch.compile(self.raw_model) if args.compile else self.raw_model  # what the step calls
         if world_size > 1:
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        loss_fn, self.loss_reason = select_loss_fn(args.kernel, device)
+        loss_fn, loss_dtype, self.loss_reason = select_loss(args, device, self.amp_dtype, world_size)
         self.objective = Objective(Gates(args.momentum, args.gamma, mode=args.gates).to(device), args.loss == "alip",
-                                   loss_fn, rank=rank, world_size=world_size)
+                                   loss_fn, loss_dtype, rank, world_size)
         self.log(f"model {args.model}: {sum(p.numel() for p in self.raw_model.parameters()) / 1e6:.1f}M parameters; "
-                 f"loss {args.loss} (gates: {args.gates}), {self.loss_reason}")
+                 f"loss {args.loss} (gates: {args.gates}), kernel {self.loss_reason}")
         self.loader, self.total = None, BENCH_WARMUP + args.bench_steps  # --bench: synthetic batches, no data
         if not args.bench:
             self.use_data()
@@ -1117,15 +1118,15 @@ def bench(args):
     peak = args.peak_tflops or (989.0 if run.amp_dtype is not None and any(
         h in name for h in ("H100", "H200")) else None)  # dense bf16/fp16 tensor-core peak of the SXM parts
     flops = flops_per_sample(cfg, text_len, args.loss) * B  # useful work: trimmed text, whatever the variant
-    loss_fn = run.objective.loss_fn
-    variants = [("as configured", True, None, loss_fn)]
+    loss = run.objective.loss_fn, run.objective.loss_dtype
+    variants = [("as configured", True, None, loss)]
     if args.bench_ablate:
-        variants += [("no text trimming (77 tokens)", False, None, loss_fn),
-                     ("math attention (no fused SDPA)", True, SDPBackend.MATH, loss_fn),
-                     ("reference loss", True, None, contrastive_loss)]
+        variants += [("no text trimming (77 tokens)", False, None, loss),
+                     ("math attention (no fused SDPA)", True, SDPBackend.MATH, loss),
+                     ("reference loss", True, None, (contrastive_loss, None))]
     results = []
     for variant, trim, backend, fn in variants:
-        run.raw_model.trim_text, run.objective.loss_fn = trim, fn
+        run.raw_model.trim_text, (run.objective.loss_fn, run.objective.loss_dtype) = trim, fn
         with sdpa_kernel(backend) if backend else nullcontext():
             for _ in range(BENCH_WARMUP):  # compilation, allocator, autotuning
                 train_step(run, micro, False)
@@ -1136,7 +1137,7 @@ def bench(args):
             sync()
         dt = (time.perf_counter() - t0) / args.bench_steps
         results.append({"device": name, "model": args.model, "batch_size": B, "variant": variant,
-                        "precision": run.precision, "loss": run.loss_reason if fn is loss_fn else "reference",
+                        "precision": run.precision, "loss": run.loss_reason if fn is loss else "reference",
                         "step_ms": dt * 1e3, "samples_per_s": B / dt, "tflops": flops / dt / 1e12,
                         "mfu": flops / dt / 1e12 / peak if peak else None,
                         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})

@@ -1,36 +1,45 @@
 """Benchmark of one loss path, forward + backward: PyTorch reference, fused kernels, a GEMM floor and Inf-CL.
 
-    python -m kernels.bench                                    # B = 4096, 8192, ... up to --max-b; bf16 and tf32
+    python -m kernels.bench                                    # B = 1024, 2048, ... up to --max-b; bf16 and tf32
     python -m kernels.bench --sizes 4096,8192 --dtypes bf16    # a quick run
+    python -m kernels.bench --ranks 8                          # one rank's local loss: B / 8 rows against B
     TRITON_INTERPRET=1 python -m kernels.bench --device cpu --sizes 64,128 --dim 64 --out /tmp/b   # smoke test
 
-Rows, on the same inputs (x, t: B x D unit rows, s = 100, gate-like weights w in [0.5, 1.5)) in the same run:
+Rows, on the same inputs (x, t: B x D unit rows, s = 100, gate-like weights w in [0.5, 1.5)) in the same run. With
+--ranks R the loss is one rank's of R: its n = B / R rows against the B gathered ones (x_all, t_all, which get
+gradients too); without, the one-GPU loss, n = B. One similarity GEMM is 2 n B D FLOPs.
   reference  kernels.gated_clip_loss_reference, weighted: the same math as the trainer's reference loss in
-             alip.py. It materialises the B x B logits of both directions: 6 GEMMs.
-  fused      kernels.gated_clip_loss, weighted: 5 GEMMs (see "Cost in similarity GEMMs" in gated_clip_loss.py).
+             alip.py. It materialises the n x B logits of both directions: 6 GEMMs.
+  fused      gated_clip_loss(..., impl="fused"), weighted; its launch plan (launch_plan: per launch, the
+             programs of its grid and its GEMMs) is printed beside the row: 4 GEMMs (8 with --ranks).
+  fused det  the same under torch.use_deterministic_algorithms(True): no atomics, one more GEMM per direction.
+             Beside both, the H100 time their plan suggests (estimate_ms: an assumed GEMM rate), until measured.
   floor      the least similarity-GEMM work any exact method needs for one path, forward and backward: 4 GEMMs
-             (a forward sweep of S = x t^T for the LSEs, a backward recompute of S, and the two products
-             P t and P^T x). Timed as exactly those 4 cuBLAS matmuls, per chunk of rows of x (S is never
-             B x B): S_c = x_c t^T twice, dx_c = S_c t, dt += S_c^T x_c. No exp, no softmax: a lower bound.
-  fused w=1  kernels.gated_clip_loss unweighted, the call Inf-CL is compared with (only when Inf-CL runs).
-  inf_cl     Inf-CL (pip package inf_cl 1.2.1, optional, CUDA only), its symmetric CLIP loss: two calls of
-             inf_cl.cal_flash_loss, its one-device entry (cal_inf_loss runs the same kernels without a process
+             per direction of the local rows (a forward sweep of S = x t^T for the LSEs, a backward recompute
+             of S, and the two products P t and P^T x; the square loss has one matrix, --ranks two). Timed as
+             exactly those cuBLAS matmuls, per chunk of rows of x (S is never n x B): S_c = x_c t^T twice,
+             dx_c = S_c t, dt += S_c^T x_c. No exp, no softmax: a lower bound.
+  fused w=1  the same unweighted, the call Inf-CL is compared with (only when Inf-CL runs).
+  inf_cl     Inf-CL (pip package inf_cl 1.2.1, optional, CUDA only, one GPU), its symmetric CLIP loss: two calls
+             of inf_cl.cal_flash_loss, its one-device entry (cal_inf_loss runs the same kernels without a process
              group, but sends the scale's gradient through an all_reduce that needs one), one per direction.
              Each direction runs 5 GEMMs (forward sweep; dq: S and P k; dk: S and P^T q): 10 in all. It casts
              its inputs to fp32 and multiplies in tf32 whatever the input dtype.
+The auto column is what gated_clip_loss's impl="auto" runs at the row's shape (kernels.gated_clip_loss.choose_impl):
+where the reference and fused rows cross is where its AUTO_MIN_LOGITS belongs.
 
 dtypes: bf16, fp16, tf32 (fp32 inputs, torch.set_float32_matmul_precision("high"): tf32 GEMMs for every row),
-fp32 (fp32 inputs, "highest": ieee GEMMs). B doubles from 4096 up to --max-b (or takes --sizes); an
+fp32 (fp32 inputs, "highest": ieee GEMMs). B doubles from 1024 up to --max-b (or takes --sizes); an
 implementation stops at its first out-of-memory and when its next size would overrun its dtype's share of
 --time-budget (the time of the last size times (B / last B)^2), so the fused kernels go on past the reference.
 
 Per row: median ms of timed calls (CUDA events, L2 flushed before each call; time.perf_counter on CPU) after one
 untimed warm-up call (compilation, autotuning); peak_mem_mib, the peak memory allocated during one call beyond
 what was allocated before it (inputs excluded, gradients included; None on CPU); gemms, the similarity GEMMs the
-implementation runs (2 B^2 D FLOPs each) and tflops, those FLOPs per second; loss and its relative difference
-from the reference loss on the same inputs (from fused w=1 where the reference did not fit), which must stay
-within TOL or the run exits 1 (as it does on any error). The JSON goes to --out/<device>-<date>.json, rewritten
-after every row, so an interrupted run keeps what it measured. Nothing else is written.
+implementation runs and tflops, their FLOPs per second; loss and its relative difference from the reference loss
+on the same inputs (from fused w=1 where the reference did not fit), which must stay within TOL or the run exits 1
+(as it does on any error). The JSON goes to --out/<device>-<date>.json, rewritten after every row, so an
+interrupted run keeps what it measured. Nothing else is written.
 """
 
 import argparse
@@ -50,23 +59,28 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from .gated_clip_loss import fused_available, gated_clip_loss, gated_clip_loss_reference
+from . import gated_clip_loss as gcl
+from .gated_clip_loss import choose_impl, fused_available, gated_clip_loss, gated_clip_loss_reference, launch_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": (torch.bfloat16, "highest"), "fp16": (torch.float16, "highest"),
           "tf32": (torch.float32, "high"), "fp32": (torch.float32, "highest")}
-GEMMS = {"reference": 6, "fused": 5, "floor": 4, "inf_cl": 10}  # see the docstring; tests/test_bench.py counts 6 and 4
-# Bound on |loss - reference loss| / |reference loss|. The reference rounds its 16-bit logits x t^T to the input
-# dtype (half an ulp: 2e-3 bf16, 2.4e-4 fp16, times |s x.t| <= s); the differences average out in the mean.
-TOL = {"bf16": 1e-2, "fp16": 2e-3, "tf32": 1e-3, "fp32": 1e-4}
+GEMMS = {"reference": 6, "floor": 4, "inf_cl": 10}  # per direction pair; the fused rows' come from launch_plan
+# Bound on |loss - reference loss| / |reference loss|. Both sum exact 16-bit products in fp32, in different orders
+# (up to D 2^-24 s per logit, far less in the mean); tf32 rounds fp32 inputs to 10 bits in both.
+TOL = {"bf16": 1e-3, "fp16": 1e-3, "tf32": 1e-3, "fp32": 1e-4}
 SCALE = 100.0  # the largest logit scale ALIP allows, the hardest case for the softmax
+# The estimate printed beside the fused rows until a GPU measures them: every similarity GEMM of the launch plan
+# at 40% of an H100 SXM's 989 dense bf16 TFLOP/s, and 5 us a launch.
+ESTIMATE_TFLOPS, ESTIMATE_LAUNCH_US = 400, 5
 FLUSH_BYTES = 256 * 2**20  # more than any GPU's L2
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", help="comma-separated batch sizes B (default: 4096 doubling up to --max-b)")
+    p.add_argument("--sizes", help="comma-separated batch sizes B (default: 1024 doubling up to --max-b)")
     p.add_argument("--max-b", type=int, default=1_048_576, help="largest B of the default sizes")
+    p.add_argument("--ranks", type=int, default=1, help="time one rank's local loss of this many: B / ranks rows")
     p.add_argument("--dim", type=int, default=512, help="feature dimension D")
     p.add_argument("--dtypes", default="bf16,tf32", help=f"comma-separated, from {', '.join(DTYPES)}")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
@@ -82,9 +96,11 @@ def parse_args(argv):
         raise SystemExit(f"kernels.bench: --sizes {args.sizes!r}: expected comma-separated integers, e.g. 4096,8192")
     if args.sizes is not None and min(args.sizes) < 1:
         raise SystemExit(f"kernels.bench: --sizes {args.sizes}: every B must be at least 1")
-    if args.sizes is None and args.max_b < 4096:
-        raise SystemExit(f"kernels.bench: --max-b {args.max_b}: the default sizes start at 4096; give --sizes instead")
-    args.sizes = args.sizes or [4096 * 2 ** k for k in range(int(math.log2(args.max_b // 4096)) + 1)]
+    if args.sizes is None and args.max_b < 1024:
+        raise SystemExit(f"kernels.bench: --max-b {args.max_b}: the default sizes start at 1024; give --sizes instead")
+    args.sizes = args.sizes or [1024 * 2 ** k for k in range(int(math.log2(args.max_b // 1024)) + 1)]
+    if args.ranks < 1 or any(b % args.ranks for b in args.sizes):
+        raise SystemExit(f"kernels.bench: --ranks {args.ranks}: must be at least 1 and divide every B")
     args.dtypes = args.dtypes.split(",")
     if any(d not in DTYPES for d in args.dtypes):
         raise SystemExit(f"kernels.bench: --dtypes {','.join(args.dtypes)}: choose from {', '.join(DTYPES)}")
@@ -149,34 +165,41 @@ def inf_cl_loss(inf_cl, x, t, s):
             + inf_cl.cal_flash_loss(t, x, scale=s, head_dim=head).mean()) / 2
 
 
-def floor_fn(x, t, chunk):
-    """The 4 similarity GEMMs of one exact forward + backward, as cuBLAS matmuls over chunks of rows of x."""
-    S = torch.empty(min(chunk, x.shape[0]), t.shape[0], device=x.device, dtype=x.dtype)  # (chunk, B), reused
-    dx, dt = torch.empty_like(x), torch.zeros_like(t)  # (B, D)
+def floor_fn(x, t, chunk, x_all=None, t_all=None):
+    """The 4 similarity GEMMs per direction of one exact forward + backward, as cuBLAS matmuls over chunks of rows
+    of x: one direction (S = x t^T) for the square loss, two (x t_all^T and t x_all^T) with x_all, t_all."""
+    pairs = [(x, t)] if x_all is None else [(x, t_all), (t, x_all)]
+    S = torch.empty(min(chunk, x.shape[0]), pairs[0][1].shape[0], device=x.device, dtype=x.dtype)  # (chunk, N)
+    grads = [(torch.empty_like(q), torch.zeros_like(k)) for q, k in pairs]  # (n, D), (N, D)
 
     def run():
-        dt.zero_()
-        for i in range(0, x.shape[0], chunk):
-            xc, Sc = x[i:i + chunk], S[:min(chunk, x.shape[0] - i)]
-            torch.mm(xc, t.T, out=Sc)  # forward sweep
-            torch.mm(xc, t.T, out=Sc)  # backward recompute
-            torch.mm(Sc, t, out=dx[i:i + chunk])  # P t
-            torch.addmm(dt, Sc.T, xc, out=dt)  # P^T x
+        for (q, k), (dq, dk) in zip(pairs, grads):
+            dk.zero_()
+            for i in range(0, q.shape[0], chunk):
+                qc, Sc = q[i:i + chunk], S[:min(chunk, q.shape[0] - i)]
+                torch.mm(qc, k.T, out=Sc)  # forward sweep
+                torch.mm(qc, k.T, out=Sc)  # backward recompute
+                torch.mm(Sc, k, out=dq[i:i + chunk])  # P k
+                torch.addmm(dk, Sc.T, qc, out=dk)  # P^T q
     return run
 
 
 def floor_chunk(B, dtype):
-    """Rows per chunk: up to 8192, with the (chunk, B) buffer at most 2 GiB."""
+    """Rows per chunk: up to 8192, with the (chunk, B) buffer at most 2 GiB (B: the columns, gathered or not)."""
     return max(128, min(8192, 2**31 // (B * torch.finfo(dtype).bits // 8)))
 
 
-def make_inputs(B, D, dtype, device):
+def make_inputs(B, n, D, dtype, device):
+    """(x, t, s, w, kw, leaves): the loss's arguments, kw its x_all, t_all and offset when n < B (x and t are then
+    their first n rows, so that their gradients reach the gathered leaves), and the tensors that get gradients."""
     gen = torch.Generator(device=device).manual_seed(B)
-    x = F.normalize(torch.randn(B, D, device=device, generator=gen), dim=-1).to(dtype).requires_grad_()  # (B, D)
-    t = F.normalize(torch.randn(B, D, device=device, generator=gen), dim=-1).to(dtype).requires_grad_()  # (B, D)
-    w = torch.rand(B, device=device, generator=gen) + 0.5  # (B,) gate-like weights
+    x_all = F.normalize(torch.randn(B, D, device=device, generator=gen), dim=-1).to(dtype).requires_grad_()  # (B, D)
+    t_all = F.normalize(torch.randn(B, D, device=device, generator=gen), dim=-1).to(dtype).requires_grad_()  # (B, D)
+    w = torch.rand(n, device=device, generator=gen) + 0.5  # (n,) gate-like weights
     s = torch.tensor(SCALE, device=device, requires_grad=True)
-    return x, t, s, w
+    if n == B:
+        return x_all, t_all, s, w, {}, [x_all, t_all, s]
+    return x_all[:n], t_all[:n], s, w, dict(x_all=x_all, t_all=t_all, offset=0), [x_all, t_all, s]
 
 
 def loss_call(loss):
@@ -188,15 +211,46 @@ def loss_call(loss):
     return run
 
 
-def implementations(x, t, s, w, inf_cl):
+def deterministic(fn):
+    """fn run under torch.use_deterministic_algorithms(True)."""
+    def run():
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return fn()
+        finally:
+            torch.use_deterministic_algorithms(before)
+    return run
+
+
+def implementations(x, t, s, w, kw, inf_cl):
     """[(impl, weighted, fn)] in the order they run; fn() runs forward + backward once."""
-    impls = [("reference", True, loss_call(lambda: gated_clip_loss_reference(x, t, s, w))),
-             ("fused", True, loss_call(lambda: gated_clip_loss(x, t, s, w))),
-             ("floor", None, floor_fn(x.detach(), t.detach(), floor_chunk(x.shape[0], x.dtype)))]
-    if inf_cl is not None:
-        impls += [("fused", False, loss_call(lambda: gated_clip_loss(x, t, s))),
+    fused = loss_call(lambda: gated_clip_loss(x, t, s, w, **kw, impl="fused"))
+    impls = [("reference", True, loss_call(lambda: gated_clip_loss_reference(x, t, s, w, **kw))),
+             ("fused", True, fused), ("fused det", True, deterministic(fused)),
+             ("floor", None, floor_fn(x.detach(), t.detach(), floor_chunk(kw.get("x_all", x).shape[0], x.dtype),
+                                      *[kw[k].detach() for k in ("x_all", "t_all") if k in kw]))]
+    if inf_cl is not None and not kw:
+        impls += [("fused", False, loss_call(lambda: gated_clip_loss(x, t, s, impl="fused"))),
                   ("inf_cl", False, loss_call(lambda: inf_cl_loss(inf_cl, x, t, s)))]
     return impls
+
+
+def estimate_ms(plan, n, N, D):
+    """The H100 time a launch plan suggests (ESTIMATE_TFLOPS, ESTIMATE_LAUNCH_US): a guess, not a measurement."""
+    gemms = sum(r["gemms"] for r in plan)
+    return gemms * 2 * n * N * D / (ESTIMATE_TFLOPS * 1e12) * 1e3 + len(plan) * ESTIMATE_LAUNCH_US * 1e-3
+
+
+def plan_of(impl, n, B, D, dtype, sm_count):
+    """(similarity GEMMs, the launch plan in short or None, its H100 estimate in ms or None) of an implementation."""
+    gathered = n < B
+    if not impl.startswith("fused"):
+        return GEMMS[impl] * (2 if gathered and impl == "floor" else 1), None, None
+    plan = launch_plan(n, B, D, dtype, sm_count, deterministic=impl == "fused det", gathered=gathered)
+    short = {"_lse_fwd_kernel": "fwd", "_bwd_kernel": "bwd", "_finish_kernel": "fin"}
+    text = " ".join(f"{short[r['kernel']]}:{r['programs']}" + (f"x{r['gemms']}" if r["gemms"] else "") for r in plan)
+    return sum(r["gemms"] for r in plan), text, estimate_ms(plan, n, B, D)
 
 
 def timed_call(fn, grads, flush):
@@ -232,13 +286,16 @@ def measure(fn, grads, flush, rep_ms):
     return statistics.median(times), peak, None if loss is None else loss.item()
 
 
-def run_one(impl, weighted, fn, grads, flush, rep_ms, B, D, dtype):
+def run_one(impl, weighted, fn, grads, flush, rep_ms, B, n, D, dtype, device):
     """One row: measured, or status "oom" / "error" with the message."""
-    row = {"impl": impl, "weighted": weighted, "B": B, "D": D, "dtype": dtype, "status": "ok", "ms": None,
-           "peak_mem_mib": None, "gemms": GEMMS[impl], "tflops": None, "loss": None}
+    torch_dtype = DTYPES[dtype][0]
+    gemms, plan, estimate = plan_of(impl, n, B, D, torch_dtype, gcl._sm_count(device))
+    row = {"impl": impl, "weighted": weighted, "B": B, "n": n, "D": D, "dtype": dtype, "status": "ok", "ms": None,
+           "peak_mem_mib": None, "gemms": gemms, "tflops": None, "loss": None, "plan": plan,
+           "estimate_ms": estimate, "auto": choose_impl(n, B, D, torch_dtype, device)[0]}
     try:
         row["ms"], row["peak_mem_mib"], row["loss"] = measure(fn, grads, flush, rep_ms)
-        row["tflops"] = GEMMS[impl] * 2 * B * B * D / (row["ms"] * 1e-3) / 1e12
+        row["tflops"] = gemms * 2 * n * B * D / (row["ms"] * 1e-3) / 1e12
     except torch.cuda.OutOfMemoryError:
         row["status"] = "oom"
     except Exception as e:  # a failed implementation is recorded and makes the run fail; the others go on
@@ -276,17 +333,21 @@ def label(row):
 
 
 def table_line(r):
+    shape = f"| {r['B']} | {r['n']} | {r['D']} | {r['dtype']} | {label(r)} |"
+    estimate = "" if r["estimate_ms"] is None else f"{r['estimate_ms']:.3g}"
+    tail = f" {r['auto']} | {r['gemms']} | {r['plan'] or ''} | {estimate} |"
     if r["status"] != "ok":
-        return f"| {r['B']} | {r['D']} | {r['dtype']} | {label(r)} | {r['status']} {r.get('error', '')} | | | | |"
+        return f"{shape} {r['status']} {r.get('error', '')} | | | | |" + tail
     peak = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
     loss = "" if r["loss"] is None else f"{r['loss']:.6g}"
     checked = "" if "rel_diff" not in r else f"{r['rel_diff']:.1e} vs {r['check_vs']}" + ("" if r["matches"] else " MISMATCH")
-    return (f"| {r['B']} | {r['D']} | {r['dtype']} | {label(r)} | {r['ms']:.3f} | {r['tflops']:.3g} | {peak} | "
-            f"{loss} | {checked} |")
+    return f"{shape} {r['ms']:.3f} | {r['tflops']:.3g} | {peak} | {loss} | {checked} |" + tail
 
 
-TABLE_HEAD = ("| B | D | dtype | impl | ms | TFLOP/s | peak MiB | loss | rel. diff |\n"
-              "|---:|---:|---|---|---:|---:|---:|---:|---|")
+# plan: per launch, kernel:programs and xGEMMs (fwd _lse_fwd_kernel, bwd _bwd_kernel, fin _finish_kernel);
+# H100 est.: estimate_ms of the plan, for comparison with the measured ms
+TABLE_HEAD = ("| B | n | D | dtype | impl | ms | TFLOP/s | peak MiB | loss | rel. diff | auto | GEMMs | plan | "
+              "H100 est. ms |\n|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|---:|---|---:|")
 
 
 def header(device, argv, inf_cl_skipped):
@@ -297,7 +358,8 @@ def header(device, argv, inf_cl_skipped):
             "interpreted": not cuda, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(), "inf_cl": version("inf_cl"),
             "inf_cl_skipped": inf_cl_skipped, "commit": commit(), "date": datetime.date.today().isoformat(),
-            "argv": argv, "scale": SCALE, "tolerance": TOL, "gemms": GEMMS, "rows": []}
+            "argv": argv, "scale": SCALE, "tolerance": TOL, "gemms": GEMMS, "auto_min_logits": gcl.AUTO_MIN_LOGITS,
+            "rows": []}
 
 
 def save(result, path):
@@ -314,9 +376,10 @@ def bench_dtype(name, args, device, inf_cl, result, deadline, write):
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device) if device.type == "cuda" else None
     last, stopped = {}, set()  # (impl, weighted) -> (B, seconds spent on it)
     for B in args.sizes:
-        x, t, s, w = make_inputs(B, args.dim, dtype, device)
+        n = B // args.ranks
+        x, t, s, w, kw, leaves = make_inputs(B, n, args.dim, dtype, device)
         rows = []
-        impls = implementations(x, t, s, w, inf_cl)
+        impls = implementations(x, t, s, w, kw, inf_cl)
         for impl, weighted, fn in impls:
             key = (impl, weighted)
             if key in stopped:
@@ -326,7 +389,7 @@ def bench_dtype(name, args, device, inf_cl, result, deadline, write):
                 stopped.add(key)
                 continue
             t0 = time.time()
-            row = run_one(impl, weighted, fn, [x, t, s], flush, args.rep_ms, B, args.dim, name)
+            row = run_one(impl, weighted, fn, leaves, flush, args.rep_ms, B, n, args.dim, name, device)
             last[key] = (B, time.time() - t0)
             if row["status"] != "ok":
                 stopped.add(key)
@@ -340,7 +403,7 @@ def bench_dtype(name, args, device, inf_cl, result, deadline, write):
         check(rows, ref_u)
         result["rows"] += rows
         write()
-        del x, t, s, w
+        del x, t, s, w, kw, leaves
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -348,10 +411,11 @@ def bench_dtype(name, args, device, inf_cl, result, deadline, write):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    inf_cl, why = load_inf_cl(device, args.dim)
+    inf_cl, why = load_inf_cl(device, args.dim) if args.ranks == 1 else (None, "it has no loss against gathered rows")
     result = header(device, sys.argv[1:] if argv is None else argv, why)
     print(f"{result['device']}; torch {result['torch']}, triton {result['triton']}, commit {result['commit']}; "
-          f"reference = kernels.gated_clip_loss_reference; D = {args.dim}, s = {SCALE}")
+          f"reference = kernels.gated_clip_loss_reference; D = {args.dim}, s = {SCALE}, "
+          f"{'one GPU' if args.ranks == 1 else f'one rank of {args.ranks}'}")
     print(f"inf_cl {result['inf_cl']}: timed as impl inf_cl" if inf_cl else f"inf_cl: skipped, {why}")
     path = None if args.no_save else os.path.join(args.out, f"{result['slug']}-{result['date']}.json")
     write = (lambda: None) if args.no_save else (lambda: save(result, path))

@@ -271,3 +271,30 @@ def test_logit_scale_keeps_its_gradient_at_the_cap():
     loss, _, _ = alip.alip_loss(x, t, c, alip.capped_scale(model.logit_scale), alip.Objective(alip.Gates()))
     loss.backward()
     assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
+
+
+@pytest.mark.parametrize("precision, kernel, seen", [("bf16", "auto", torch.bfloat16), ("bf16", "reference", torch.float32),
+                                                     ("fp32", "auto", torch.float32)])
+def test_the_loss_gets_the_features_in_the_training_precision(precision, kernel, seen):
+    """Under bf16 autocast the kernels' loss is handed bf16 features (it sums in fp32); the readable reference, and
+    fp32 training, keep fp32. The gates see fp32 whatever the precision."""
+    args = alip.parse_args(["--bench", "--model", "tiny", "--batch-size", "4", "--device", "cpu", "--precision",
+                            precision, "--kernel", kernel])
+    run = alip.Run(args)
+    dtypes, loss_fn = [], run.objective.loss_fn
+
+    def spy(x, t, *rest, **kw):
+        dtypes.append((x.dtype, t.dtype))
+        return loss_fn(x, t, *rest, **kw)
+
+    gates = run.objective.gates
+    gate_dtypes = []
+    gates.register_forward_hook(lambda module, inputs, out: gate_dtypes.append({i.dtype for i in inputs}))
+    run.objective.loss_fn = spy
+    S, L = run.raw_model.config.image_size, run.raw_model.config.context_length
+    micro = [[torch.randn(4, 3, S, S), torch.randint(1, 49406, (4, L)), torch.randint(1, 49406, (4, L))]]
+    for b in micro[0][1:]:
+        b[:, 10] = 49407  # EOT
+    assert alip.train_step(run, micro) is not None
+    assert dtypes == [(seen, seen)] * 2, dtypes  # the raw-text and the caption path
+    assert gate_dtypes == [{torch.float32}], gate_dtypes

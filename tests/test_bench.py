@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from kernels import bench, fused_available, gated_clip_loss_reference
+from kernels import bench
+from kernels.gated_clip_loss import fused_available, gated_clip_loss_reference, launch_plan
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {"fp32": 1e-5, "bf16": 1e-2}  # loss vs reference: fp32 exact up to summation order; bf16 logits rounded once
-ROW_KEYS = {"impl", "weighted", "B", "D", "dtype", "status", "ms", "peak_mem_mib", "gemms", "tflops", "loss"}
+TOL = {"fp32": 1e-5, "bf16": 1e-5}  # loss vs reference: fp32 sums of the same exact products, in another order
+ROW_KEYS = {"impl", "weighted", "B", "n", "D", "dtype", "status", "ms", "peak_mem_mib", "gemms", "tflops", "loss",
+            "plan", "estimate_ms", "auto"}
 
 
 @pytest.mark.skipif(not fused_available(DEVICE), reason="needs CUDA, or TRITON_INTERPRET=1 on CPU")
@@ -24,7 +26,8 @@ def test_tiny_run_writes_the_results(tmp_path, capsys):
     sizes = [16, 40]
     bench.main(["--sizes", ",".join(map(str, sizes)), "--dim", "32", "--dtypes", "fp32,bf16", "--device", DEVICE,
                 "--rep-ms", "0", "--out", str(tmp_path)])
-    assert "| fused |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| fused |" in out and "| fused det |" in out and " bwd:" in out  # the launch plan beside the row
     (path,) = glob.glob(str(tmp_path / "*.json"))
     result = json.load(open(path))
     assert os.path.basename(path) == f"{result['slug']}-{result['date']}.json"
@@ -35,22 +38,46 @@ def test_tiny_run_writes_the_results(tmp_path, capsys):
     rows = {(r["impl"], r["weighted"], r["dtype"], r["B"]): r for r in result["rows"]}
     for dtype in ("fp32", "bf16"):
         for B in sizes:
-            for impl, weighted in (("reference", True), ("fused", True), ("floor", None)):
+            for impl, weighted in (("reference", True), ("fused", True), ("fused det", True), ("floor", None)):
                 r = rows[impl, weighted, dtype, B]
                 assert ROW_KEYS <= set(r), set(r) ^ ROW_KEYS
-                assert r["status"] == "ok" and r["ms"] > 0 and r["D"] == 32 and r["gemms"] == bench.GEMMS[impl]
+                assert r["status"] == "ok" and r["ms"] > 0 and r["D"] == 32 and r["n"] == B
                 assert (r["peak_mem_mib"] is None) == (DEVICE == "cpu")
+                assert r["auto"] == "reference"  # these sizes are far below AUTO_MIN_LOGITS
+                if impl.startswith("fused"):
+                    torch_dtype = bench.DTYPES[dtype][0]
+                    plan = launch_plan(B, B, 32, torch_dtype, bench.gcl._sm_count(DEVICE), impl == "fused det")
+                    assert r["gemms"] == sum(p["gemms"] for p in plan) == 4 + (impl == "fused det")
+                else:
+                    assert r["gemms"] == bench.GEMMS[impl] and r["plan"] is None
             ref, fused = rows["reference", True, dtype, B]["loss"], rows["fused", True, dtype, B]["loss"]
             assert ref > 0 and abs(fused - ref) <= TOL[dtype] * ref, (dtype, B, fused, ref)
-            assert rows["fused", True, dtype, B]["matches"] is True
+            assert rows["fused", True, dtype, B]["matches"] is True and rows["fused det", True, dtype, B]["matches"]
 
 
-def test_floor_runs_exactly_four_similarity_gemms():
+def test_floor_runs_exactly_four_similarity_gemms_per_direction():
     B, D = 40, 24  # three chunks of 16 rows, the last one short
     x, t = torch.randn(B, D), torch.randn(B, D)
     with FlopCounterMode(display=False) as flops:
         bench.floor_fn(x, t, chunk=16)()
     assert flops.get_total_flops() == bench.GEMMS["floor"] * 2 * B * B * D == 4 * 2 * B * B * D
+    x_all, t_all = torch.randn(3 * B, D), torch.randn(3 * B, D)
+    with FlopCounterMode(display=False) as flops:
+        bench.floor_fn(x_all[:B], t_all[:B], 16, x_all, t_all)()
+    assert flops.get_total_flops() == 8 * 2 * B * (3 * B) * D
+
+
+@pytest.mark.skipif(not fused_available(DEVICE), reason="needs CUDA, or TRITON_INTERPRET=1 on CPU")
+def test_one_rank_of_several(tmp_path, capsys):
+    """--ranks 4: n = B / 4 local rows against B gathered ones, whose leaves get gradients; the gathered plan."""
+    bench.main(["--sizes", "64", "--ranks", "4", "--dim", "32", "--dtypes", "bf16", "--device", DEVICE,
+                "--rep-ms", "0", "--no-save"])
+    out = capsys.readouterr().out
+    assert "one rank of 4" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| 64 | 16 |")]
+    gemms = {r[4].strip(): int(r[11]) for r in rows}
+    assert gemms == {"reference": 6, "fused": 8, "fused det": 10, "floor": 8}, gemms
+    assert all("MISMATCH" not in r[9] for r in rows)
 
 
 def test_reference_runs_six_similarity_gemms():
@@ -88,13 +115,14 @@ def test_inf_cl_head_dim():
 
 @pytest.mark.parametrize("argv, flag", [(["--sizes", "4096,lots"], "--sizes"), (["--sizes", "0"], "--sizes"),
                                         (["--dtypes", "fp64"], "--dtypes"), (["--max-b", "100"], "--max-b"),
-                                        (["--dim", "0"], "--dim"), (["--time-budget", "0"], "--time-budget")])
+                                        (["--dim", "0"], "--dim"), (["--time-budget", "0"], "--time-budget"),
+                                        (["--sizes", "100", "--ranks", "8"], "--ranks")])
 def test_bad_flags_give_one_line_naming_the_flag(argv, flag):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
     assert flag in str(e.value) and "\n" not in str(e.value)
 
 
-def test_default_sizes_double_from_4096_to_max_b():
-    assert bench.parse_args(["--max-b", "40000"]).sizes == [4096, 8192, 16384, 32768]
+def test_default_sizes_double_from_1024_to_max_b():
+    assert bench.parse_args(["--max-b", "10000"]).sizes == [1024, 2048, 4096, 8192]
     assert bench.parse_args([]).sizes[-1] == 1_048_576
