@@ -465,7 +465,7 @@ def train_step(run, micro, stop_requested=False):
 
 def train_loop(run, step, stop, batches):
     """Optimizer steps from `step` until run.total or a stop signal; returns the last step done."""
-    args, meter, bad_steps = run.args, evaluation.GateMeter(run.world_size), 0
+    args, meter, bad_steps = run.args, evaluation.GateMeter(sample_losses, run.rank, run.world_size), 0
     progress = evaluation.Progress(step, run.total, args.accum_steps * args.batch_size * run.world_size, run.world_size)
     run.model.train()
     while step < run.total:
@@ -482,7 +482,7 @@ def train_loop(run, step, stop, batches):
         bad_steps, step = 0, step + 1
         codes = torch.cat([b[3] for b in micro])  # what the data record about each sample's texts; -1: nothing
         if (codes >= 0).any():
-            meter.add(codes, **per_sample(run, out))
+            meter.add(codes, out.feats, out.scale, out.weights)
         if step % args.log_every == 0 or step == run.total:
             record, line = progress.line(step, {"loss": out.loss, **out.logs}, run.loader.skipped, meter.figures(),
                                          lr=out.lr, logit_scale=capped_scale(run.raw_model.logit_scale).item(),
@@ -652,21 +652,6 @@ def train(args):
         if not args.demo:  # demo() trains again in the same process group, and ends it
             dist.destroy_process_group()
     return step == run.total  # False: stopped early (by a signal)
-
-
-@torch.no_grad()
-def per_sample(run, out):
-    """This rank's gate weights of the step, and each sample's unweighted loss against this rank's batch: the
-    plain detector of noisy samples that the gates are compared to (eval.gate_quality)."""
-    x, t, c = (None if f is None else F.normalize(f.float(), dim=-1) for f in out.feats)
-    s = out.scale
-    rows = {"loss_raw": sample_losses(x, t, s)}
-    if c is not None:
-        rows["loss_caption"] = sample_losses(x, c, s)
-    if out.weights is not None:
-        offset = run.rank * len(x)
-        rows.update(zip(("w_s", "w_t", "w_c"), (w[offset:offset + len(x)] for w in out.weights)))
-    return rows
 
 
 def evaluate(run, step):

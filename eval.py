@@ -178,13 +178,25 @@ def gate_quality(truth, w_s=None, w_t=None, w_c=None, loss_raw=None, loss_captio
 
 class GateMeter:
     """Per-sample gate weights and losses of the training steps since the last log line, next to the truth the
-    data record about each sample (data.parse_truth); figures() is gate_quality over every rank's samples."""
+    data record about each sample (data.parse_truth); figures() is gate_quality over every rank's samples.
+    sample_losses(x, t, s): each sample's unweighted loss against this rank's batch, the plain detector of noisy
+    samples that the gates are compared to."""
 
-    def __init__(self, world_size=1):
-        self.world_size, self.rows = world_size, []
+    def __init__(self, sample_losses, rank=0, world_size=1):
+        self.sample_losses, self.rank, self.world_size, self.rows = sample_losses, rank, world_size, []
 
-    def add(self, truth, **per_sample):  # truth (n, 2); per_sample: this rank's (n,) tensors, named as gate_quality's
-        self.rows.append({"truth": truth.cpu(), **{k: v.detach().cpu() for k, v in per_sample.items()}})
+    @torch.no_grad()
+    def add(self, truth, feats, scale, weights=None):
+        """truth (n, 2); feats: this rank's step features (x, t, c), c None for the CLIP baseline; scale: the step's
+        logit scale; weights: the gate weights (w_s, w_t, w_c) of the global batch, or None."""
+        x, t, c = (None if f is None else F.normalize(f.float(), dim=-1) for f in feats)
+        rows = {"truth": truth, "loss_raw": self.sample_losses(x, t, scale)}
+        if c is not None:
+            rows["loss_caption"] = self.sample_losses(x, c, scale)
+        if weights is not None:
+            mine = slice(self.rank * len(x), (self.rank + 1) * len(x))
+            rows.update(zip(("w_s", "w_t", "w_c"), (w[mine] for w in weights)))
+        self.rows.append({k: v.detach().cpu() for k, v in rows.items()})
 
     def figures(self):
         """gate_quality's figures since the last call, NaNs left out; {} without truth. Every rank calls it."""
