@@ -247,9 +247,8 @@ class Gates(nn.Module):
         gate = lambda s, H: torch.exp(self.gamma * (s - H.to(acc)))
         w_s = gate(s_tc, self.H_tc).clamp(max=1.0)  # Eq. 2, LCG: raw text far from its caption -> small weight
         noisy = w_s < 1  # Eq. 3-4, DCG: only samples the LCG flags get pair weights; not clipped
-        w_t = torch.where(noisy, gate(s_xt, self.H_xt), torch.ones_like(s_xt))
-        w_c = torch.where(noisy, gate(s_xc, self.H_xc), torch.ones_like(s_xc))
         ones = torch.ones_like(w_s)
+        w_t, w_c = torch.where(noisy, gate(s_xt, self.H_xt), ones), torch.where(noisy, gate(s_xc, self.H_xc), ones)
         if self.mode in ("none", "dcg"):  # "dcg" keeps the pair weights on the samples the LCG flags
             w_s = ones
         if self.mode in ("none", "lcg"):
@@ -269,13 +268,9 @@ def capped_scale(param):
 
 
 def sample_losses(x, t, logit_scale, x_all=None, t_all=None):
-    """(CE_i(x->t) + CE_i(t->x)) / 2 for each of this rank's n samples, with logits s x t^T: (n,).
-
-    x, t: (n, D) L2-normalized; logit_scale: the scale s. With x_all, t_all (N, D), the rows gathered from every
-    rank (this rank's among them): the local loss of multi-GPU training, this rank's rows against all N.
-    CE_i = LSE_j(logits_ij) - s x_i.t_i: the positive pair is this rank's own, so its gradient reaches x and t here
-    and the gather's gradient brings the rest.
-    """
+    """(CE_i(x->t) + CE_i(t->x)) / 2 for each of this rank's n samples (n,), logits s x t^T. x, t: (n, D), unit norm.
+    With x_all, t_all (N, D), every rank's rows (this rank's among them): the local loss of multi-GPU training.
+    CE_i = LSE_j(logits_ij) - s x_i.t_i, the positive pair this rank's own: the gather's gradient brings the rest."""
     x_all = x if x_all is None else x_all
     t_all = t if t_all is None else t_all
     positive = logit_scale * (x * t).sum(-1)  # (n,)
@@ -322,11 +317,9 @@ class LossOut(NamedTuple):
 
 
 def alip_loss(x, t, c, s, objective, weights=None):
-    """The training objective on this rank's image, raw-text and caption features with logit scale s.
-
-    Gradient accumulation hands every micro-step the gate `weights` of the step's first, and gives all but one a
-    detached s: each micro-step's loss covers the whole step's batch, so s must get its gradient only once.
-    """
+    """The training objective on this rank's image, raw-text and caption features with logit scale s. Gradient
+    accumulation hands every micro-step the gate `weights` of the step's first, and all but one a detached s: each
+    micro-step's loss covers the whole step's batch, so s must get its gradient once."""
     o = objective
     acc = torch.promote_types(x.dtype, torch.float32)  # gates in fp32 (float64 stays float64)
     x, t = F.normalize(x.to(acc), dim=-1), F.normalize(t.to(acc), dim=-1)
