@@ -571,27 +571,23 @@ class Run:
                  f"loss {args.loss} (gates: {args.gates}), kernel {self.loss_reason}")
         self.loader, self.total = None, BENCH_WARMUP + args.bench_steps  # --bench: synthetic batches, no data
         if not args.bench:
-            self.use_data()
+            self.loader = data.TrainLoader(
+                args.data, image_size=self.raw_model.config.image_size, batch_size=args.batch_size, seed=args.seed,
+                rank=rank, world_size=world_size, workers=args.workers, captions=args.captions,
+                missing_caption=args.missing_caption, resampled=args.resampled, num_samples=args.train_num_samples,
+                max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext,
+                truth=True)  # what the data record about their texts, if anything: gate quality is logged against it
+            steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
+            if steps_per_epoch < 1:
+                raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps}"
+                                     f" samples but an epoch has fewer; lower --batch-size or --accum-steps")
+            self.total = args.steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
         self.optimizer = configure_optimizer(self.raw_model, args.lr, args.wd, device)
         self.scheduler = cosine_schedule(self.optimizer, args.warmup, self.total)
         if args.warmup >= self.total and not args.bench:
             self.log(f"warning: --warmup {args.warmup} is not shorter than the run ({self.total} steps): the learning "
                      f"rate peaks at {self.total / args.warmup:.0%} of --lr {args.lr}")
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-
-    def use_data(self):
-        args, world_size = self.args, self.world_size
-        self.loader = data.TrainLoader(
-            args.data, image_size=self.raw_model.config.image_size, batch_size=args.batch_size, seed=args.seed,
-            rank=self.rank, world_size=world_size, workers=args.workers, captions=args.captions,
-            missing_caption=args.missing_caption, resampled=args.resampled, num_samples=args.train_num_samples,
-            max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext,
-            truth=True)  # what the data record about their texts, if anything: gate quality is logged against it
-        steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
-        if steps_per_epoch < 1:
-            raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps}"
-                                 f" samples but an epoch has fewer; lower --batch-size or --accum-steps")
-        self.total = args.steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
 
     @property
     def master(self):  # prints, writes metrics and checkpoints, evaluates
@@ -681,16 +677,6 @@ def set_rng_state(state):
     random.setstate((3, tuple(state["python"]), None))
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(out_dir, state, keep):
-    """Written atomically: a crash or a full disk leaves the previous checkpoint intact."""
-    path = os.path.join(out_dir, f"ckpt-{state['step']:08d}.pt")
-    with data.atomic_write(path) as f:
-        torch.save(state, f)
-    for old in checkpoints(out_dir)[:-keep]:
-        os.remove(old)
-    return path
 
 
 def claim_output(args):
@@ -798,8 +784,13 @@ def save(run, step):
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "gates": run.objective.gates.state_dict(), "data": run.loader.state_dict(),
              "rng": rngs, "step": step}
-    if run.master:
-        run.log(f"saved {save_checkpoint(run.args.output, state, run.args.keep)}")
+    if run.master:  # written atomically: a crash or a full disk leaves the previous checkpoint intact
+        path = os.path.join(run.args.output, f"ckpt-{step:08d}.pt")
+        with data.atomic_write(path) as f:
+            torch.save(state, f)
+        for old in checkpoints(run.args.output)[:-run.args.keep]:
+            os.remove(old)
+        run.log(f"saved {path}")
 
 
 # -----------------------------------------------------------------------------
