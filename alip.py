@@ -833,7 +833,7 @@ def check_weights(sd, model, path, found=None):
         return
     if found is None:
         try:
-            found = ModelConfig(**shapes_config(sd))
+            found = shapes_config(sd)
         except (KeyError, IndexError, ValueError):  # not even the tensors the shapes are read from
             pass
     if found is None or not fits and all(getattr(found, f) == getattr(cfg, f) for f in SHAPE_FIELDS):
@@ -849,9 +849,13 @@ def check_weights(sd, model, path, found=None):
 
 
 def read_weights(path):
-    """(state dict, config, openai): config is the architecture one of our checkpoints saves (a dict), else None;
-    openai: the file is one of OpenAI's TorchScript archives, whose weights were trained with QuickGELU. A missing
-    file, or one that does not load, is a data.UserError whose message starts with the path."""
+    """(file, state dict, config, openai) of a weight file or a run directory (its newest checkpoint): config is the
+    architecture one of our checkpoints saves (a dict), else None; openai: the file is one of OpenAI's TorchScript
+    archives, whose weights were trained with QuickGELU. A file that does not load is a one-line UserError."""
+    if os.path.isdir(path):
+        if latest_checkpoint(path) is None:
+            raise data.UserError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
+        path = latest_checkpoint(path)
     if not os.path.isfile(path):
         raise data.UserError(f"{path}: no such file")
     try:
@@ -862,7 +866,7 @@ def read_weights(path):
         except RuntimeError as e:
             if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
                 raise
-            return clean_state_dict(torch.jit.load(path, map_location="cpu").state_dict()), None, True
+            return path, clean_state_dict(torch.jit.load(path, map_location="cpu").state_dict()), None, True
     except Exception as error:  # a damaged or foreign file fails in many ways: zip, pickle, EOF, unicode
         reason = type(error).__name__
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -872,8 +876,8 @@ def read_weights(path):
     if not isinstance(obj, dict):
         raise data.UserError(f"{path}: holds a {type(obj).__name__}, not a state dict or checkpoint")
     if "model" in obj and "config" in obj:  # ours
-        return obj["model"], obj["config"], False
-    return clean_state_dict(obj), None, False
+        return path, obj["model"], obj["config"], False
+    return path, clean_state_dict(obj), None, False
 
 
 def clean_state_dict(sd):
@@ -883,42 +887,32 @@ def clean_state_dict(sd):
     return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
 
 
-def shapes_config(sd):
-    """The architecture of a CLIP state dict read off its shapes (as OpenAI's build_model does), as a dict of
-    alip.ModelConfig's fields. Head counts assume 64-wide heads, as in every OpenAI CLIP."""
+def shapes_config(sd, quick_gelu=False):
+    """The ModelConfig of a CLIP state dict, read off its shapes as OpenAI's build_model does. Head counts assume
+    64-wide heads, as in every OpenAI CLIP; the activation is not in the shapes."""
     def layers(prefix):
         return len({k[len(prefix):].split(".")[2] for k in sd if k.startswith(prefix + ".resblocks.")})
     vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     text_width = sd["ln_final.weight"].shape[0]
-    return dict(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
-                vision_width=vision_width, vision_layers=layers("visual.transformer"), vision_heads=vision_width // 64,
-                text_width=text_width, text_layers=layers("transformer"), text_heads=text_width // 64,
-                context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0])
-
-
-def weights_file(path):
-    """A run directory's newest checkpoint; any other path as it is."""
-    if not os.path.isdir(path):
-        return path
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise data.UserError(f"{path}: no ckpt-*.pt in this run directory; pass a checkpoint file")
-    return ckpt
+    return ModelConfig(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
+                       vision_width=vision_width, vision_layers=layers("visual.transformer"),
+                       vision_heads=vision_width // 64, text_width=text_width, text_layers=layers("transformer"),
+                       text_heads=text_width // 64, context_length=sd["positional_embedding"].shape[0],
+                       vocab_size=sd["token_embedding.weight"].shape[0], quick_gelu=quick_gelu)
 
 
 def load_model(path, name=None, quick_gelu=False):
     """A CLIP in eval mode on the CPU from a run directory, one of our checkpoints, or a CLIP state dict (its
     architecture from `name`, a preset, or else read off the shapes)."""
-    path = weights_file(path)
-    sd, saved, openai = read_weights(path)
+    path, sd, saved, openai = read_weights(path)
     quick_gelu = quick_gelu or openai
     if saved:  # the architecture is saved with the weights
         model = CLIP(ModelConfig(**saved))
     elif name:
         model = create_model(name, quick_gelu)
     else:
-        model = CLIP(ModelConfig(**shapes_config(sd), quick_gelu=quick_gelu))
+        model = CLIP(shapes_config(sd, quick_gelu))
     check_weights(sd, model, path, model.config if saved else None)
     model.load_state_dict(sd)
     return model.eval()
@@ -927,8 +921,7 @@ def load_model(path, name=None, quick_gelu=False):
 def init_weights(model, path, quick_gelu):
     """--init: load path (a weight file or a run directory) into model, after checking that it fits."""
     try:
-        path = weights_file(path)
-        sd, saved, openai = read_weights(path)
+        path, sd, saved, openai = read_weights(path)
         if openai and not quick_gelu:
             raise data.UserError(f"{path}: OpenAI's weights were trained with QuickGELU; add --quick-gelu")
         check_weights(sd, model, path, saved and ModelConfig(**saved))
