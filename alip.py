@@ -466,8 +466,8 @@ def train_loop(run, step, stop, batches):
         out = train_step(run, micro, stop["signal"] is not None)
         if out is None:
             bad_steps += 1
-            run.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-            run.log_metrics({"step": step + 1, "warning": "non-finite loss, step skipped"})
+            run.log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)",
+                    {"step": step + 1, "warning": "non-finite loss, step skipped"})
             if bad_steps >= args.max_bad_steps:
                 raise SystemExit(f"{bad_steps} non-finite steps in a row: stopping. The last good checkpoint in "
                                  f"{args.output} is intact; lower --lr or check the data, then --resume.")
@@ -480,8 +480,7 @@ def train_loop(run, step, stop, batches):
             record, line = progress.line(step, {"loss": out.loss, **out.logs}, run.loader.skipped, meter.figures(),
                                          lr=out.lr, logit_scale=capped_scale(run.raw_model.logit_scale).item(),
                                          grad_norm=out.grad_norm.item())
-            run.log(line)
-            run.log_metrics(record)
+            run.log(line, record)
         if step % args.save_every == 0 or step == run.total or out.stop:
             save(run, step)
         if out.stop:
@@ -579,8 +578,9 @@ class Run:
                 truth=True)  # what the data record about their texts, if anything: gate quality is logged against it
             steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
             if steps_per_epoch < 1:
-                raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size * args.accum_steps}"
-                                     f" samples but an epoch has fewer; lower --batch-size or --accum-steps")
+                raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size} x "
+                                     f"{args.accum_steps} samples but an epoch has fewer; lower --batch-size or "
+                                     "--accum-steps")
             self.total = args.steps or math.ceil(args.epochs * steps_per_epoch)  # optimizer steps
         self.optimizer = configure_optimizer(self.raw_model, args.lr, args.wd, device)
         self.scheduler = cosine_schedule(self.optimizer, args.warmup, self.total)
@@ -593,13 +593,12 @@ class Run:
     def master(self):  # prints, writes metrics and checkpoints, evaluates
         return self.rank == 0
 
-    def log(self, message):
+    def log(self, message, record=None):
+        """Rank 0: print the message, and add the record to the run's metrics (metrics.jsonl and the reporters)."""
         if self.master:
             print(message)
-
-    def log_metrics(self, record):
-        if self.master:
-            self.metrics.log(record)
+            if record:
+                self.metrics.log(record)
 
     def close(self, curves=None):
         """Rank 0: the reporters end (sent the curves), and --output's lock goes."""
@@ -629,9 +628,9 @@ def train(args):
         # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
         with data.stop_on_signals() as stop, closing(run.loader.batches(run.device)) as batches:
             step = train_loop(run, step, stop, batches)
-        if run.master and step == run.total and not run.metrics.evaluated(step, args.eval_zeroshot, args.eval_retrieval):
-            evaluate(run, step)  # a resumed run that had finished evaluates again only what is missing
-        if run.master:
+        if run.master:  # a resumed run that had finished evaluates again only what is missing
+            if step == run.total and not run.metrics.evaluated(step, args.eval_zeroshot, args.eval_retrieval):
+                evaluate(run, step)
             curves = evaluation.plot_runs([args.output], os.path.join(args.output, "curves.png"))
             run.log(f"curves: {curves}")
     finally:
@@ -648,8 +647,7 @@ def evaluate(run, step):
     args = run.args
     results = {"step": step, **evaluation.evaluate_sets(run.raw_model, args.eval_zeroshot, args.eval_retrieval,
                                                          device=run.device, workers=args.workers, dtype=run.amp_dtype)}
-    run.log("eval " + evaluation.summary(results))
-    run.log_metrics(results)
+    run.log("eval " + evaluation.summary(results), results)
 
 
 # -----------------------------------------------------------------------------
@@ -766,8 +764,9 @@ def resume(run):
         step = ckpt["step"]
         run.log(f"resumed from {path} at step {step}")
     if run.master:
-        options = dict(project=args.wandb_project, name=args.wandb_name or os.path.basename(os.path.abspath(args.output)),
-                       tags=args.wandb_tags, config=vars(args), resume=args.resume)
+        name = args.wandb_name or os.path.basename(os.path.abspath(args.output))
+        options = dict(project=args.wandb_project, name=name, tags=args.wandb_tags, config=vars(args),
+                       resume=args.resume)
         run.metrics = evaluation.RunLog(args.output, step, args.report_to, options)
         with data.atomic_write(os.path.join(args.output, "config.json"), "w") as f:
             json.dump({"args": vars(args), "model": asdict(run.raw_model.config)}, f, indent=1)
@@ -782,8 +781,8 @@ def save(run, step):
         dist.all_gather_object(rngs, rng_state())
     state = {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "args": vars(run.args),
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "scaler": run.scaler.state_dict(), "gates": run.objective.gates.state_dict(), "data": run.loader.state_dict(),
-             "rng": rngs, "step": step}
+             "scaler": run.scaler.state_dict(), "gates": run.objective.gates.state_dict(),
+             "data": run.loader.state_dict(), "rng": rngs, "step": step}
     if run.master:  # written atomically: a crash or a full disk leaves the previous checkpoint intact
         path = os.path.join(run.args.output, f"ckpt-{step:08d}.pt")
         with data.atomic_write(path) as f:
@@ -953,7 +952,7 @@ def parse_args(argv=None):
     # model
     p.add_argument("--model", default="ViT-B-32", choices=list(PRESETS), help="architecture (open_clip's names)")
     p.add_argument("--quick-gelu", action="store_true", help="QuickGELU, as OpenAI's weights need")
-    p.add_argument("--init", help="initial weights: a run directory, one of our checkpoints, or a CLIP/open_clip/ALIP state dict")
+    p.add_argument("--init", help="initial weights: a run directory, a checkpoint, a CLIP/open_clip/ALIP state dict")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     # method
     p.add_argument("--loss", default="alip", choices=["alip", "clip"], help="alip: bi-path; clip: raw text only")
@@ -970,8 +969,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=data.nonnegative_int, default=2000, help="linear warmup steps")
     p.add_argument("--wd", type=data.nonnegative_float, default=0.2, help="weight decay (not on gains, biases, ...)")
     p.add_argument("--grad-clip", type=data.nonnegative_float, default=1.0, help="max gradient norm (0: no clipping)")
-    p.add_argument("--max-bad-steps", type=data.positive_int, default=5,
-                   help="stop after this many non-finite steps in a row")
+    p.add_argument("--max-bad-steps", type=data.positive_int, default=5, help="stop after N non-finite steps in a row")
     # system
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -982,19 +980,16 @@ def parse_args(argv=None):
     # output
     p.add_argument("--output", default="runs/alip", help="checkpoints and metrics.jsonl go here")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output that loads")
-    p.add_argument("--save-every", type=data.positive_int, default=1000,
-                   help="checkpoint every N steps (and at the end)")
+    p.add_argument("--save-every", type=data.positive_int, default=1000, help="a checkpoint every N steps and at the end")
     p.add_argument("--keep", type=data.positive_int, default=3, help="checkpoints to keep")
     p.add_argument("--log-every", type=data.positive_int, default=50, help="a log line every N steps")
-    p.add_argument("--report-to", type=lambda text: [t for t in text.split(",") if t], default=[],
+    p.add_argument("--report-to", type=data.comma_list, default=[],
                    help="also send the metrics to tensorboard (OUTPUT/tensorboard), wandb, or both: tensorboard,wandb")
     p.add_argument("--wandb-project", default="alip", help="W&B project (WANDB_MODE=offline: a local run folder)")
     p.add_argument("--wandb-name", help="W&B run name (default: --output's folder name)")
-    p.add_argument("--wandb-tags", type=lambda text: [t for t in text.split(",") if t], default=[],
-                   help="W&B tags, comma-separated")
+    p.add_argument("--wandb-tags", type=data.comma_list, default=[], help="W&B tags, comma-separated")
     # evaluation
-    p.add_argument("--eval-every", type=data.nonnegative_int, default=0,
-                   help="evaluate every N steps (0: at the end only)")
+    p.add_argument("--eval-every", type=data.nonnegative_int, default=0, help="evaluate every N steps (0: at the end)")
     p.add_argument("--eval-zeroshot", help="zero-shot classification set (see eval.py)")
     p.add_argument("--eval-retrieval", help="retrieval set (see eval.py)")
     # benchmark

@@ -165,6 +165,11 @@ positive_float = _number(float, lambda v: 0 < v < math.inf, "a number > 0")
 nonnegative_float = _number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 fraction = _number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
+
+def comma_list(text):
+    """A flag's comma-separated names ("tensorboard,wandb") as a list."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
 # -----------------------------------------------------------------------------
 # Tokenizer: CLIP's byte-level BPE (Radford et al. 2021), same ids as OpenAI's simple_tokenizer.py.
 
@@ -625,9 +630,9 @@ class _Recorder:
 
 def lock_directory(path, flag=None):
     """Hold an exclusive lock on the folder `path` (given by `flag`, if one) for as long as this process keeps the
-    returned file open: a second process is refused in one line naming the holder's PID. The lock is the kernel's (flock), so it ends with the
-    process, however it ends (kill -9 too), and never needs clearing by hand. Creating the lock file is also the
-    first write into `path`, so a folder that cannot be written to is found here."""
+    returned file open: a second process is refused in one line naming the holder's PID. The lock is the kernel's
+    (flock), so it ends with the process, however it ends (kill -9 too), and never needs clearing by hand. Creating
+    the lock file is also the first write into `path`, so a folder that cannot be written to is found here."""
     lock = os.path.join(path, ".lock")
     try:
         os.makedirs(path, exist_ok=True)
@@ -1966,7 +1971,8 @@ def _synthetic_jpegs(out_dir, n=200, seed=0):
     for i in range(n):
         w, h = (500, 375) if i % 2 else (375, 500)
         yy, xx = np.mgrid[0:h, 0:w] / 500.0
-        base = rng.uniform(0, 255, 3) * (0.5 + 0.5 * np.sin(xx[..., None] * rng.uniform(1, 6, 3) + yy[..., None] * rng.uniform(1, 6, 3)))
+        wave = xx[..., None] * rng.uniform(1, 6, 3) + yy[..., None] * rng.uniform(1, 6, 3)
+        base = rng.uniform(0, 255, 3) * (0.5 + 0.5 * np.sin(wave))
         img = Image.fromarray((base + rng.normal(0, 6, (h, w, 3))).clip(0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(img)
         for _ in range(6):

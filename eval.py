@@ -1012,7 +1012,7 @@ class _WandB:
                                   resume="allow" if previous else None)
         except Exception as e:  # no login, no network: say so now, not after days of training without it
             raise data.UserError(f"--report-to wandb: cannot start a W&B run ({type(e).__name__}: {e}); run `wandb "
-                                 "login`, or set WANDB_MODE=offline to write it locally and `wandb sync` it later") from e
+                                 "login`, or set WANDB_MODE=offline to write it here and `wandb sync` it later") from e
         # Online, W&B says where its history ends; offline it cannot, and the last clean end is what is known.
         self.floor = max(previous["step"] if previous else 0, self.run.step - 1)
         self._save(self.floor)
