@@ -980,7 +980,7 @@ def parse_args(argv=None):
     # output
     p.add_argument("--output", default="runs/alip", help="checkpoints and metrics.jsonl go here")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output that loads")
-    p.add_argument("--save-every", type=data.positive_int, default=1000, help="a checkpoint every N steps and at the end")
+    p.add_argument("--save-every", type=data.positive_int, default=1000, help="checkpoint every N steps and at the end")
     p.add_argument("--keep", type=data.positive_int, default=3, help="checkpoints to keep")
     p.add_argument("--log-every", type=data.positive_int, default=50, help="a log line every N steps")
     p.add_argument("--report-to", type=data.comma_list, default=[],
