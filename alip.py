@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 import warnings
@@ -679,12 +678,9 @@ def set_rng_state(state):
 
 def claim_output(args):
     """Rank 0, before anything is built: hold --output's lock (one run per folder at a time; this is also the first
-    write there), delete the temp files of a save that a kill cut short, and refuse a fresh run over another run's
+    write there, and clears the temp files of a save that a kill cut short), and refuse a fresh run over another run's
     checkpoints (pruning would delete them, and the new run's first checkpoint, which sorts before them)."""
     lock = data.lock_directory(args.output, "--output")
-    for name in os.listdir(args.output):  # no other process writes here while we hold the lock
-        if re.fullmatch(r"(ckpt-\d+\.pt|metrics\.jsonl|config\.json|curves\.png|wandb\.json)\.tmp\d*", name):
-            os.remove(os.path.join(args.output, name))
     if not args.resume and latest_checkpoint(args.output):
         lock.close()
         raise data.UserError(f"--output {args.output} holds the checkpoints of an earlier run (the newest: "

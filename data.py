@@ -632,7 +632,8 @@ def lock_directory(path, flag=None):
     """Hold an exclusive lock on the folder `path` (given by `flag`, if one) for as long as this process keeps the
     returned file open: a second process is refused in one line naming the holder's PID. The lock is the kernel's
     (flock), so it ends with the process, however it ends (kill -9 too), and never needs clearing by hand. Creating
-    the lock file is also the first write into `path`, so a folder that cannot be written to is found here."""
+    the lock file is also the first write into `path`, so a folder that cannot be written to is found here. Holding
+    it, the temp files of a write that a kill cut short are deleted."""
     lock = os.path.join(path, ".lock")
     try:
         os.makedirs(path, exist_ok=True)
@@ -651,6 +652,9 @@ def lock_directory(path, flag=None):
     f.truncate()
     f.write(f"PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
+    for name in os.listdir(path):  # what atomic_write left when a process was killed mid-write: nobody writes it now
+        if re.fullmatch(r".+\.tmp\d+", name) and os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
     return f
 
 

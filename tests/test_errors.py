@@ -431,8 +431,10 @@ def test_a_second_run_into_the_same_output_is_refused_naming_the_first(run, inpu
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # a lost node: its lock goes with it
         first.wait()
+    (out / "ckpt-00000009.pt.tmp4242").write_bytes(b"\0" * 4096)  # what a kill in the middle of a save leaves
     r = run(*argv, "--resume", "--steps", "2")
     assert r.status == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    assert not (out / "ckpt-00000009.pt.tmp4242").exists(), "the lock's holder clears a killed save's temp file"
 
 
 def test_rough_edges_get_a_line(run, inputs, tmp_path):
