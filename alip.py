@@ -19,6 +19,7 @@ way: data.py and kernels/ know nothing of this file, eval.py's functions take an
 import argparse
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import time
 import warnings
 from collections import OrderedDict
 from contextlib import closing, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from typing import Callable, NamedTuple
 
@@ -211,7 +212,7 @@ class CLIP(nn.Module):
 def create_model(name, quick_gelu=False):
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(PRESETS)}")
-    return CLIP(ModelConfig(**{**asdict(PRESETS[name]), "quick_gelu": quick_gelu}))
+    return CLIP(replace(PRESETS[name], quick_gelu=quick_gelu))
 
 
 # -----------------------------------------------------------------------------
@@ -299,8 +300,7 @@ def gather_with_grad(x, world_size):
 
 @dataclass
 class Objective:
-    """What the loss needs besides the features: the gates, the path(s), the implementation, and where this rank's
-    rows sit in the global batch."""
+    """What the loss needs besides the features: the gates, the paths, the implementation, and this rank's rows."""
     gates: Gates
     bipath: bool = True  # ALIP; False: the CLIP baseline, the raw-text path alone, without gates
     loss_fn: Callable = contrastive_loss  # or kernels' fused loss: the same value and gradients
@@ -356,13 +356,10 @@ def configure_optimizer(model, lr, weight_decay, device):
 
     The authors' code decays every parameter; we follow CLIP / open_clip here (see README).
     """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.ndim < 2 or name.endswith(("positional_embedding", "class_embedding")):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    named = list(model.named_parameters())
+    exempt = {name for name, p in named if p.ndim < 2 or name.endswith(("positional_embedding", "class_embedding"))}
+    groups = [{"params": [p for name, p in named if name not in exempt], "weight_decay": weight_decay},
+              {"params": [p for name, p in named if name in exempt], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
 
 
@@ -381,8 +378,7 @@ def cosine_schedule(optimizer, warmup, total):
 
 @dataclass
 class Step:
-    """One optimizer step: this rank's loss and logged values, the gradient norm, the learning rate and logit scale
-    it used, and its features and gate weights (for gate quality against what the data record)."""
+    """One optimizer step: this rank's loss and logs, its gradient norm, lr and logit scale, features, gate weights."""
     loss: torch.Tensor
     logs: dict
     grad_norm: torch.Tensor
@@ -402,12 +398,10 @@ def embed(run, images, text, caption):
 
 
 def forward_backward(run, micro):
-    """Loss and gradients of one step over its micro-batches: (the last micro-step's LossOut, its features).
-
-    Gradient accumulation for a contrastive loss: the loss couples every sample of the step, so all micro-batches
-    are first embedded without grad, then each is recomputed with grad among the cached features of the others (as
-    open_clip's --accum-freq does). The gradients add up to those of one step on the whole batch.
-    """
+    """Loss and gradients of one step over its micro-batches: (the last micro-step's LossOut, its features). The
+    loss couples every sample of the step, so all micro-batches are first embedded without grad, then each is
+    recomputed with grad among the cached features of the others (as open_clip's --accum-freq does): the gradients
+    add up to those of one step on the whole batch."""
     K, weights, cache = len(micro), None, None
     if K > 1:
         with torch.no_grad():
@@ -527,10 +521,9 @@ def choose_precision(device, precision):
 
 
 def select_loss(args, device, amp_dtype, world_size):
-    """--kernel -> (loss function, the dtype it is handed the features in, what to log). "reference" is
-    contrastive_loss, on fp32 features. "fused" and "auto" are kernels' gated_clip_loss, handed the features in the
-    training precision (bf16 under bf16 autocast: it sums in fp32); under "auto" it picks, per shape, its fused kernels
-    or its PyTorch reference (kernels.gated_clip_loss.choose_impl, whose choice for this run's shape is logged)."""
+    """--kernel -> (loss function, the dtype of the features it gets, what to log). "reference": contrastive_loss on
+    fp32 features. "fused", "auto": kernels' gated_clip_loss on features in the training precision (it sums in fp32),
+    which under "auto" picks its fused kernels or its reference per shape (choose_impl; logged for this run's shape)."""
     if args.kernel == "reference":
         return contrastive_loss, None, "reference (PyTorch, fp32)"
     if args.kernel == "fused" and not kernels.fused_available(device):
@@ -599,13 +592,6 @@ class Run:
             if record:
                 self.metrics.log(record)
 
-    def close(self, curves=None):
-        """Rank 0: the reporters end (sent the curves), and --output's lock goes."""
-        if self.metrics:
-            self.metrics.close(curves)
-        if self.lock:
-            self.lock.close()
-
     def use_demo_data(self):
         """--demo without --data: rank 0 writes the demo set next to --output; train and evaluate on it."""
         args, root = self.args, os.path.join(os.path.dirname(os.path.abspath(self.args.output)), "demo_data")
@@ -632,8 +618,11 @@ def train(args):
                 evaluate(run, step)
             curves = evaluation.plot_runs([args.output], os.path.join(args.output, "curves.png"))
             run.log(f"curves: {curves}")
-    finally:
-        run.close(curves)
+    finally:  # the reporters end, sent the curves; --output's lock goes
+        if run.metrics:
+            run.metrics.close(curves)
+        if run.lock:
+            run.lock.close()
     if run.world_size > 1:
         dist.barrier()
         if not args.demo:  # demo() trains again in the same process group, and ends it
@@ -693,9 +682,8 @@ CHECKPOINT_KEYS = {"model", "config", "optimizer", "scheduler", "scaler", "gates
 
 
 def newest_resumable(out_dir, config):
-    """(path, checkpoint, passed): the newest checkpoint in out_dir that loads and has this architecture
-    (config, a dict), and the newer ones passed over as [(path, why, their config if it is another)]; path is
-    None if none qualifies."""
+    """(path, checkpoint, passed): the newest checkpoint in out_dir that loads and has this architecture (config, a
+    dict) or None, and the newer ones passed over as [(path, why, their config if it is another)]."""
     passed = []
     for path in reversed(checkpoints(out_dir)):
         try:
@@ -716,10 +704,8 @@ def newest_resumable(out_dir, config):
 def move_aside(path):
     """Rename PATH to PATH.bad (or .bad.1, ...): kept for a look, never deleted, and out of the ckpt-*.pt that
     resuming and pruning read."""
-    aside, n = path + ".bad", 0
-    while os.path.exists(aside):
-        n += 1
-        aside = f"{path}.bad.{n}"
+    names = (f"{path}.bad" + (f".{n}" if n else "") for n in itertools.count())
+    aside = next(name for name in names if not os.path.exists(name))
     os.replace(path, aside)
     return aside
 
@@ -820,8 +806,8 @@ def flags_for(found, current):
 
 def check_weights(sd, model, path, found=None):
     """A UserError unless state dict sd fits model: its keys and shapes and, where the file saves one (`found`, our
-    checkpoints), its architecture. A wrong architecture is named by its preset (read off the shapes where the
-    file does not say) with the flags that build it, instead of load_state_dict's list of mismatches."""
+    checkpoints), its architecture. A wrong one is named by its preset (read off the shapes where the file does not
+    say) with the flags that build it, instead of load_state_dict's list of mismatches."""
     want, cfg = {k: v.shape for k, v in model.state_dict().items()}, model.config
     fits = set(sd) == set(want) and all(sd[k].shape == shape for k, shape in want.items())
     if fits and (found is None or describe_config(found) == describe_config(cfg)):
@@ -1030,8 +1016,7 @@ def demo(args):
             dist.destroy_process_group()
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    names = ["clip", "alip"] if args.seeds is None else [f"{loss}-s{seeds[0]}" for loss in finals]
-    runs = [os.path.join(args.output, n) for n in names]
+    runs = [os.path.join(args.output, loss if args.seeds is None else f"{loss}-s{seeds[0]}") for loss in finals]
     print(f"curves: {evaluation.plot_runs(runs, os.path.join(args.output, 'curves.png'))}")
     gates = "" if args.gates == "all" else f" (gates: {args.gates})"
     print(evaluation.compare_runs({"CLIP (raw text only)": finals["clip"], f"ALIP{gates}": finals["alip"]}))
@@ -1081,12 +1066,11 @@ def bench(args):
     for variant, trim, backend, fn in variants:
         run.raw_model.trim_text, (run.objective.loss_fn, run.objective.loss_dtype) = trim, fn
         with sdpa_kernel(backend) if backend else nullcontext():
-            for _ in range(BENCH_WARMUP):  # compilation, allocator, autotuning
-                train_step(run, micro, False)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.bench_steps):
-                train_step(run, micro, False)
+            for i in range(BENCH_WARMUP + args.bench_steps):  # untimed first: compilation, allocator, autotuning
+                if i == BENCH_WARMUP:
+                    sync()
+                    t0 = time.perf_counter()
+                train_step(run, micro)
             sync()
         dt = (time.perf_counter() - t0) / args.bench_steps
         results.append({"device": name, "model": args.model, "batch_size": B, "variant": variant,
