@@ -398,10 +398,9 @@ def embed(run, images, text, caption):
 
 
 def forward_backward(run, micro):
-    """Loss and gradients of one step over its micro-batches: (the last micro-step's LossOut, its features). The
-    loss couples every sample of the step, so all micro-batches are first embedded without grad, then each is
-    recomputed with grad among the cached features of the others (as open_clip's --accum-freq does): the gradients
-    add up to those of one step on the whole batch."""
+    """Loss and gradients of one step over its micro-batches: (the last micro-step's LossOut, its features). The loss
+    couples the step's samples: all micro-batches are embedded without grad, then each again with grad among the
+    others' cached features (as open_clip's --accum-freq does), and the gradients add up to the whole batch's."""
     K, weights, cache = len(micro), None, None
     if K > 1:
         with torch.no_grad():
@@ -522,8 +521,8 @@ def choose_precision(device, precision):
 
 def select_loss(args, device, amp_dtype, world_size):
     """--kernel -> (loss function, the dtype of the features it gets, what to log). "reference": contrastive_loss on
-    fp32 features. "fused", "auto": kernels' gated_clip_loss on features in the training precision (it sums in fp32),
-    which under "auto" picks its fused kernels or its reference per shape (choose_impl; logged for this run's shape)."""
+    fp32 features. "fused", "auto": kernels' gated_clip_loss on features in the training precision, summed in fp32 by
+    its kernels or, where "auto" picks it per shape (choose_impl, logged), its reference (which widens them first)."""
     if args.kernel == "reference":
         return contrastive_loss, None, "reference (PyTorch, fp32)"
     if args.kernel == "fused" and not kernels.fused_available(device):
@@ -550,8 +549,7 @@ class Run:
         if args.init:
             init_weights(self.raw_model, args.init, args.quick_gelu)
             self.log(f"initialised from {args.init}")
-        self.raw_model.set_grad_checkpointing(args.grad_checkpointing)
-        self.raw_model.to(device)
+        self.raw_model.to(device).set_grad_checkpointing(args.grad_checkpointing)
         self.model = torch.compile(self.raw_model) if args.compile else self.raw_model  # what the step calls
         if world_size > 1:
             self.model = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -607,7 +605,7 @@ class Run:
 
 def train(args):
     """One training run as the flags say; True when it reached its last step (False: stopped by a signal)."""
-    run, curves = Run(args), None
+    run, curves, failed = Run(args), None, True
     try:
         step = resume(run)
         # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
@@ -618,9 +616,10 @@ def train(args):
                 evaluate(run, step)
             curves = evaluation.plot_runs([args.output], os.path.join(args.output, "curves.png"))
             run.log(f"curves: {curves}")
+        failed = False
     finally:  # the reporters end, sent the curves; --output's lock goes
         if run.metrics:
-            run.metrics.close(curves)
+            run.metrics.close(curves, failed)
         if run.lock:
             run.lock.close()
     if run.world_size > 1:
@@ -672,9 +671,9 @@ def claim_output(args):
     lock = data.lock_directory(args.output, "--output")
     if not args.resume and latest_checkpoint(args.output):
         lock.close()
-        raise data.UserError(f"--output {args.output} holds the checkpoints of an earlier run (the newest: "
-                             f"{os.path.basename(latest_checkpoint(args.output))}); pass --resume to continue it, "
-                             "or another --output")
+        newest = os.path.basename(latest_checkpoint(args.output))
+        raise data.UserError(f"--output {args.output} holds an earlier run's checkpoints (the newest: {newest}); pass "
+                             "--resume to continue it, or another --output")
     return lock
 
 
@@ -980,7 +979,8 @@ def parse_args(argv=None):
     p.add_argument("--bench-ablate", action="store_true", help="also time without trimming / fused SDPA / fused loss")
     p.add_argument("--peak-tflops", type=data.positive_float,
                    help="accelerator peak for MFU (default: H100/H200 bf16 dense)")
-    if p.parse_known_args(argv)[0].demo:  # both runs in about 2 minutes on 2 CPU cores; flags still win
+    sniff = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("-h", "--help")]  # --help shows these
+    if p.parse_known_args(sniff)[0].demo:  # both runs in a CPU minute or two; flags still win
         p.set_defaults(model="tiny", batch_size=256, steps=60, warmup=6, lr=3e-3, workers=1, save_every=60,
                        log_every=10, eval_every=20, output="runs/demo")
     args = p.parse_args(argv)

@@ -39,6 +39,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tarfile
 import tempfile
@@ -672,24 +673,24 @@ def atomic_write(path, mode="wb", **open_kw):
     """Open a temp file beside `path`; when the block ends without an error, fsync it and rename it over `path`,
     so that readers find the old file or the new one, never a part. On any error the temp file is removed and the
     old file stays; a failed write (read-only, full disk, quota, permissions) is a UserError naming path and cause."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    done = False
+    tmp, f, writing = f"{path}.tmp{os.getpid()}", None, True
     try:
         with open(tmp, mode, **open_kw) as raw:
-            f = _Recorder(raw)
-            yield f
+            f, writing = _Recorder(raw), False
+            yield f  # what fails in here, but for f's writes, is the block's error (reading its input, say)
+            writing = True
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
-        done = True
-    except OSError as e:
-        raise write_error(path, e) from e
+        tmp = None
     except Exception as e:
-        if "f" in locals() and f.error is not None:
+        if f is not None and f.error is not None:
             raise write_error(path, f.error) from e
+        if writing and isinstance(e, OSError):
+            raise write_error(path, e) from e
         raise
     finally:
-        if not done:
+        if tmp is not None:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
 
@@ -1093,12 +1094,38 @@ def new_data_dir(out_dir, overwrite=False, inputs=()):
 
 
 def _temp_beside(path):
-    """A new empty directory beside path, hidden, on the same file system: renaming it to path is atomic."""
+    """A new empty directory beside path, hidden, on the same file system (renaming it to path is atomic), with the
+    permissions of path, or those a new directory gets. Those a killed process of this host left are removed first:
+    their names hold the host and the PID, which no longer runs."""
+    parent, base = os.path.split(path)
+    if os.path.ismount(path):
+        raise UserError(f"{path} is a mount point, and a data set is written beside its folder and renamed into "
+                        "place: give a folder inside it")
+    here, mask = socket.gethostname(), os.umask(0)
+    os.umask(mask)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp", dir=os.path.dirname(path))
+        os.makedirs(parent, exist_ok=True)
+        for name in os.listdir(parent):
+            left = re.fullmatch(re.escape(f".{base}.tmp.{here}.") + r"(\d+)", name)
+            if left and not _running(int(left.group(1))):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        tmp = os.path.join(parent, f".{base}.tmp.{here}.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from a write that failed
+        os.mkdir(tmp, 0o700)
+        os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if os.path.isdir(path) else 0o777 & ~mask)
+        return tmp
     except OSError as e:
         raise write_error(path, e) from e
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def _swap_in(new, path):
@@ -1619,16 +1646,16 @@ def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=
     """Stage one: a caption for every usable image of the shards, written to `out` as JSONL {"key", "caption"}, by
     one process or by every rank under torchrun, each captioning its share of the shards. Killed at any point, the
     same call continues where it stopped (see this section's header). workers: loader processes per rank (default:
-    the node's CPU cores shared among its ranks, at most 8). Returns the summary on rank 0; None on the other ranks,
-    and when `out` exists with no run under way (nothing to do)."""
+    the node's CPU cores shared among its ranks, at most 8). Returns the summary on rank 0 ({"out", "nothing_to_do":
+    True} when `out` exists with no run under way); None on the other ranks."""
     shards = find_shards(spec)
     parts = out + ".parts"
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if os.path.exists(out) and not os.path.isdir(parts):
         if rank == 0:
             print(f"{out} exists and no captioning into it is under way ({parts}/ is absent): nothing to do. To "
-                  "caption again, remove it or choose another --out")
-        return None
+                  "caption again, remove it or choose another --out", file=sys.stderr)
+        return {"out": out, "nothing_to_do": True} if rank == 0 else None
     device, dtype, precision = caption_device(device, precision)
     processor, model = load_captioner(captioner, device, dtype)
     if prompt is None:
@@ -1637,6 +1664,10 @@ def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=
                 "max_new_tokens": max_new_tokens, "num_beams": num_beams, "precision": precision,
                 "shards": [os.path.basename(s) for s in shards]}
     lock = lock_directory(parts, "--out") if rank == 0 else None  # one job per captions file, once the input is good
+    if lock:  # and the file's own temp, if a kill cut its writing short (nobody else writes it while we hold this)
+        for name in os.listdir(os.path.dirname(os.path.abspath(out))):
+            if re.fullmatch(re.escape(os.path.basename(out)) + r"\.tmp\d+", name):
+                os.remove(os.path.join(os.path.dirname(os.path.abspath(out)), name))
     new = _check_settings(parts, settings)  # on every rank, so that every rank stops alike
     if world > 1:
         # gloo, also beside CUDA: the ranks only meet at the start and the end, and a barrier must outwait the
@@ -1727,10 +1758,7 @@ def _caption_shards(shards, mine, parts, processor, model, settings, batch_size,
                     progress.show(sum(writer.lines.values()), sum(seen.values(), collections.Counter()), done)
     finally:
         writer.close()
-        # As in TrainLoader.__iter__: the workers stop now, however the loop ended.
-        shutdown = getattr(batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        _stop_workers(batches)  # as in TrainLoader.__iter__: the workers stop now, however the loop ended
     if progress:
         progress.show(sum(writer.lines.values()), sum(seen.values(), collections.Counter()), done, final=True)
     return images
@@ -2084,7 +2112,7 @@ def command_line():
     captioner.add_argument("--max-new-tokens", type=positive_int, default=20,
                            help="caption length limit, in tokens (default %(default)s)")
     captioner.add_argument("--num-beams", type=positive_int, default=1,
-                           help="beam search width; 1 (the default): greedy decoding")
+                           help="beam search width (1: greedy decoding)")
     captioner.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                            help="weights and activations (auto: bf16 on CUDA, fp32 on CPU)")
     captioner.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: the rank's GPU)")
@@ -2147,7 +2175,10 @@ def main(argv=None):
     elif args.cmd == "caption":
         r = caption(args.shards, args.out, args.captioner, args.prompt, args.max_new_tokens, args.num_beams,
                     args.batch_size, args.precision, args.device, args.workers)
-        if r is not None:
+        if r is not None and "nothing_to_do" in r:
+            if args.json:  # the reason went to stderr
+                print(json.dumps(r))
+        elif r is not None:
             run, table = r["this_run"], sys.stderr if args.json else sys.stdout  # --json: stdout is the JSON alone
             print(f"{args.out}: {r['captions']} captions of {r['shards']} shards; this run {run['images']} images in "
                   f"{run['seconds']:.0f} s, {run['images_per_s']:.1f} images/s", file=table)

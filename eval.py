@@ -991,7 +991,7 @@ class _TensorBoard:
             self.writer.add_scalar(key, value, record["step"])
         self.writer.flush()
 
-    def close(self, image, step):
+    def close(self, image, step, failed):
         if image:
             self.writer.add_image("curves", np.asarray(Image.open(image).convert("RGB")), step, dataformats="HWC")
         self.writer.close()
@@ -1027,11 +1027,11 @@ class _WandB:
         if record["step"] > self.floor:
             self.run.log(_scalars(record), step=record["step"])
 
-    def close(self, image, step):
+    def close(self, image, step, failed):
         import wandb
         if image:
             self.run.log({"curves": wandb.Image(image)}, step=step)
-        self.run.finish()  # writes out W&B's buffer: everything up to `step` is there now
+        self.run.finish(exit_code=int(failed))  # writes out W&B's buffer: everything up to `step` is there now
         self._save(step)
 
 
@@ -1059,8 +1059,9 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise data.write_error(self.path, e) from e
-        self.step = max(self.step, record["step"])
-        self._each("log", record)
+        if _scalars(record):  # a warning about a step that was skipped is for metrics.jsonl alone
+            self.step = max(self.step, record["step"])
+            self._each("log", record)
 
     def evaluated(self, step, zeroshot_set=None, retrieval_set=None):
         """Whether the records hold, at `step`, an evaluation on each set given (a resumed run that had finished)."""
@@ -1068,9 +1069,10 @@ class RunLog:
         wanted = [task for task, dataset in (("zeroshot/", zeroshot_set), ("retrieval/", retrieval_set)) if dataset]
         return all(any(k.startswith(task) for r in records for k in r) for task in wanted)
 
-    def close(self, image=None):
-        """End the reporters, sending them `image` (the curves' PNG) at the last step."""
-        self._each("close", image, self.step)
+    def close(self, image=None, failed=False):
+        """End the reporters, sending them `image` (the curves' PNG) at the last step; `failed`: the run ended by
+        an error."""
+        self._each("close", image, self.step, failed)
 
     def _each(self, method, *args):
         for name, reporter in list(self.reporters.items()):

@@ -4,10 +4,10 @@
 
 Both runs: same seed, data, flags and --log-every 1. What "agree" means, and why these bounds:
   step 1       relative difference <= --first-tol (1e-3). Both runs start from the same weights and batch, so
-               only the loss implementation differs. alip.py computes the loss in fp32 (tf32 GEMMs on CUDA,
-               which both implementations use), where rounding moves the loss by about 1e-6 relative
-               (kernels/gated_clip_loss.py, "Precision"); even the worst case of tf32 input rounding,
-               |d logit| <= s 2^-10 per logit for unit features, is about 1% of the initial loss.
+               only the loss implementation differs: --kernel fused gets the features in bf16 (under bf16
+               autocast) and sums in fp32, --kernel reference gets them in fp32 (tf32 GEMMs on CUDA). Rounding
+               the features to bf16 moves the loss by about 1e-4 relative, the sums' rounding by about 1e-6
+               (kernels/gated_clip_loss.py, "Precision").
   every step   relative difference <= --tol (2e-2). After step 1 the runs drift apart through those roundings,
                amplified by bf16 autocast and AdamW; 2% leaves room for that drift over a short run, while a
                wrong gradient (a missing term, a wrong scale) moves the curve by far more within a few steps.

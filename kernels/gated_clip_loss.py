@@ -9,9 +9,8 @@ weights (a constant); w'_i = w_i / (2n).
     loss = sum_i w'_i (LSE_j A_ij + LSE_j C_ij - 2 s x_i.t_i)
 
 The positive pair is the local x_i.t_i, so its gradient goes to x and t; x_all and t_all get only the softmax
-terms, which an all_gather-with-grad returns to their owners: nothing is counted twice. (alip.contrastive_loss
-takes the positive from t_all[offset + i] instead: the same value, and the same gradients once the gather is
-differentiated.) `offset` is therefore only checked. With P = softmax_row(A), Q = softmax_row(C):
+terms, which an all_gather-with-grad returns to their owners: nothing is counted twice (alip.contrastive_loss does
+the same). `offset` is therefore only checked. With P = softmax_row(A), Q = softmax_row(C):
 
     dx = s (sum_j w'_i P_ij t_all_j - 2 w'_i t_i)          dt_all_j = s sum_i w'_i P_ij x_i
     dt = s (sum_j w'_i Q_ij x_all_j - 2 w'_i x_i)          dx_all_j = s sum_i w'_i Q_ij t_i
@@ -95,8 +94,12 @@ down to 2^-29 of the largest p. The atomic path adds the rows' fp32 terms in wha
 sums differ from run to run in their last bits, which the one rounding to 16 bits mostly hides.
 Max error / max |value| against float64 on the same rounded inputs (Triton interpreter, B = 200, D = 64, s = 100,
 weights in [0, 2), two seeds, both paths; the interpreter computes fp32 GEMMs in ieee):
-    fp32  loss 7e-8, gradients <= 3e-6       bf16  loss 3e-8, gradients <= 8.1e-3 (one bf16 rounding)
+    fp32  loss 7e-8, gradients <= 3e-6       bf16  loss 3e-8, gradients <= 8.1e-3 (p rounded to bf16, below)
     fp16  loss 5e-8, gradients <= 4.3e-4     ds    <= 2e-7 in every dtype
+The 16-bit gradients carry an error that does not shrink with them: p_ij is rounded before the P @ k GEMM and the
+positive term -2 w'_i diag_i is added in fp32 after it, so where a row's softmax and positive term cancel (a
+confident positive, P_ii near 1) the error stays at about s w'_i 2^-9 |k| (bf16; 2^-12 for fp16), 0.4% of the
+row's gradient scale s w'_i. Folding the positive term into p before the rounding would remove it.
 tf32 (GPU only, not measured here): rounding the inputs alone moves the gradients by ~6e-4 and the loss by ~1e-6
 relative (B = 2048, D = 512, s = 100, float64 emulation); tests/test_kernels.py::test_tf32 allows 2e-2.
 """

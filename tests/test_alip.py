@@ -273,8 +273,8 @@ def test_logit_scale_keeps_its_gradient_at_the_cap():
     assert model.logit_scale.grad is not None and model.logit_scale.grad.abs() > 0
 
 
-@pytest.mark.parametrize("precision, kernel, seen", [("bf16", "auto", torch.bfloat16), ("bf16", "reference", torch.float32),
-                                                     ("fp32", "auto", torch.float32)])
+@pytest.mark.parametrize("precision, kernel, seen", [("bf16", "auto", torch.bfloat16),
+                                                     ("bf16", "reference", torch.float32), ("fp32", "auto", torch.float32)])
 def test_the_loss_gets_the_features_in_the_training_precision(precision, kernel, seen):
     """Under bf16 autocast the kernels' loss is handed bf16 features (it sums in fp32); the readable reference, and
     fp32 training, keep fp32. The gates see fp32 whatever the precision."""

@@ -278,8 +278,8 @@ def test_kill_and_rerun_captions_every_key_once(made, single, run, tmp_path):
     with open(out, "rb") as f, open(single[0], "rb") as g:
         assert f.read() == g.read()  # every key once, the same captions, the same order
     assert not os.path.exists(parts)
-    status, stdout, _, _ = run(*argv)  # complete: nothing to do, the file untouched
-    assert status == 0 and "nothing to do" in stdout
+    status, stdout, stderr, _ = run(*argv, "--json")  # complete: nothing to do, the file untouched
+    assert status == 0 and "nothing to do" in stderr and json.loads(stdout)["nothing_to_do"], (stdout, stderr)
     with open(out, "rb") as f, open(single[0], "rb") as g:
         assert f.read() == g.read()
 

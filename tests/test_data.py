@@ -8,6 +8,8 @@ import math
 import os
 import re
 import signal
+import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -465,6 +467,40 @@ def test_make_replaces_a_data_directory_only_as_a_whole(tmp_path, monkeypatch):
     data.main(["make", new_table, str(out), "--overwrite"])
     assert sorted(os.listdir(out)) == ["00000.tar", "sizes.json"] and _texts(out) == ["text 200", "text 201"]
     assert sorted(os.listdir(tmp_path)) == ["new", "old", "out"]
+
+
+def test_a_killed_write_is_cleared_and_the_new_folder_is_readable_by_others(tmp_path, monkeypatch):
+    """What a process killed half-way left beside OUT (its temp folder, named with this host and its PID, which runs
+    no more) is removed by the next write; a new data set gets the permissions a new folder gets, not a temp folder's
+    owner-only ones; a mount point is refused, since the data are written beside it and renamed into place."""
+    table, out = _table(tmp_path / "src", 2, 100), tmp_path / "out"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left = tmp_path / f".out.tmp.{socket.gethostname()}.{gone.pid}"
+    os.makedirs(left)
+    (left / "00000.tar").write_bytes(b"half a shard")
+    mask = os.umask(0o022)
+    try:
+        data.main(["make", table, str(out)])
+    finally:
+        os.umask(mask)
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"] and _texts(out) == ["text 100", "text 101"]
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+    monkeypatch.setattr(os.path, "ismount", lambda path: path == str(tmp_path / "mnt"))
+    with pytest.raises(data.UserError, match="mnt is a mount point"):
+        data.make_shards(table, str(tmp_path / "mnt"))
+
+
+def test_atomic_write_names_a_failed_write_and_passes_other_errors_on(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(FileNotFoundError):  # the block's own error (reading its input), not a failed write
+        with data.atomic_write(str(path)) as f:
+            f.write(b"new")
+            open(tmp_path / "missing")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+    e = data.write_error(str(path), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "--out")
+    assert str(e) == f"--out: cannot write {path}: No space left on device; free some space"
 
 
 def test_overwrite_replaces_nothing_but_shards(tmp_path):

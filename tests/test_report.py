@@ -131,3 +131,21 @@ def test_a_failing_reporter_warns_once_and_the_run_goes_on(tmp_path, capsys):
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "wandb" in warnings[0] and "network is down" in warnings[0], warnings
     assert [r["step"] for r in evaluation.read_metrics(str(tmp_path / "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_a_skipped_steps_warning_goes_to_metrics_jsonl_alone(tmp_path):
+    """A step skipped for a non-finite loss never happened: the reporters do not see it, and the last step they had
+    (W&B's floor after a resume) stays the last real one."""
+    class Seen:
+        def __init__(self):
+            self.steps = []
+
+        def log(self, record):
+            self.steps.append(record["step"])
+
+    log = evaluation.RunLog(str(tmp_path), 0)
+    log.reporters["wandb"] = seen = Seen()
+    log.log({"step": 1, "loss": 2.0})
+    log.log({"step": 2, "warning": "non-finite loss, step skipped"})
+    assert seen.steps == [1] and log.step == 1
+    assert [r["step"] for r in evaluation.read_metrics(str(tmp_path / "metrics.jsonl"))] == [1, 2]
