@@ -653,9 +653,7 @@ def lock_directory(path, flag=None):
     f.truncate()
     f.write(f"PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
-    for name in os.listdir(path):  # what atomic_write left when a process was killed mid-write: nobody writes it now
-        if re.fullmatch(r".+\.tmp\d+", name) and os.path.isfile(os.path.join(path, name)):
-            os.remove(os.path.join(path, name))
+    clear_atomic_temps(path)  # nobody else writes here now
     return f
 
 
@@ -693,6 +691,14 @@ def atomic_write(path, mode="wb", **open_kw):
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+
+
+def clear_atomic_temps(folder, name=".+"):
+    """Delete the temp files that atomic_write left in folder (for the files matching the regex `name`) when a process
+    was killed mid-write. Only for a holder of the lock that keeps every other writer out."""
+    for entry in os.listdir(folder):
+        if re.fullmatch(f"(?:{name})" + r"\.tmp\d+", entry) and os.path.isfile(os.path.join(folder, entry)):
+            os.remove(os.path.join(folder, entry))
 
 
 def load_captions(path):
@@ -1664,10 +1670,8 @@ def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=
                 "max_new_tokens": max_new_tokens, "num_beams": num_beams, "precision": precision,
                 "shards": [os.path.basename(s) for s in shards]}
     lock = lock_directory(parts, "--out") if rank == 0 else None  # one job per captions file, once the input is good
-    if lock:  # and the file's own temp, if a kill cut its writing short (nobody else writes it while we hold this)
-        for name in os.listdir(os.path.dirname(os.path.abspath(out))):
-            if re.fullmatch(re.escape(os.path.basename(out)) + r"\.tmp\d+", name):
-                os.remove(os.path.join(os.path.dirname(os.path.abspath(out)), name))
+    if lock:  # the captions file's own temp too, which only the lock's holder writes
+        clear_atomic_temps(os.path.dirname(os.path.abspath(out)), re.escape(os.path.basename(out)))
     new = _check_settings(parts, settings)  # on every rank, so that every rank stops alike
     if world > 1:
         # gloo, also beside CUDA: the ranks only meet at the start and the end, and a barrier must outwait the
