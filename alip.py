@@ -25,7 +25,6 @@ import math
 import os
 import random
 import sys
-import time
 import warnings
 from collections import OrderedDict
 from contextlib import closing, nullcontext
@@ -451,7 +450,7 @@ def train_step(run, micro, stop_requested=False):
 def train_loop(run, step, stop, batches):
     """Optimizer steps from `step` until run.total or a stop signal; returns the last step done."""
     args, meter, bad_steps = run.args, evaluation.GateMeter(sample_losses, run.rank, run.world_size), 0
-    progress = evaluation.Progress(step, run.total, args.accum_steps * args.batch_size * run.world_size, run.world_size)
+    lines = evaluation.TrainLog(step, run.total, args.accum_steps * args.batch_size * run.world_size, run.world_size)
     run.model.train()
     while step < run.total:
         micro = [next(batches) for _ in range(args.accum_steps)]
@@ -469,7 +468,7 @@ def train_loop(run, step, stop, batches):
         if (codes >= 0).any():
             meter.add(codes, out.feats, out.scale, out.weights)
         if step % args.log_every == 0 or step == run.total:
-            record, line = progress.line(step, {"loss": out.loss, **out.logs}, run.loader.skipped, meter.figures(),
+            record, line = lines.line(step, {"loss": out.loss, **out.logs}, run.loader.skipped, meter.figures(),
                                          lr=out.lr, logit_scale=capped_scale(run.raw_model.logit_scale).item(),
                                          grad_norm=out.grad_norm.item())
             run.log(line, record)
@@ -484,39 +483,8 @@ def train_loop(run, step, stop, batches):
 
 
 # -----------------------------------------------------------------------------
-# setup: device, DDP and precision; the loss implementation; a Run built from the flags
-
-
-def setup_distributed(device_arg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is a single process."""
-    rank, world_size = 0, 1
-    if "RANK" in os.environ:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        use_cuda = torch.cuda.is_available() and device_arg != "cpu"
-        # The other ranks wait in a collective while rank 0 evaluates: allow for a large evaluation set. --demo's
-        # second run finds the group of its first.
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(hours=1))
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    else:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_arg == "auto" else device_arg)
-    if device.type == "cuda":  # fp32 matmuls (the gates and the loss on fp32 features) on tensor cores: tf32
-        torch.set_float32_matmul_precision("high")
-    return device, rank, world_size
-
-
-def choose_precision(device, precision):
-    """Decided here, once, for training and evaluation alike: (autocast dtype or None, reason)."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    reasons = {"bf16": "bf16 autocast, fp32 master weights, gates and loss (tf32 matmuls)",
-               "fp16": "fp16 autocast with a gradient scaler, fp32 master weights",
-               "fp32": "fp32 (the CPU default: bf16 matmuls are slow on most CPUs)"}
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-    return dtype, reasons[precision]
+# setup: the loss implementation; a Run built from the flags (device, precision and DDP through data.py's
+# choose_compute and init_distributed, which stage one shares)
 
 
 def select_loss(args, device, amp_dtype, world_size):
@@ -538,9 +506,16 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        self.device, self.rank, self.world_size = device, rank, world_size = setup_distributed(args.device)
+        compute = data.choose_compute(args.device, args.precision)
+        self.device = device = compute.device
+        # The other ranks wait in a collective while rank 0 evaluates: allow for a large evaluation set.
+        self.rank, self.world_size = rank, world_size = data.init_distributed(
+            "nccl" if device.type == "cuda" else "gloo", timedelta(hours=1))
+        if device.type == "cuda":  # fp32 matmuls (the gates and the loss on fp32 features) on tensor cores: tf32
+            torch.set_float32_matmul_precision("high")
         torch.manual_seed(args.seed)  # same initial weights on every rank; data randomness is seeded separately
-        self.amp_dtype, self.precision = choose_precision(device, args.precision)
+        more = {"bf16": ", fp32 gates and loss (tf32 matmuls)", "fp16": ", a gradient scaler", "fp32": ""}
+        self.amp_dtype, self.precision = compute.amp, compute.reason + more[compute.precision]
         self.log(f"device {device} x {world_size}, precision: {self.precision}")
         self.metrics, self.lock = None, claim_output(args) if self.master and not args.bench else None
         if args.demo and not args.data:
@@ -609,7 +584,7 @@ def train(args):
     try:
         step = resume(run)
         # However the loop ends, even by an exception, the loader's workers stop and the signal handlers go back.
-        with data.stop_on_signals() as stop, closing(run.loader.batches(run.device)) as batches:
+        with data.on_signals() as stop, closing(run.loader.batches(run.device)) as batches:
             step = train_loop(run, step, stop, batches)
         if run.master:  # a resumed run that had finished evaluates again only what is missing
             if step == run.total and not run.metrics.evaluated(step, args.eval_zeroshot, args.eval_retrieval):
@@ -917,8 +892,10 @@ def init_weights(model, path, quick_gelu):
 def parse_args(argv=None):
     p = data.ArgumentParser(description="Train ALIP (or the CLIP baseline) on tar shards.")
     # data
-    p.add_argument("--data", help="training shards: directory, glob or brace list; several joined with ::")
-    p.add_argument("--captions", help="JSONL side file of synthetic captions {key, caption}, joined by key")
+    p.add_argument("--data", help="training shards: directory, glob or brace list; several joined with :: "
+                                  "(default: none, for --demo or --bench)")
+    p.add_argument("--captions", help="JSONL side file of synthetic captions {key, caption}, joined by key "
+                                      "(default: the shards' own)")
     p.add_argument("--missing-caption", default="skip", choices=["skip", "raw"], help="sample without a caption")
     p.add_argument("--text-ext", default="txt", help="tar member holding the raw text: {key}.EXT")
     p.add_argument("--caption-ext", default="syn.txt", help="tar member holding the synthetic caption")
@@ -929,11 +906,13 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=data.nonnegative_int, default=4, help="data-loading processes per rank")
     p.add_argument("--demo", action="store_true",
                    help="make the toy data set, train the CLIP baseline and ALIP on it as `tiny`, compare them")
-    p.add_argument("--seeds", type=int, nargs="+", help="--demo: one CLIP and one ALIP run per seed, mean ± sd")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="--demo: one CLIP and one ALIP run per seed, mean ± sd (default: --seed alone)")
     # model
     p.add_argument("--model", default="ViT-B-32", choices=list(PRESETS), help="architecture (open_clip's names)")
     p.add_argument("--quick-gelu", action="store_true", help="QuickGELU, as OpenAI's weights need")
-    p.add_argument("--init", help="initial weights: a run directory, a checkpoint, a CLIP/open_clip/ALIP state dict")
+    p.add_argument("--init", help="initial weights: a run directory, a checkpoint, a CLIP/open_clip/ALIP state dict "
+                                         "(default: random)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     # method
     p.add_argument("--loss", default="alip", choices=["alip", "clip"], help="alip: bi-path; clip: raw text only")
@@ -945,7 +924,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=data.positive_int, default=256, help="per rank, per micro-step")
     p.add_argument("--accum-steps", type=data.positive_int, default=1, help="micro-batches per step (features cached)")
     p.add_argument("--epochs", type=data.positive_float, default=32, help="passes over the data")
-    p.add_argument("--steps", type=data.positive_int, help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--steps", type=data.positive_int, help="total optimizer steps (default: from --epochs)")
     p.add_argument("--lr", type=data.positive_float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=data.nonnegative_int, default=2000, help="linear warmup steps")
     p.add_argument("--wd", type=data.nonnegative_float, default=0.2, help="weight decay (not on gains, biases, ...)")
@@ -971,8 +950,9 @@ def parse_args(argv=None):
     p.add_argument("--wandb-tags", type=data.comma_list, default=[], help="W&B tags, comma-separated")
     # evaluation
     p.add_argument("--eval-every", type=data.nonnegative_int, default=0, help="evaluate every N steps (0: at the end)")
-    p.add_argument("--eval-zeroshot", help="zero-shot classification set (see eval.py)")
-    p.add_argument("--eval-retrieval", help="retrieval set (see eval.py)")
+    p.add_argument("--eval-zeroshot",
+                   help="zero-shot classification set (see eval.py; default: none, --demo: its test set)")
+    p.add_argument("--eval-retrieval", help="retrieval set (see eval.py; default: none, --demo: its test set)")
     # benchmark
     p.add_argument("--bench", action="store_true", help="time training steps on synthetic in-memory batches")
     p.add_argument("--bench-steps", type=data.positive_int, default=20, help="timed steps per variant")
@@ -1026,7 +1006,7 @@ def demo(args):
 # benchmark: training throughput on synthetic in-memory batches (no data loading)
 
 
-BENCH_WARMUP = 3  # untimed steps before each timed variant
+BENCH_WARMUP = 3  # untimed steps before each timed variant: compilation, allocator, autotuning
 
 
 def flops_per_sample(cfg, text_len, loss="alip"):
@@ -1051,7 +1031,7 @@ def bench(args):
     texts = torch.randint(1, 49406, (2 * B, cfg.context_length), device=device)
     texts[:, 0], texts[:, text_len - 1], texts[:, text_len:] = 49406, 49407, 0
     micro = [[images, texts[:B], texts[B:]]]  # one batch, whatever --accum-steps
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     peak = args.peak_tflops or (989.0 if run.amp_dtype is not None and any(
         h in name for h in ("H100", "H200")) else None)  # dense bf16/fp16 tensor-core peak of the SXM parts
@@ -1066,13 +1046,7 @@ def bench(args):
     for variant, trim, backend, fn in variants:
         run.raw_model.trim_text, (run.objective.loss_fn, run.objective.loss_dtype) = trim, fn
         with sdpa_kernel(backend) if backend else nullcontext():
-            for i in range(BENCH_WARMUP + args.bench_steps):  # untimed first: compilation, allocator, autotuning
-                if i == BENCH_WARMUP:
-                    sync()
-                    t0 = time.perf_counter()
-                train_step(run, micro)
-            sync()
-        dt = (time.perf_counter() - t0) / args.bench_steps
+            dt = data.time_calls(lambda: train_step(run, micro), calls=args.bench_steps, warmup=BENCH_WARMUP, sync=sync)
         results.append({"device": name, "model": args.model, "batch_size": B, "variant": variant,
                         "precision": run.precision, "loss": run.loss_reason if fn is loss else "reference",
                         "step_ms": dt * 1e3, "samples_per_s": B / dt, "tflops": flops / dt / 1e12,

@@ -1,4 +1,5 @@
-"""Data for alip: CLIP's tokenizer, image transforms, a tar-shard training pipeline and a demo dataset.
+"""data.py: the shards. Reading them (CLIP's tokenizer, image decoding and transforms, tar reading), loading them for
+training, writing them, inspecting them, and the demo set. Stage one (captioning the shards) is caption.py.
 
 Shards use the WebDataset layout: members "{key}.{ext}" grouped by key, e.g. 000123.jpg, 000123.txt
 (raw web text) and 000123.syn.txt (the synthetic caption ALIP adds). img2dataset output works as is.
@@ -8,20 +9,20 @@ Shards use the WebDataset layout: members "{key}.{ext}" grouped by key, e.g. 000
     python data.py make images/meta.csv OUT --shard-size 10000
     python data.py add-captions 'shards/*.tar' caps.jsonl OUT
     python data.py bench --synthetic [--workers 2]            # decode + augment throughput
-    python data.py caption 'shards/*.tar' --out caps.jsonl    # stage one: a synthetic caption per image (GPU)
-    torchrun --standalone --nproc_per_node=8 data.py caption 'shards/*.tar' --out caps.jsonl   # on 8 GPUs
-    python data.py caption-bench --random blip --batch-size 64 256   # captions/s of a BLIP-base-sized captioner
 
 Bad data never stops a run: every broken sample or shard is skipped and counted by reason
 (loader.skipped), and only an excessive share of failures (max_bad_fraction) raises. Bad input to a
 command (a flag, a path, a line of a file) is a UserError: one line on stderr and exit status 2.
+
+Being the lowest file that every command imports, data.py also holds, in its last section, what every command
+uses: errors and flags, signals, the device, precision and process group, the progress line and the timing loop,
+atomic writes and locks, and the import of the optional transformers package.
 """
 import argparse
 import atexit
 import collections
 import contextlib
 import csv
-import datetime
 import errno
 import fcntl
 import functools
@@ -48,128 +49,15 @@ import traceback
 import warnings
 import weakref
 import zlib
+from typing import NamedTuple
 
 import ftfy
 import numpy as np
 import regex
 import torch
-from PIL import ExifTags, Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-
-# -----------------------------------------------------------------------------
-# Errors the user can fix, and the command-line checks that find them first.
-
-
-class UserError(Exception):
-    """Bad input: a flag, a file or a line of one. Each command line prints the message as one line and
-    exits with status 2 (run_command); any other exception is a bug and keeps its traceback."""
-
-
-def run_command(main, argv=None):
-    """main(argv) as a command: a UserError becomes `error: MESSAGE` on stderr and exit status 2, with
-    the traceback too under --debug or ALIP_DEBUG=1. Under torchrun, a collective that fails because another
-    rank has ended (which prints its own error) is one line too, with exit status 1."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv or os.environ.get("ALIP_DEBUG") == "1"
-    try:
-        try:
-            main(argv)
-        finally:  # --help's SystemExit too: a reader gone away is caught below, not at exit as a traceback
-            sys.stdout.flush()
-    except BrokenPipeError:  # the reader of the output has gone (`| head`): nothing more to tell it
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
-    except UserError as e:
-        with contextlib.suppress(BrokenPipeError):
-            sys.stdout.flush()
-        if debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RuntimeError as e:
-        if not _peer_lost(e):
-            raise
-        sys.stdout.flush()
-        if debug:
-            traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"error: rank {os.environ.get('RANK', '?')}: lost contact with another rank of the run, which has most "
-              f"likely ended (see its error): {first}", file=sys.stderr)
-        sys.exit(1)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM (preemption) and SIGINT only set stop["signal"]: a loop that checks it finishes its step, saves and
-    exits cleanly. A second signal ends the process at once; on leaving, the previous handlers are back."""
-    stop = {"signal": None}
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-        signal.signal(signum, signal.SIG_DFL)
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-# What gloo says when the process at the other end of a collective has gone; NCCL's ranks wait instead, until
-# torchrun stops them.
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-
-
-def _peer_lost(e):
-    """Whether e, in one process of a multi-process run, says that another process has gone."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
-        isinstance(e, getattr(torch.distributed, "DistNetworkError", ())) or any(m in str(e) for m in PEER_LOST))
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions as written, and each flag's default after its help."""
-
-    def _get_help_string(self, action):
-        default = action.default
-        shown = action.option_strings and not (default is None or default is False or default == [] or
-                                               default is argparse.SUPPRESS)
-        return (action.help or "") + (" (default: %(default)s)" if shown and "%(default" not in (action.help or "")
-                                      else "")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose complaints are one-line UserErrors instead of a usage block, and whose --help
-    shows the defaults."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{"formatter_class": HelpFormatter, **kwargs})
-
-    def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
-
-
-def _number(kind, ok, wanted):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):  # also refuses nan, which compares false
-            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
-        return value
-    return parse
-
-
-positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
-nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _number(float, lambda v: 0 < v < math.inf, "a number > 0")
-nonnegative_float = _number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-fraction = _number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
-
-
-def comma_list(text):
-    """A flag's comma-separated names ("tensorboard,wandb") as a list."""
-    return [name.strip() for name in text.split(",") if name.strip()]
 
 # -----------------------------------------------------------------------------
 # Tokenizer: CLIP's byte-level BPE (Radford et al. 2021), same ids as OpenAI's simple_tokenizer.py.
@@ -271,10 +159,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", 
 # Reading EXIF goes through Pillow's TIFF reader, which warns about a damaged block on every such image, in every
 # worker; the picture is then shown as stored, as viewers show it, and the warning tells nothing more.
 warnings.filterwarnings("ignore", category=UserWarning, module="PIL.TiffImagePlugin")
-# EXIF orientation (tag 0x0112) -> the transpose that shows the stored picture upright; 1 is upright already.
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")  # unsigned 16-bit gray: PNG, TIFF
 _CONVERTS = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr")  # Pillow's convert("RGB") is the picture
 _ALPHA = ("1", "L", "P", "RGB", "LA", "PA", "RGBA")  # with transparency: to RGBA, then over white
@@ -318,16 +202,16 @@ def decode_image(raw, min_side=0, max_pixels=MAX_PIXELS):
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise ValueError("corrupt_image") from None
     try:
-        upright = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
+        ImageOps.exif_transpose(img, in_place=True)  # a lossless transpose, before any conversion drops the EXIF
     except (OSError, SyntaxError, ValueError):  # a damaged EXIF block: the picture as stored, as viewers show it
-        upright = None
+        pass
     try:
         rgb = _to_rgb(img, raw)
     except ValueError:  # a conversion this Pillow lacks
         rgb = None
     if rgb is None:
         raise ValueError("unsupported_mode")
-    return rgb if upright is None else rgb.transpose(upright)
+    return rgb
 
 
 def _to_rgb(img, raw):
@@ -609,96 +493,6 @@ def shard_sizes(shards):
             except (OSError, UserError):  # a read-only shard folder: the next place
                 continue
     return sizes
-
-
-class _Recorder:
-    """A file object that remembers the OSError its write raised: libraries that write through it (torch.save,
-    Pillow) may replace the error by their own ("unexpected pos"), which would hide a full disk."""
-
-    def __init__(self, f):
-        self._f, self.error = f, None
-
-    def write(self, b):
-        try:
-            return self._f.write(b)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-
-def lock_directory(path, flag=None):
-    """Hold an exclusive lock on the folder `path` (given by `flag`, if one) for as long as this process keeps the
-    returned file open: a second process is refused in one line naming the holder's PID. The lock is the kernel's
-    (flock), so it ends with the process, however it ends (kill -9 too), and never needs clearing by hand. Creating
-    the lock file is also the first write into `path`, so a folder that cannot be written to is found here. Holding
-    it, the temp files of a write that a kill cut short are deleted."""
-    lock = os.path.join(path, ".lock")
-    try:
-        os.makedirs(path, exist_ok=True)
-        f = open(lock, "a+")
-    except OSError as e:
-        raise write_error(lock if os.path.isdir(path) else path, e, flag) from e
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that has not written its PID yet"
-        f.close()
-        raise UserError(f"{flag + ' ' if flag else ''}{path} is in use by another run ({holder}); wait for it to end, "
-                        "or choose another folder")
-    f.seek(0)
-    f.truncate()
-    f.write(f"PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    clear_atomic_temps(path)  # nobody else writes here now
-    return f
-
-
-def write_error(path, e, flag=None):
-    """The UserError for a failed write of `path` (given by `flag`, if one): one line with the cause and what to do."""
-    advice = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
-              errno.EFBIG: "the file is larger than this system allows", errno.EROFS: "choose a writable location",
-              errno.EACCES: "choose a location you may write to", errno.EPERM: "choose a location you may write to"}
-    return UserError(f"{flag + ': ' if flag else ''}cannot write {path}: {e.strerror or e}; "
-                     f"{advice.get(e.errno, 'check the location')}")
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode="wb", **open_kw):
-    """Open a temp file beside `path`; when the block ends without an error, fsync it and rename it over `path`,
-    so that readers find the old file or the new one, never a part. On any error the temp file is removed and the
-    old file stays; a failed write (read-only, full disk, quota, permissions) is a UserError naming path and cause."""
-    tmp, f, writing = f"{path}.tmp{os.getpid()}", None, True
-    try:
-        with open(tmp, mode, **open_kw) as raw:
-            f, writing = _Recorder(raw), False
-            yield f  # what fails in here, but for f's writes, is the block's error (reading its input, say)
-            writing = True
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except Exception as e:
-        if f is not None and f.error is not None:
-            raise write_error(path, f.error) from e
-        if writing and isinstance(e, OSError):
-            raise write_error(path, e) from e
-        raise
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-
-
-def clear_atomic_temps(folder, name=".+"):
-    """Delete the temp files that atomic_write left in folder (for the files matching the regex `name`) when a process
-    was killed mid-write. Only for a holder of the lock that keeps every other writer out."""
-    for entry in os.listdir(folder):
-        if re.fullmatch(f"(?:{name})" + r"\.tmp\d+", entry) and os.path.isfile(os.path.join(folder, entry)):
-            os.remove(os.path.join(folder, entry))
 
 
 def load_captions(path):
@@ -991,7 +785,7 @@ class TrainLoader:
         W = max(self.workers, 1)
         batches = iter(torch.utils.data.DataLoader(
             _BatchStream(self), batch_size=None, num_workers=self.workers, persistent_workers=False,
-            pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals))
+            pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_signals))
         _LIVE_BATCHES.add(batches)
         worker_stats = {}
         base = collections.Counter(self._done_epochs_skipped)
@@ -1008,7 +802,7 @@ class TrainLoader:
         finally:
             # However the epoch ends (done, an error here or in a worker, the caller closing this generator),
             # stop the workers now, not once the DataLoader's iterator is collected (see _stop_live_workers).
-            _stop_workers(batches)
+            stop_workers(batches)
         # The epoch is over: fold its counts in and move the position to the next epoch.
         self._done_epochs_skipped = collections.Counter(self.skipped)
         self.epoch, self.start_batch = self.epoch + 1, 0
@@ -1018,7 +812,8 @@ class TrainLoader:
 _LIVE_BATCHES = weakref.WeakSet()
 
 
-def _stop_workers(batches):
+def stop_workers(batches):
+    """Stop the worker processes of a DataLoader's iterator now (the training loader's, stage one's)."""
     # torch's own shutdown tells each worker to stop and joins it for up to 5 s, then sends SIGTERM, which ours
     # ignore: one still busy after that is killed, as its batch has no reader any more.
     shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers
@@ -1037,14 +832,7 @@ def _stop_live_workers():
     # first, and data.py registers it after importing torch, which registers multiprocessing's and the
     # DataLoader's own (after which the DataLoader no longer shuts its workers down).
     for batches in list(_LIVE_BATCHES):
-        _stop_workers(batches)
-
-
-def _ignore_stop_signals(worker_id):
-    # A scheduler's SIGTERM or a terminal's Ctrl-C reaches the whole process group; the training process
-    # saves a checkpoint and then shuts its workers down, so they must not die first.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_workers(batches)
 
 
 # -----------------------------------------------------------------------------
@@ -1303,558 +1091,6 @@ def write_demo(out_dir, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# Stage one: synthetic captions. A captioner writes one caption per image of the shards into the JSONL side file that
-# training reads (--captions). Progress lives in FILE.parts/ beside it: per shard, the captions written so far
-# (appended, one line each) and, once the shard is finished, a marker with its counts. A run that is killed continues
-# where it stopped; FILE itself is written once, from the progress files, when every shard is finished.
-
-# The closest stand-in in transformers for the paper's OFA-base (OFA is not in it): BLIP's ViT-B captioner, a
-# COCO-style captioner of about OFA-base's size (224M parameters against 180M). README: "Stage one" says why.
-DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
-# The prompt a model kind continues when --prompt is not given, by transformers model type. BLIP's captioner was
-# fine-tuned on COCO behind "a picture of " and its authors decode with it (the echo is dropped); Florence-2 takes its
-# task token. Others (GIT, BLIP-2) caption unprompted.
-DEFAULT_PROMPTS = {"blip": "a picture of", "florence2": "<CAPTION>"}
-CAPTION_SYNC_SECONDS = 30  # progress files are fsynced this often: what a lost node may cost, captions redone
-CAPTION_LOG_SECONDS = 30  # a progress line this often in a log file; on a terminal it is redrawn every second
-# A rank that has finished waits for the others: up to this long, which only a rank that hangs without dying reaches.
-CAPTION_TIMEOUT_HOURS = 12
-SETTING_FLAGS = {"captioner": "--captioner", "prompt": "--prompt", "max_new_tokens": "--max-new-tokens",
-                 "num_beams": "--num-beams", "precision": "--precision", "shards": "SHARDS"}
-
-
-def import_transformers():
-    """The transformers module (5.x), which only stage one needs: a UserError saying what to install otherwise."""
-    # transformers imports Hugging Face's package named `kernels` when it is first imported, and this repository's own
-    # kernels/ shadows it: the repository folder is on sys.path whenever a command runs from it, and alip may have
-    # imported ours. So transformers is imported, with the module that binds Hugging Face's names, while the folder is
-    # off sys.path and our package out of sys.modules; then both are put back, and each side keeps its own `kernels`.
-    root = os.path.dirname(os.path.abspath(__file__))
-    path, before = sys.path[:], {n: m for n, m in sys.modules.items() if n == "kernels" or n.startswith("kernels.")}
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
-    for name in before:
-        del sys.modules[name]
-    try:
-        import transformers
-        import transformers.integrations.hub_kernels  # noqa: F401
-    except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and e.name == "transformers":
-            raise UserError("captioning needs the transformers package, which is not installed: "
-                            "pip install transformers") from e
-        raise UserError(f"transformers does not import ({e}); pip install -U transformers") from e
-    finally:
-        sys.path[:] = path
-        sys.modules.pop("kernels", None)
-        sys.modules.update(before)
-    if int(transformers.__version__.split(".")[0]) < 5:
-        raise UserError(f"captioning needs transformers 5 or newer, this is {transformers.__version__}: "
-                        "pip install -U transformers")
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; downloads keep theirs
-    return transformers
-
-
-def caption_device(device, precision):
-    """(torch device, weight dtype, precision name) for --device and --precision; under torchrun, the rank's GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: torch sees no CUDA device here; pass --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if precision == "auto":  # bf16 matmuls are slow on most CPUs
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision], precision
-
-
-def load_captioner(name, device, dtype):
-    """(processor, model): a folder or Hugging Face model id that AutoProcessor and AutoModelForImageTextToText load,
-    the model in eval mode on device with weights in dtype."""
-    transformers = import_transformers()
-    try:
-        # Pillow's image processing: the same pixels whether or not torchvision is installed.
-        processor = transformers.AutoProcessor.from_pretrained(name, backend="pil")
-        # Without Hugging Face's hub kernels, which transformers would fetch and swap in where that package is
-        # installed: captions must not depend on what a host happens to have.
-        model = transformers.AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, use_kernels=False)
-    except Exception as e:  # whatever transformers raises for a folder or id that is not a captioner
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise UserError(f"--captioner {name}: does not load ({type(e).__name__}: {first}); it must be a folder or a "
-                        "Hugging Face model id that transformers' AutoProcessor and AutoModelForImageTextToText "
-                        "load") from e
-    if getattr(processor, "image_processor", None) is None:
-        raise UserError(f"--captioner {name}: its processor has no image processor")
-    return processor, model.to(device).eval()
-
-
-def prompt_inputs(processor, prompt):
-    """The model inputs that come from the prompt, (1, L) each: what the processor gives for an image and the prompt,
-    less what its image processor gives for the image alone."""
-    dummy = Image.new("RGB", (64, 64))
-    image_keys = set(processor.image_processor([dummy], return_tensors="pt"))
-    both = processor(images=[dummy], text=[prompt] if prompt else None, return_tensors="pt")
-    return {k: v for k, v in both.items() if k not in image_keys}
-
-
-def clean_caption(text, prompt):
-    """One line: whitespace collapsed, and the prompt dropped where the model repeats it (BLIP does)."""
-    text, prompt = " ".join(text.split()), " ".join((prompt or "").split())
-    if prompt and text.lower().startswith(prompt.lower()):
-        text = text[len(prompt):].strip()
-    return text
-
-
-def generate_ids(model, images, text_inputs, max_new_tokens, num_beams, min_new_tokens=None):
-    """Token ids for one batch of preprocessed images ({name: (B, ...)}, as the image processor returns them), greedy
-    when num_beams is 1; the prompt's inputs (1, L) are repeated for every image."""
-    n = len(next(iter(images.values())))
-    inputs = {k: v.to(model.device, non_blocking=True) for k, v in images.items()}
-    inputs.update({k: v.repeat(n, *[1] * (v.dim() - 1)).to(model.device) for k, v in text_inputs.items()})
-    with torch.inference_mode():
-        return model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                              min_new_tokens=min_new_tokens)
-
-
-def image_min_side(image_processor):
-    """The side both sides of a decoded JPEG keep at least (decode_image's draft scaling): the processor's largest
-    target side, so that it only ever scales down. 0 (full decoding) when its size is not given in pixels."""
-    size = getattr(image_processor, "size", None)  # a dict, or transformers' SizeDict, or one number
-    if isinstance(size, int):
-        return size
-    sides = [size.get(k) if isinstance(size, dict) else getattr(size, k, None)
-             for k in ("height", "width", "shortest_edge")]
-    return max((s for s in sides if isinstance(s, int)), default=0)
-
-
-class _CaptionImages(torch.utils.data.IterableDataset):
-    """What the loader's workers do: read whole shards, decode and preprocess their images, hand over batches. One
-    worker reads each shard, in order, so that the shard's progress file is appended in order; a shard's counts
-    travel with the batch that holds its last image."""
-
-    def __init__(self, shards, todo, captioned, image_processor, batch_size, dtype):
-        self.shards, self.todo, self.captioned = shards, todo, captioned
-        self.image_processor, self.min_side = image_processor, image_min_side(image_processor)
-        self.batch_size, self.dtype = batch_size, dtype
-
-    def _images(self, i, record):
-        """(key, image) for each sample of shard i not captioned yet; the others are counted in record."""
-        seen, done, skipped = set(), self.captioned.get(i, ()), record["skipped"]
-        for sample in iter_samples([self.shards[i]], skipped):
-            key = sample["__key__"]
-            record["samples"] += 1
-            if key in seen:  # the training loader would give both samples the one caption
-                skipped["duplicate_key"] += 1
-                continue
-            seen.add(key)
-            if key in done:
-                record["resumed"] += 1
-                continue
-            image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            if image_ext is None:
-                skipped["missing_image"] += 1
-                continue
-            try:
-                image = decode_image(sample[image_ext], self.min_side)
-            except ValueError as e:  # the reasons the training loader counts
-                skipped[str(e)] += 1
-                continue
-            yield key, image
-
-    def _batch(self, items, finished, records):
-        images = {}
-        if items:
-            out = self.image_processor([image for _, _, image in items], return_tensors="pt")
-            # Sent in the model's dtype: bf16 halves what crosses between processes.
-            images = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in out.items()}
-        progress = {n: sum(r[n] for r in records) for n in ("samples", "resumed")}
-        progress["skipped"] = sum(sum(r["skipped"].values()) for r in records)
-        return {"shards": [i for i, _, _ in items], "keys": [k for _, k, _ in items], "images": images,
-                "finished": finished, "progress": progress}
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        items, finished, records = [], [], []
-        for i in self.todo[wid::n_workers]:
-            record = {"shard": self.shards[i], "samples": 0, "resumed": 0, "skipped": collections.Counter()}
-            records.append(record)
-            for key, image in self._images(i, record):
-                items.append((i, key, image))
-                if len(items) == self.batch_size:
-                    yield {"worker": wid, **self._batch(items, finished, records)}
-                    items, finished = [], []
-            finished.append((i, {**record, "skipped": dict(record["skipped"])}))
-        yield {"worker": wid, **self._batch(items, finished, records)}
-
-
-def _part(parts, i, ext):
-    return os.path.join(parts, f"{i:05d}.{ext}")  # shard i of the run's list: names need not be unique across sources
-
-
-def read_part(path):
-    """The keys of a progress file's whole lines. A torn or unreadable tail (a write cut off by a kill or a lost node)
-    is cut off the file, so that appending goes on after the last whole line and its captions are made again."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from e
-    keys, whole = [], 0
-    for line in raw.split(b"\n")[:-1]:  # after a whole last line the last piece is b""; else it is the torn one
-        try:
-            row = json.loads(line)
-            key, _ = row["key"], row["caption"]
-        except (ValueError, KeyError, TypeError):
-            break
-        keys.append(str(key))
-        whole += len(line) + 1
-    if whole < len(raw):
-        try:
-            with open(path, "r+b") as f:
-                f.truncate(whole)
-        except OSError as e:
-            raise write_error(path, e) from e
-    return keys
-
-
-class _PartWriter:
-    """Appends captions to the progress files of the shards being captioned, and marks a shard done once its file is
-    on disk. Written data reach the OS after every batch, so a killed process loses none of them; an fsync every
-    CAPTION_SYNC_SECONDS bounds what a lost node loses."""
-
-    def __init__(self, parts, lines):
-        self.parts, self.lines, self.files, self.synced = parts, lines, {}, time.monotonic()
-
-    def _open(self, i):
-        path = _part(self.parts, i, "jsonl")
-        try:
-            self.files[i] = open(path, "a", encoding="utf-8")
-        except OSError as e:
-            raise write_error(path, e) from e
-        return self.files[i]
-
-    def add(self, i, key, caption):
-        f = self.files.get(i) or self._open(i)
-        try:
-            f.write(json.dumps({"key": key, "caption": caption}) + "\n")
-        except OSError as e:
-            raise write_error(f.name, e) from e
-        self.lines[i] += 1
-
-    def _flush(self, f, sync):
-        try:
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise write_error(f.name, e) from e
-
-    def flush(self):
-        sync = time.monotonic() - self.synced > CAPTION_SYNC_SECONDS
-        for f in self.files.values():
-            self._flush(f, sync)
-        if sync:
-            self.synced = time.monotonic()
-
-    def finish(self, i, record):
-        if i not in self.files and self.lines[i]:  # all captioned by a run that was killed: on disk before the marker
-            self._open(i)
-        f = self.files.pop(i, None)
-        if f is not None:
-            self._flush(f, True)
-            f.close()
-        with atomic_write(_part(self.parts, i, "done"), "w") as marker:
-            json.dump({**record, "captions": self.lines[i]}, marker)
-
-    def close(self):
-        for f in self.files.values():
-            with contextlib.suppress(OSError):  # closing after a failed write: that error is the one to report
-                f.close()
-
-
-def _duration(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class _CaptionProgress:
-    """The progress line on stderr, images/s and ETA: redrawn every second on a terminal, one line every
-    CAPTION_LOG_SECONDS in a log. The ETA assumes the shards still to do hold as many samples as the finished ones."""
-
-    def __init__(self, label, n_shards, finished_samples):
-        self.label, self.n_shards, self.finished = label, n_shards, list(finished_samples)
-        self.tty = sys.stderr.isatty()
-        self.t0 = self.shown = time.monotonic()
-
-    def show(self, captioned, progress, shards_done, final=False):
-        now = time.monotonic()
-        if not final and now - self.shown < (1 if self.tty else CAPTION_LOG_SECONDS):
-            return
-        self.shown = now
-        rate = (progress["samples"] - progress["resumed"]) / max(now - self.t0, 1e-9)
-        eta = "?"
-        if self.finished and rate > 0:
-            left = self.n_shards * sum(self.finished) / len(self.finished) - progress["samples"]
-            eta = _duration(max(left, 0) / rate)
-        line = (f"{self.label}{captioned:,} captioned, {progress['skipped']:,} skipped, {rate:.1f} images/s, "
-                f"shards {shards_done}/{self.n_shards}, ETA {eta}")
-        print("\r" + line.ljust(100) if self.tty else line, end="\n" if final or not self.tty else "",
-              file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _exit_on_signals():
-    """SIGTERM (a scheduler, or torchrun stopping the other ranks) and Ctrl-C end the run as an exception would: the
-    progress files are flushed, the workers stopped. The loader's workers ignore both (_ignore_stop_signals)."""
-    def stop(signum, frame):
-        raise SystemExit(f"caption: stopped by signal {signum}; run the same command again to continue")
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _check_settings(parts, settings):
-    """Whether the progress folder is new; a UserError if it holds a run made with other settings."""
-    if not os.path.isdir(parts):
-        return True
-    there = read_json(os.path.join(parts, "settings.json"))
-    if not isinstance(there, dict):
-        if any(name.endswith((".jsonl", ".done")) for name in os.listdir(parts)):
-            raise UserError(f"{parts} holds captions but no readable settings.json, so what made them is unknown; "
-                            "remove the folder to start over")
-        return True
-    for name, flag in SETTING_FLAGS.items():
-        was, now = there.get(name), settings[name]
-        if was == now:
-            continue
-        if name == "shards":
-            was, now = (f"{len(s)} shards ({s[0]} ... {s[-1]})" if s else "no shards" for s in (was or [], now))
-        else:
-            was, now = repr(was), repr(now)
-        raise UserError(f"{parts} holds an unfinished run made with {flag} {was}; this command has {now}. One captions "
-                        f"file comes from one captioner and one set of settings: pass {flag} {was} to continue that "
-                        f"run, or remove {parts} to start over")
-    return False
-
-
-def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=20, num_beams=1, batch_size=64,
-            precision="auto", device="auto", workers=None):
-    """Stage one: a caption for every usable image of the shards, written to `out` as JSONL {"key", "caption"}, by
-    one process or by every rank under torchrun, each captioning its share of the shards. Killed at any point, the
-    same call continues where it stopped (see this section's header). workers: loader processes per rank (default:
-    the node's CPU cores shared among its ranks, at most 8). Returns the summary on rank 0 ({"out", "nothing_to_do":
-    True} when `out` exists with no run under way); None on the other ranks."""
-    shards = find_shards(spec)
-    parts = out + ".parts"
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if os.path.exists(out) and not os.path.isdir(parts):
-        if rank == 0:
-            print(f"{out} exists and no captioning into it is under way ({parts}/ is absent): nothing to do. To "
-                  "caption again, remove it or choose another --out", file=sys.stderr)
-        return {"out": out, "nothing_to_do": True} if rank == 0 else None
-    device, dtype, precision = caption_device(device, precision)
-    processor, model = load_captioner(captioner, device, dtype)
-    if prompt is None:
-        prompt = DEFAULT_PROMPTS.get(model.config.model_type, "")
-    settings = {"captioner": os.path.abspath(captioner) if os.path.isdir(captioner) else captioner, "prompt": prompt,
-                "max_new_tokens": max_new_tokens, "num_beams": num_beams, "precision": precision,
-                "shards": [os.path.basename(s) for s in shards]}
-    lock = lock_directory(parts, "--out") if rank == 0 else None  # one job per captions file, once the input is good
-    if lock:  # the captions file's own temp too, which only the lock's holder writes
-        clear_atomic_temps(os.path.dirname(os.path.abspath(out)), re.escape(os.path.basename(out)))
-    new = _check_settings(parts, settings)  # on every rank, so that every rank stops alike
-    if world > 1:
-        # gloo, also beside CUDA: the ranks only meet at the start and the end, and a barrier must outwait the
-        # slowest rank's share. A rank that dies ends the others' wait at once (its connections close).
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=CAPTION_TIMEOUT_HOURS))
-    todo = finished = None
-    if rank == 0:
-        if new:
-            try:
-                os.makedirs(parts, exist_ok=True)
-            except OSError as e:
-                raise write_error(parts, e) from e
-            with atomic_write(os.path.join(parts, "settings.json"), "w") as f:
-                json.dump({**settings, "shard_paths": [os.path.abspath(s) for s in shards]}, f, indent=1)
-        markers = [read_json(_part(parts, i, "done")) for i in range(len(shards))]
-        todo = [i for i, m in enumerate(markers) if not isinstance(m, dict)]
-        finished = [m["samples"] for m in markers if isinstance(m, dict)]
-    if world > 1:  # every rank the same list, read before any rank marks a shard done
-        box = [todo]
-        torch.distributed.broadcast_object_list(box, src=0)
-        todo = box[0]
-    label = f"caption: rank 0 of {world}: " if world > 1 else "caption: "
-    progress = _CaptionProgress(label, len(todo[rank::world]), finished) if rank == 0 else None
-    t0 = time.monotonic()
-    if workers is None:
-        workers = min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    images = _caption_shards(shards, todo[rank::world], parts, processor, model, settings, batch_size, workers,
-                             progress)
-    seconds = time.monotonic() - t0
-    ran = [(images, seconds)]
-    if world > 1:  # waits for the slowest rank
-        ran = [None] * world
-        torch.distributed.all_gather_object(ran, (images, seconds))
-    summary = None
-    if rank == 0:
-        summary = {"out": out, "shards": len(shards), **_assemble(shards, parts, out),
-                   "settings": {k: v for k, v in settings.items() if k != "shards"}}
-        images, seconds = sum(n for n, _ in ran), max(s for _, s in ran)
-        summary["this_run"] = {"images": images, "seconds": seconds, "images_per_s": images / max(seconds, 1e-9)}
-        try:
-            shutil.rmtree(parts)
-        except OSError as e:
-            raise UserError(f"{out} is complete, but {parts} could not be removed ({e.strerror}): remove it") from e
-        lock.close()
-    if world > 1:
-        torch.distributed.barrier()  # so that `out` is complete wherever the command has ended
-        torch.distributed.destroy_process_group()
-    return summary
-
-
-def _caption_shards(shards, mine, parts, processor, model, settings, batch_size, workers, progress):
-    """Caption the shards numbered `mine` (their unfinished tails) as settings say, appending to their progress files
-    and marking each done; the number of images that went through the captioner."""
-    captioned = {i: set(read_part(_part(parts, i, "jsonl"))) for i in mine}
-    writer = _PartWriter(parts, collections.Counter({i: len(keys) for i, keys in captioned.items()}))
-    prompt = settings["prompt"]
-    text_inputs = prompt_inputs(processor, prompt)
-    workers = min(workers, len(mine))
-    # Workers decode and preprocess; this process only generates. Out of order: a slow worker holds up no other.
-    batches = iter(torch.utils.data.DataLoader(
-        _CaptionImages(shards, mine, captioned, processor.image_processor, batch_size, model.dtype), batch_size=None,
-        num_workers=workers, pin_memory=model.device.type == "cuda", in_order=False,
-        worker_init_fn=_ignore_stop_signals if workers else None))
-    empty, seen, images, done = collections.Counter(), {}, 0, 0
-    try:
-        with _exit_on_signals():
-            for batch in batches:
-                if batch["keys"]:
-                    ids = generate_ids(model, batch["images"], text_inputs, settings["max_new_tokens"],
-                                       settings["num_beams"])
-                    captions = [clean_caption(t, prompt) for t in processor.batch_decode(ids, skip_special_tokens=True)]
-                    for i, key, text in zip(batch["shards"], batch["keys"], captions):
-                        if text:
-                            writer.add(i, key, text)
-                        else:
-                            empty[i] += 1
-                    writer.flush()
-                    images += len(captions)
-                for i, record in batch["finished"]:
-                    if empty[i]:
-                        record["skipped"]["empty_caption"] = empty.pop(i)
-                    writer.finish(i, record)
-                    done += 1
-                    if progress:
-                        progress.finished.append(record["samples"])
-                seen[batch["worker"]] = collections.Counter(batch["progress"])
-                if progress:
-                    progress.show(sum(writer.lines.values()), sum(seen.values(), collections.Counter()), done)
-    finally:
-        writer.close()
-        _stop_workers(batches)  # as in TrainLoader.__iter__: the workers stop now, however the loop ended
-    if progress:
-        progress.show(sum(writer.lines.values()), sum(seen.values(), collections.Counter()), done, final=True)
-    return images
-
-
-def _assemble(shards, parts, out):
-    """Write `out` from the progress files of a finished run: every key once (the first shard that holds it wins), in
-    the order of the shards and of their samples; the counts over all of them."""
-    seen, skipped, n = set(), collections.Counter(), 0
-    with atomic_write(out) as f:
-        for i, shard in enumerate(shards):
-            marker, path = _part(parts, i, "done"), _part(parts, i, "jsonl")
-            record = read_json(marker)
-            if not isinstance(record, dict):
-                raise UserError(f"{marker}: unreadable; remove it to caption {shard} again")
-            skipped.update(record.get("skipped", {}))
-            lines = 0
-            with contextlib.suppress(FileNotFoundError), open(path, "rb") as part:
-                for lines, line in enumerate(part, 1):
-                    try:
-                        key = json.loads(line)["key"]
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise UserError(f"{path}, line {lines}: damaged; remove it and {marker} to caption {shard} "
-                                        "again") from e
-                    if key in seen:
-                        skipped["duplicate_key"] += 1  # in another shard: the training loader joins by key alone
-                        continue
-                    seen.add(key)
-                    f.write(line)
-                    n += 1
-            if lines != record.get("captions"):
-                raise UserError(f"{path} holds {lines} captions, {marker} says {record.get('captions')}: remove both "
-                                f"to caption {shard} again")
-    return {"captions": n, "skipped": dict(skipped)}
-
-
-def caption_bench(captioner=DEFAULT_CAPTIONER, random_type=None, batch_sizes=(64, 256), max_new_tokens=20,
-                  num_beams=1, precision="auto", device="auto", seconds=10.0):
-    """Captions/s of the captioner alone, on synthetic images already preprocessed (the loader's workers do that part
-    of a real run, beside the GPU), for each batch size. Every caption is made max_new_tokens long: a real batch ends
-    with its longest caption, so this is the low end of the captioner's rate. random_type (a transformers model type,
-    e.g. "blip": BLIP-base's size) builds that model from its default config with random weights: nothing is
-    downloaded, and the time per token is that of the trained model."""
-    device, dtype, precision = caption_device(device, precision)
-    transformers = import_transformers()
-    if random_type:
-        try:
-            config = transformers.AutoConfig.for_model(random_type)
-            with device:  # weights made where they run: a GPU initialises 224M parameters in a moment
-                model = transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
-            side = config.vision_config.image_size
-        except (ValueError, KeyError, AttributeError) as e:
-            raise UserError(f"--random {random_type}: not a transformers model type with an image-to-text model and "
-                            "an image size in its vision config (e.g. blip, blip-2, git)") from e
-        text_inputs = {}
-
-        def images(n):
-            return {"pixel_values": torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(0))}
-        name = f"{random_type}, random weights"
-    else:
-        processor, model = load_captioner(captioner, device, dtype)
-        prompt = DEFAULT_PROMPTS.get(model.config.model_type, "")
-        text_inputs = prompt_inputs(processor, prompt)
-        rng = np.random.default_rng(0)
-        pictures = [Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)) for _ in range(8)]
-
-        def images(n):
-            return dict(processor.image_processor([pictures[k % 8] for k in range(n)], return_tensors="pt"))
-        name = captioner
-    result = {"captioner": name, "parameters": sum(p.numel() for p in model.parameters()), "precision": precision,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores",
-              "max_new_tokens": max_new_tokens, "num_beams": num_beams, "results": []}
-    print(f"{name}: {result['parameters'] / 1e6:.0f}M parameters, {precision} on {result['device']}, "
-          f"{max_new_tokens} new tokens per caption, {num_beams} beam(s)")
-    for b in batch_sizes:
-        batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in images(b).items()}
-        generate_ids(model, batch, text_inputs, max_new_tokens, num_beams, min_new_tokens=max_new_tokens)  # warm-up
-        n, t0 = 0, time.perf_counter()
-        while n < 2 or time.perf_counter() - t0 < seconds:
-            generate_ids(model, batch, text_inputs, max_new_tokens, num_beams, min_new_tokens=max_new_tokens)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            n += 1
-        rate = n * b / (time.perf_counter() - t0)
-        result["results"].append({"batch_size": b, "captions_per_s": rate,
-                                  "device_hours_per_million": 1e6 / rate / 3600})
-        print(f"batch {b}: {rate:.1f} captions/s ({b / rate:.3f} s per batch; {1e6 / rate / 3600:.2f} device-hours "
-              "per million images)", flush=True)
-    return result
-
-
-# -----------------------------------------------------------------------------
 # Commands: inspect, make, add-captions, bench, demo.
 
 def inspect(spec, captions=None, missing_caption="skip", previews=3):
@@ -2046,15 +1282,12 @@ def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
 
     def rates(fns):
         # Alternate short rounds so that load from other processes on a shared machine hits all alike.
-        n, spent = [0] * len(fns), [0.0] * len(fns)
+        turns, spent, rounds = [itertools.count() for _ in fns], [0.0] * len(fns), 0
         while min(spent) < seconds:
-            for i, fn in enumerate(fns):
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    fn(raws[n[i] % len(raws)])
-                    n[i] += 1
-                spent[i] += time.perf_counter() - t0
-        return [a / b for a, b in zip(n, spent)]
+            for i, (fn, turn) in enumerate(zip(fns, turns)):
+                spent[i] += 20 * time_calls(lambda: fn(raws[next(turn) % len(raws)]), calls=20, warmup=0)
+            rounds += 1
+        return [20 * rounds / s for s in spent]
 
     torch.set_num_threads(1)  # one core per worker, as in DataLoader workers
     sizes = [Image.open(io.BytesIO(r)).size for r in raws[:50]]
@@ -2063,16 +1296,370 @@ def bench(spec, image_size=224, workers=2, batch_size=64, seconds=3.0):
     result["speedup"] = result["ours_per_core"] / result["baseline_per_core"]
     loader = TrainLoader(spec, image_size=image_size, batch_size=batch_size, workers=workers,
                          num_samples=10 ** 9, missing_caption="raw")
-    n, it = 0, iter(loader)
-    next(it)  # worker start-up is not throughput
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        n += len(next(it)[0])
-    loader_rate = n / (time.perf_counter() - t0)
+    it = iter(loader)
+    loader_rate = batch_size / time_calls(lambda: next(it), seconds=seconds)  # the first call starts the workers
     # The loader adds tar reading, text cleaning, tokenizing, collation and the copy between processes.
     result["loader_workers"], result["loader_images_per_s"] = workers, loader_rate
     result["workers_for_4000_per_s"] = math.ceil(4000 / (loader_rate / max(workers, 1)))
     return result
+
+
+# -----------------------------------------------------------------------------
+# What every command uses (caption.py, alip.py, eval.py and this file's own): data.py is the lowest file they all
+# import, so it holds them. Errors and flags; signals; device, precision and the process group; the progress line
+# and the timing loop; atomic writes and locks; the import of the optional transformers package.
+
+
+class UserError(Exception):
+    """Bad input: a flag, a file or a line of one. Each command line prints the message as one line and
+    exits with status 2 (run_command); any other exception is a bug and keeps its traceback."""
+
+
+def run_command(main, argv=None):
+    """main(argv) as a command: a UserError becomes `error: MESSAGE` on stderr and exit status 2, with
+    the traceback too under --debug or ALIP_DEBUG=1. Under torchrun, a collective that fails because another
+    rank has ended (which prints its own error) is one line too, with exit status 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("ALIP_DEBUG") == "1"
+    try:
+        try:
+            main(argv)
+        finally:  # --help's SystemExit too: a reader gone away is caught below, not at exit as a traceback
+            sys.stdout.flush()
+    except BrokenPipeError:  # the reader of the output has gone (`| head`): nothing more to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except UserError as e:
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.flush()
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:
+        if not _peer_lost(e):
+            raise
+        sys.stdout.flush()
+        if debug:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"error: rank {os.environ.get('RANK', '?')}: lost contact with another rank of the run, which has most "
+              f"likely ended (see its error): {first}", file=sys.stderr)
+        sys.exit(1)
+
+
+# What gloo says when the process at the other end of a collective has gone; NCCL's ranks wait instead, until
+# torchrun stops them.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _peer_lost(e):
+    """Whether e, in one process of a multi-process run, says that another process has gone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+        isinstance(e, getattr(torch.distributed, "DistNetworkError", ())) or any(m in str(e) for m in PEER_LOST))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every flag's default after its help (argparse's own), unless the help says in
+    words what its default is; a required flag has none, and says so."""
+
+    def _get_help_string(self, action):
+        if action.required and action.option_strings:
+            return (action.help or "") + " (required)"
+        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose complaints are one-line UserErrors instead of a usage block, and whose --help
+    shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"formatter_class": HelpFormatter, **kwargs})
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def _number(kind, ok, wanted):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):  # also refuses nan, which compares false
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: 0 < v < math.inf, "a number > 0")
+nonnegative_float = _number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+
+
+def comma_list(text):
+    """A flag's comma-separated names ("tensorboard,wandb") as a list."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a scheduler's preemption or torchrun stopping a rank; Ctrl-C
+
+
+@contextlib.contextmanager
+def on_signals(exit_message=None):
+    """What SIGTERM and SIGINT do while the block runs; the previous handlers are back after it. Without exit_message
+    they only set stop["signal"] (the block gets `stop`): a loop that checks it finishes its step, saves and ends
+    cleanly, and a second signal ends the process at once. With it, a signal raises SystemExit(exit_message) at once
+    (its {signal} filled in), so the block's `finally` clauses run as for any error."""
+    stop = {"signal": None}
+
+    def handler(signum, frame):
+        if exit_message is not None:
+            raise SystemExit(exit_message.format(signal=signum))
+        stop["signal"] = signum
+        signal.signal(signum, signal.SIG_DFL)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def ignore_signals(worker_id=None):
+    """A loader worker's start (DataLoader's worker_init_fn): SIGTERM and Ctrl-C reach the whole process group, and
+    the main process, which handles them (on_signals), stops its workers itself once it is done with them."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+class Compute(NamedTuple):
+    """Where a command computes, and in what precision (choose_compute)."""
+    device: torch.device
+    precision: str  # "bf16", "fp16" or "fp32"
+    reason: str
+
+    @property
+    def dtype(self):  # of the weights of a model run in this precision
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+
+    @property
+    def amp(self):  # of autocast, or None: fp32 runs without it
+        return None if self.precision == "fp32" else self.dtype
+
+
+def choose_compute(device="auto", precision="auto", flag="--device"):
+    """The device and the precision, decided here once for every command. device: auto (CUDA where torch sees it),
+    cpu, cuda or cuda:N; cuda under torchrun is the rank's GPU (LOCAL_RANK), which becomes the current one.
+    precision auto: bf16 on CUDA, fp32 on the CPU, where bf16 matmuls are slow."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"{flag} {device}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{flag} {device}: torch sees no CUDA device here; pass {flag} cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    reasons = {"bf16": "bf16 autocast, fp32 master weights", "fp16": "fp16 autocast, fp32 master weights",
+               "fp32": "fp32" + (" (the CPU default: bf16 matmuls are slow on most CPUs)" if device.type == "cpu"
+                                 else "")}
+    return Compute(device, precision, reasons[precision])
+
+
+def init_distributed(backend, timeout):
+    """(rank, world size): under torchrun (RANK set) this process joins the run's process group (`backend`: nccl or
+    gloo; a collective waits up to `timeout`, a timedelta); else (0, 1)."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not torch.distributed.is_initialized():  # --demo's second run finds the group of its first
+        torch.distributed.init_process_group(backend, timeout=timeout)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def duration(seconds):
+    """h:mm:ss, or ? for None."""
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A job's rate and ETA, and its progress line on stderr: the one progress line of every command (training's log
+    line takes its rate and ETA from here too). `total` may change as the job learns its size."""
+
+    LOG_SECONDS = 30  # a line this often in a log file; on a terminal the line is redrawn every second
+
+    def __init__(self, total=None, done=0):
+        self.total, self.start, self.last = total, done, done
+        self.t0 = self.t = self.shown = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def measure(self, done):
+        """(units/s since the previous measure, seconds left at the mean rate since the start or None)."""
+        now = time.monotonic()
+        rate = (done - self.last) / max(now - self.t, 1e-9)
+        mean = (done - self.start) / max(now - self.t0, 1e-9)
+        self.t, self.last = now, done
+        left = self.total - done if self.total is not None else None
+        return rate, max(left, 0) / mean if left is not None and mean > 0 else None
+
+    def due(self):
+        """Whether the line is due: a second after the last on a terminal, LOG_SECONDS in a log file."""
+        return time.monotonic() - self.shown >= (1 if self.tty else self.LOG_SECONDS)
+
+    def show(self, text, final=False):
+        """text as the progress line: redrawn in place on a terminal, a line of its own in a log file."""
+        self.shown = time.monotonic()
+        end = "\n" if final or not self.tty else ""
+        print("\r" + text.ljust(100) if self.tty else text, end=end, file=sys.stderr, flush=True)
+
+
+def time_calls(fn, calls=1, seconds=0.0, warmup=1, sync=None):
+    """Seconds per call of fn(), the timing loop of every benchmark of wall-clock time (GPU kernels are timed with
+    triton.testing.do_bench instead): `warmup` untimed calls (compilation, allocator, autotuning), then at least
+    `calls` calls and `seconds` seconds. sync() waits for queued device work (torch.cuda.synchronize)."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while n < calls or time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+        if n >= calls:
+            sync()  # the clock is read after the device has caught up
+    return (time.perf_counter() - t0) / n
+
+
+class _Recorder:
+
+    """A file object that remembers the OSError its write raised: libraries that write through it (torch.save,
+    Pillow) may replace the error by their own ("unexpected pos"), which would hide a full disk."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self._f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def lock_directory(path, flag=None):
+    """Hold an exclusive lock on the folder `path` (given by `flag`, if one) for as long as this process keeps the
+    returned file open: a second process is refused in one line naming the holder's PID. The lock is the kernel's
+    (flock), so it ends with the process, however it ends (kill -9 too), and never needs clearing by hand. Creating
+    the lock file is also the first write into `path`, so a folder that cannot be written to is found here. Holding
+    it, the temp files of a write that a kill cut short are deleted."""
+    lock = os.path.join(path, ".lock")
+    try:
+        os.makedirs(path, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as e:
+        raise write_error(lock if os.path.isdir(path) else path, e, flag) from e
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its PID yet"
+        f.close()
+        raise UserError(f"{flag + ' ' if flag else ''}{path} is in use by another run ({holder}); wait for it to end, "
+                        "or choose another folder")
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    clear_atomic_temps(path)  # nobody else writes here now
+    return f
+
+
+def write_error(path, e, flag=None):
+    """The UserError for a failed write of `path` (given by `flag`, if one): one line with the cause and what to do."""
+    advice = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
+              errno.EFBIG: "the file is larger than this system allows", errno.EROFS: "choose a writable location",
+              errno.EACCES: "choose a location you may write to", errno.EPERM: "choose a location you may write to"}
+    return UserError(f"{flag + ': ' if flag else ''}cannot write {path}: {e.strerror or e}; "
+                     f"{advice.get(e.errno, 'check the location')}")
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", **open_kw):
+    """Open a temp file beside `path`; when the block ends without an error, fsync it and rename it over `path`,
+    so that readers find the old file or the new one, never a part. On any error the temp file is removed and the
+    old file stays; a failed write (read-only, full disk, quota, permissions) is a UserError naming path and cause."""
+    tmp, f, writing = f"{path}.tmp{os.getpid()}", None, True
+    try:
+        with open(tmp, mode, **open_kw) as raw:
+            f, writing = _Recorder(raw), False
+            yield f  # what fails in here, but for f's writes, is the block's error (reading its input, say)
+            writing = True
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except Exception as e:
+        if f is not None and f.error is not None:
+            raise write_error(path, f.error) from e
+        if writing and isinstance(e, OSError):
+            raise write_error(path, e) from e
+        raise
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def clear_atomic_temps(folder, name=".+"):
+    """Delete the temp files that atomic_write left in folder (for the files matching the regex `name`) when a process
+    was killed mid-write. Only for a holder of the lock that keeps every other writer out."""
+    for entry in os.listdir(folder):
+        if re.fullmatch(f"(?:{name})" + r"\.tmp\d+", entry) and os.path.isfile(os.path.join(folder, entry)):
+            os.remove(os.path.join(folder, entry))
+
+
+def import_transformers():
+    """The transformers module (5.x), which stage one and the Hugging Face export need and nothing else: a UserError
+    saying what to install where it is missing."""
+    # transformers imports Hugging Face's package named `kernels` when it is first imported, and this repository's own
+    # kernels/ shadows it: the repository folder is on sys.path whenever a command runs from it, and alip may have
+    # imported ours. So transformers is imported, with the module that binds Hugging Face's names, while the folder is
+    # off sys.path and our package out of sys.modules; then both are put back, and each side keeps its own `kernels`.
+    root = os.path.dirname(os.path.abspath(__file__))
+    path, before = sys.path[:], {n: m for n, m in sys.modules.items() if n == "kernels" or n.startswith("kernels.")}
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    for name in before:
+        del sys.modules[name]
+    try:
+        import transformers
+        import transformers.integrations.hub_kernels  # noqa: F401
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "transformers":
+            raise UserError("this needs the transformers package, which is not installed: "
+                            "pip install transformers") from e
+        raise UserError(f"transformers does not import ({e}); pip install -U transformers") from e
+    finally:
+        sys.path[:] = path
+        sys.modules.pop("kernels", None)
+        sys.modules.update(before)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise UserError(f"this needs transformers 5 or newer, this is {transformers.__version__}: "
+                        "pip install -U transformers")
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; downloads keep theirs
+    return transformers
 
 
 def command_line():
@@ -2082,62 +1669,33 @@ def command_line():
     debug = ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     p = sub.add_parser("demo", parents=[debug], help="write the procedural demo dataset")
-    p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="the folder to write (train/ and test/ shards)")
+    p.add_argument("--seed", type=int, default=0, help="of the images and texts")
     p = sub.add_parser("inspect", parents=[debug], help="count usable and skipped samples, show a few")
-    p.add_argument("shards")
-    p.add_argument("--captions", help="JSONL side file of {key, caption}")
-    p.add_argument("--missing-caption", choices=("skip", "raw"), default="skip")
+    p.add_argument("shards", help="directory, glob or brace list of .tar shards")
+    p.add_argument("--captions", help="JSONL side file of {key, caption} (default: the shards' own captions)")
+    p.add_argument("--missing-caption", choices=("skip", "raw"), default="skip",
+                   help="a sample without a caption: skipped, or its raw text as caption")
     p.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
     overwrite = ArgumentParser(add_help=False)
     overwrite.add_argument("--overwrite", action="store_true",
                            help="replace a non-empty OUT of shards as a whole, once the new shards are complete")
     p = sub.add_parser("make", parents=[debug, overwrite],
                        help="shards from images + a CSV/JSONL table (image, text[, caption])")
-    p.add_argument("src", help="the table, or a directory holding one")
-    p.add_argument("out")
-    p.add_argument("--shard-size", type=positive_int, default=10000)
+    p.add_argument("src", help="the table, or a directory holding one; image paths are relative to the table")
+    p.add_argument("out", help="the folder of shards to write")
+    p.add_argument("--shard-size", type=positive_int, default=10000, help="samples per shard")
     p = sub.add_parser("add-captions", parents=[debug, overwrite],
                        help="copy shards, adding {key}.syn.txt from a JSONL side file")
-    p.add_argument("shards")
-    p.add_argument("captions")
-    p.add_argument("out")
+    p.add_argument("shards", help="directory, glob or brace list of .tar shards")
+    p.add_argument("captions", help="JSONL side file of {key, caption} (caption.py writes one)")
+    p.add_argument("out", help="the folder of shards to write")
     p = sub.add_parser("bench", parents=[debug], help="decode + augment images/s")
-    p.add_argument("shards", nargs="?")
+    p.add_argument("shards", nargs="?", help="shards to read images from (default: none; pass --synthetic)")
     p.add_argument("--synthetic", action="store_true", help="bench on generated 500-px JPEGs")
-    p.add_argument("--image-size", type=positive_int, default=224)
-    p.add_argument("--workers", type=nonnegative_int, default=2)
-    p.add_argument("--seconds", type=positive_float, default=3.0)
-    # stage one: captions
-    captioner = ArgumentParser(add_help=False)
-    captioner.add_argument("--captioner", default=DEFAULT_CAPTIONER,
-                           help="a folder or Hugging Face model id that transformers' AutoProcessor and "
-                                "AutoModelForImageTextToText load (BLIP, BLIP-2, GIT, Florence-2); default %(default)s")
-    captioner.add_argument("--max-new-tokens", type=positive_int, default=20,
-                           help="caption length limit, in tokens (default %(default)s)")
-    captioner.add_argument("--num-beams", type=positive_int, default=1,
-                           help="beam search width (1: greedy decoding)")
-    captioner.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                           help="weights and activations (auto: bf16 on CUDA, fp32 on CPU)")
-    captioner.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: the rank's GPU)")
-    p = sub.add_parser("caption", parents=[debug, captioner],
-                       help="stage one: a synthetic caption for every image of SHARDS, resumable, under torchrun too")
-    p.add_argument("shards")
-    p.add_argument("--out", required=True, help="the captions file, JSONL of {key, caption}; progress in OUT.parts/")
-    p.add_argument("--prompt", help="text the captioner continues (default by model kind: BLIP 'a picture of', "
-                                    "Florence-2 '<CAPTION>', none for others; '' for none)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per generate call (default %(default)s)")
-    p.add_argument("--workers", type=nonnegative_int,
-                   help="processes that decode and preprocess images, per rank (default: the node's CPU cores "
-                        "shared among its ranks, at most 8)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (the summary goes to stderr)")
-    p = sub.add_parser("caption-bench", parents=[debug, captioner],
-                       help="captions/s of a captioner on synthetic images")
-    p.add_argument("--random", metavar="MODEL_TYPE",
-                   help="time this transformers model type (blip: BLIP-base's size) built from its default config "
-                        "with random weights, instead of --captioner: nothing is downloaded")
-    p.add_argument("--batch-size", type=positive_int, nargs="+", default=[64, 256])
-    p.add_argument("--seconds", type=positive_float, default=10.0, help="timed per batch size, after one warm-up batch")
+    p.add_argument("--image-size", type=positive_int, default=224, help="the model's input side")
+    p.add_argument("--workers", type=nonnegative_int, default=2, help="loader processes for the loader's rate")
+    p.add_argument("--seconds", type=positive_float, default=3.0, help="timed per measurement")
     return parser
 
 
@@ -2176,23 +1734,6 @@ def main(argv=None):
         print(f"loader with {args.workers} workers: {r['loader_images_per_s']:.0f} img/s "
               f"(on {os.cpu_count()} CPUs); ~{r['workers_for_4000_per_s']} workers for 4000 img/s at this rate")
         print(json.dumps(r))
-    elif args.cmd == "caption":
-        r = caption(args.shards, args.out, args.captioner, args.prompt, args.max_new_tokens, args.num_beams,
-                    args.batch_size, args.precision, args.device, args.workers)
-        if r is not None and "nothing_to_do" in r:
-            if args.json:  # the reason went to stderr
-                print(json.dumps(r))
-        elif r is not None:
-            run, table = r["this_run"], sys.stderr if args.json else sys.stdout  # --json: stdout is the JSON alone
-            print(f"{args.out}: {r['captions']} captions of {r['shards']} shards; this run {run['images']} images in "
-                  f"{run['seconds']:.0f} s, {run['images_per_s']:.1f} images/s", file=table)
-            for reason, n in sorted(r["skipped"].items(), key=lambda kv: -kv[1]):
-                print(f"  skipped {reason}: {n}", file=table)
-            if args.json:
-                print(json.dumps(r))
-    elif args.cmd == "caption-bench":
-        print(json.dumps(caption_bench(args.captioner, args.random, args.batch_size, args.max_new_tokens,
-                                       args.num_beams, args.precision, args.device, args.seconds)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Evaluate a CLIP-style model as the ALIP paper does: zero-shot classification, image-text retrieval
-and linear probe; check the gates against a data set's truth; draw training curves and compare runs.
+"""eval.py: measurement. The metrics; evaluating a CLIP-style model as the ALIP paper does (zero-shot classification,
+image-text retrieval, linear probe); the gates' quality against a data set's truth; a training run's log (its log
+lines, metrics.jsonl and the TensorBoard / W&B reporters) and curves; the comparison of runs.
 
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/imagenet/val --templates openai_imagenet
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/cifar-10-batches-py --templates cifar
@@ -22,7 +23,7 @@ Dataset layouts, told apart by the path:
 --split picks the CIFAR or Karpathy split (default test); for the other layouts the path is the split.
 
 Features are computed under the autocast dtype the caller passes (dtype=None: fp32); the command line
-takes it from alip.choose_precision, as training does (bf16 on CUDA, fp32 on the CPU).
+takes it from data.choose_compute, as training does (bf16 on CUDA, fp32 on the CPU).
 
 Templates hold the class name as "{c}" (CLIP_benchmark's placeholder); it is substituted with
 str.replace, so class names with braces are safe. Ties in any ranking go to the lower index, exactly as
@@ -37,7 +38,6 @@ import os
 import pickle
 import re
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -211,34 +211,30 @@ class GateMeter:
         return {k: v for k, v in q.items() if math.isfinite(v)}  # NaN: a case without samples (not JSON either)
 
 
-class Progress:
+class TrainLog:
     """A training run's log lines: each call of `line` turns a step's values into a metrics record and its text.
     Every rank calls it with its own values, and the record holds their means over the ranks (each rank's loss and
-    gate weights cover its share of the batch). Samples/s is measured since the previous line, the ETA from the
-    first."""
+    gate weights cover its share of the batch). Samples/s and the ETA come from data.Progress: the rate since the
+    previous line, the ETA at the mean rate since the first."""
 
     def __init__(self, step, total, samples_per_step, world_size=1):
         self.total, self.samples, self.world_size = total, samples_per_step, world_size
-        self.start = self.last = step
-        self.t0 = self.t = time.time()
+        self.progress = data.Progress(total, step)
         self.skipped = {}
 
     def line(self, step, logs, skipped=None, truth=None, **values):
         """(record, text) of `step`: logs (0-dim tensors, averaged over the ranks), values (numbers, as they are),
         skipped (the run's counts by reason, recorded when they change) and gate_quality's figures."""
-        now = time.time()
-        rate = (step - self.last) * self.samples / (now - self.t)
-        eta = (now - self.t0) / (step - self.start) * (self.total - step)
-        self.t, self.last = now, step
+        steps_per_s, eta = self.progress.measure(step)
         means = torch.stack([v.float() for v in logs.values()])
         if self.world_size > 1:
             torch.distributed.all_reduce(means)
             means /= self.world_size
-        r = {"step": step, **dict(zip(logs, means.tolist())), **values, "samples_per_s": rate}
+        r = {"step": step, **dict(zip(logs, means.tolist())), **values, "samples_per_s": steps_per_s * self.samples}
         r.update({f"truth/{k}": v for k, v in (truth or {}).items()})
         if skipped and dict(skipped) != self.skipped:
             r["skipped"] = self.skipped = dict(skipped)
-        return r, f"step {step}/{self.total} {summary(r, skipped)} ETA {eta / 60:.1f} min"
+        return r, f"step {step}/{self.total} {summary(r, skipped)} ETA {data.duration(eta)}"
 
 
 def summary(record, skipped=None):
@@ -486,21 +482,16 @@ def _open_image(source):
 
 def autocast(device, dtype):
     """Autocast to dtype on device, or nothing for dtype None (fp32): the one place training and evaluation enter
-    mixed precision (alip.choose_precision picks the dtype)."""
+    mixed precision (data.choose_compute picks the dtype)."""
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def _progress(what, done, total, state, final=False):
-    """One progress line on stderr: rewritten in place on a terminal, every 30 s in a log file."""
-    now, tty = time.time(), sys.stderr.isatty()
-    state.setdefault("start", now)
-    due = now - state.get("last", now) >= (0.5 if tty else 30)
-    if (not final and not due) or (final and not tty and state.get("shown") == done):  # no repeated last line
-        return
-    state["last"], state["shown"] = now, done
-    line = f"{what}: {done}" + (f"/{total}" if total else "") + f" ({now - state['start']:.0f}s)"
-    sys.stderr.write(("\r" + line + ("\n" if final else "")) if tty else line + "\n")
-    sys.stderr.flush()
+def _progress(progress, what, done, final=False):
+    """Feature extraction's progress line (data.Progress): `what` done so far, of how many, at what rate."""
+    if final or progress.due():
+        rate, eta = progress.measure(done)
+        of = f"/{progress.total}" if progress.total else ""
+        progress.show(f"{what}: {done}{of}, {rate:.0f}/s, ETA {data.duration(eta)}", final)
 
 
 def _loaded_batches(samples, load, batch_size, workers):
@@ -541,31 +532,31 @@ def encode_images(model, samples, device, batch_size=256, workers=0, total=None,
         except (OSError, ValueError) as e:
             raise EvalError(f"cannot read image {source if isinstance(source, str) else 'in shards'}: {e}") from e
 
-    features, targets, state = [], [], {}
+    features, targets, progress = [], [], data.Progress(total)
     for batch in _loaded_batches(samples, load, batch_size, workers):
         images = torch.stack([image for image, _ in batch]).to(device, non_blocking=True)  # (B, 3, S, S)
         with autocast(device, dtype):
             x = model.encode_image(images)
         features.append(F.normalize(x.float(), dim=-1).cpu())
         targets += [target for _, target in batch]
-        _progress("images", len(targets), total, state)
+        _progress(progress, "images", len(targets))
     if not targets:
         raise EvalError("the dataset has no usable samples")
-    _progress("images", len(targets), total, state, final=True)
+    _progress(progress, "images", len(targets), final=True)
     return torch.cat(features), targets
 
 
 @torch.no_grad()
 def encode_texts(model, texts, device, batch_size=256, dtype=None):
     """Normalized fp32 text features (N, D) on the CPU."""
-    features, state = [], {}
+    features, progress = [], data.Progress(len(texts))
     for start in range(0, len(texts), batch_size):
         tokens = data.tokenize(texts[start:start + batch_size], context_length=model.config.context_length)
         with autocast(device, dtype):
             t = model.encode_text(tokens.to(device))
         features.append(F.normalize(t.float(), dim=-1).cpu())
-        _progress("texts", min(start + batch_size, len(texts)), len(texts), state)
-    _progress("texts", len(texts), len(texts), state, final=True)
+        _progress(progress, "texts", min(start + batch_size, len(texts)))
+    _progress(progress, "texts", len(texts), final=True)
     return torch.cat(features)
 
 
@@ -1100,7 +1091,7 @@ def _load_model(args, load_model):
         raise EvalError(f"--checkpoint {args.checkpoint}: cannot load it ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0]}); for a bare state dict pass --model (e.g. ViT-B-32), "
                         "and --quick-gelu for OpenAI's weights") from e
-    return model.to(args.device)
+    return model
 
 
 def _report(title, metrics, info, as_json):
@@ -1116,24 +1107,27 @@ def _report(title, metrics, info, as_json):
         print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}))
 
 
-def main(argv=None, *, load_model, choose_precision):
-    """The command line; load_model(path, name, quick_gelu) and choose_precision(device, "auto") are alip's."""
+def main(argv=None, *, load_model):
+    """The command line; load_model(path, name, quick_gelu) is alip's."""
     parser = data.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     common = data.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="run directory, ckpt-*.pt, or a CLIP state dict")
-    common.add_argument("--model", default=None, help="architecture of a bare state dict (e.g. ViT-B-32)")
+    common.add_argument("--model", default=None, help="architecture of a bare state dict, e.g. ViT-B-32 (default: "
+                        "read off its shapes)")
     common.add_argument("--quick-gelu", action="store_true", help="QuickGELU activations (OpenAI's weights)")
-    common.add_argument("--batch-size", type=data.positive_int, default=256)
+    common.add_argument("--batch-size", type=data.positive_int, default=256, help="images or texts per forward pass")
     common.add_argument("--workers", type=data.nonnegative_int, default=4, help="image-decoding threads")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--device", default="auto", help="auto (CUDA where torch sees it), cpu, cuda or cuda:N")
     common.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
     common.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
 
     p = commands.add_parser("zeroshot", parents=[common], help="zero-shot classification")
     p.add_argument("--dataset", required=True, help="ImageFolder, CIFAR python directory, or shards with .cls")
     p.add_argument("--split", default="test", help="CIFAR split")
-    p.add_argument("--classnames", default=None, help='file with one class name per line, or "imagenet"')
+    p.add_argument("--classnames", default=None,
+                   help='file with one class name per line, or "imagenet" (default: classnames.txt beside the shards, '
+                        "CIFAR's own, or the ImageFolder's folder names)")
     p.add_argument("--templates", default="openai_imagenet",
                    help='"openai_imagenet" (80), "cifar" (18), "simple" (7), or a file with one {c} template per line')
 
@@ -1161,9 +1155,9 @@ def main(argv=None, *, load_model, choose_precision):
         print(plot_runs(args.runs, out))
         return
 
-    model = _load_model(args, load_model)
-    dtype, _ = choose_precision(torch.device(args.device), "auto")
-    common_kw = dict(batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=dtype)
+    compute = data.choose_compute(args.device)
+    model = _load_model(args, load_model).to(compute.device)
+    common_kw = dict(batch_size=args.batch_size, workers=args.workers, device=compute.device, dtype=compute.amp)
     if args.command == "zeroshot":
         metrics, info = _zeroshot(model, args.dataset, args.classnames, args.templates, split=args.split,
                                   **common_kw)
@@ -1181,6 +1175,6 @@ def main(argv=None, *, load_model, choose_precision):
 
 if __name__ == "__main__":
     # The one place that names alip: eval.py's functions take any model with encode_image / encode_text and
-    # alip.py trains with them, so only this command line, above both, hands eval our loader and precision.
+    # alip.py trains with them, so only this command line, above both, hands eval our model loader.
     import alip
-    data.run_command(lambda argv: main(argv, load_model=alip.load_model, choose_precision=alip.choose_precision))
+    data.run_command(lambda argv: main(argv, load_model=alip.load_model))

@@ -125,30 +125,56 @@ def unit(n, d, gen):
     return F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=-1)
 
 
+# The paper's Eq. 1-4 worked out by hand on three samples of 2-d unit vectors, whose similarities are exact:
+#   sample   S_tc   S_xt   S_xc
+#   1         0.6    0.8   0.96   raw text and caption disagree: the LCG flags it
+#   2         1.0    0.8   0.8    they agree: w_s = 1, and no pair weights
+#   3        -0.6    0.0   0.8    they contradict: a small w_s, the caption weighted above the raw text
+# Eq. 1, before use: H <- 0.99 H + 0.01 mean(S), so from H = 1, H_tc = 0.99 + 0.01 (0.6 + 1 - 0.6) / 3 = 0.9933333.
+# Eq. 2: w_s = min(exp(2 (S_tc - H_tc)), 1): sample 1 exp(2 (0.6 - 0.9933333)) = exp(-0.7866667) = 0.4553601, sample
+# 2 exp(+0.0133333) clipped to 1. Eq. 3-4 where w_s < 1: w_t = exp(2 (S_xt - H_xt)), H_xt = 0.99 + 0.01 (1.6 / 3) =
+# 0.9953333: sample 1 exp(2 (0.8 - 0.9953333)) = 0.6766057. A second step with the same features moves H again.
+GATE_X = [[0.8, 0.6], [0.6, 0.8], [0.0, 1.0]]
+GATE_T = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
+GATE_C = [[0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]]
+GATE_STEPS = {  # H starts at: [(H_tc, H_xt, H_xc), w_s, w_t, w_c] for steps 1 and 2
+    1.0: [((0.9933333333333, 0.9953333333333, 0.9985333333333), (0.4553601354, 1, 0.0413093395),
+           (0.6766056537, 1, 0.1366043255), (0.9258281297, 1, 0.6722892049)),
+          ((0.9867333333333, 0.9907133333333, 0.9970813333333), (0.4614107353, 1, 0.04185823753),
+           (0.6828864626, 1, 0.137872399), (0.9285206422, 1, 0.6742443702))],
+    # from H = 0 the similarities lie above their means: sample 3 alone is flagged, and its caption weight, not
+    # clipped, exceeds 1 (exp(2 (0.8 - 0.0085333)) = 4.87)
+    0.0: [((0.0033333333333, 0.0053333333333, 0.0085333333333), (1, 1, 0.2991929289), (1, 1, 0.9893900205),
+           (1, 1, 4.869217922)),
+          ((0.0066333333333, 0.0106133333333, 0.0169813333333), (1, 1, 0.2972247576), (1, 1, 0.9789970334),
+           (1, 1, 4.787638738))],
+}
+
+
+def gate_features():
+    return (torch.tensor(v, dtype=torch.float64) for v in (GATE_X, GATE_T, GATE_C))
+
+
 @pytest.mark.parametrize("init", [1.0, 0.0])
-def test_gates_match_float64_reference_over_steps(init):
-    gen = torch.Generator().manual_seed(3)
+def test_gates_by_hand_over_two_steps(init):
     gates = alip.Gates(momentum=0.99, gamma=2.0, init=init)
-    H = {"tc": init, "xt": init, "xc": init}
-    for step in range(6):
-        x, t = unit(37, 16, gen), unit(37, 16, gen)
-        c = F.normalize(0.2 * t + unit(37, 16, gen), dim=-1)  # captions weakly correlated with raw text
-        w_s, w_t, w_c = gates(x, t, c)  # float64 features: the gates compute in float64
-        sims = {"tc": (t * c).sum(1), "xt": (x * t).sum(1), "xc": (x * c).sum(1)}
-        for k in H:
-            H[k] = 0.99 * H[k] + 0.01 * sims[k].mean().item()
-        ref_s = torch.exp(2 * (sims["tc"] - H["tc"])).clamp(max=1)
-        noisy = torch.exp(2 * (sims["tc"] - H["tc"])) < 1
-        ref_t = torch.where(noisy, torch.exp(2 * (sims["xt"] - H["xt"])), torch.ones(37, dtype=torch.float64))
-        ref_c = torch.where(noisy, torch.exp(2 * (sims["xc"] - H["xc"])), torch.ones(37, dtype=torch.float64))
-        for ours, ref in ((w_s, ref_s), (w_t, ref_t), (w_c, ref_c)):
-            assert ours.dtype == torch.float64
-            torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12, msg=lambda m: report(ours, ref))
-        assert not w_s.requires_grad and (w_s <= 1).all()
-        assert math.isclose(gates.H_tc.item(), H["tc"], abs_tol=1e-14)
-    if init == 0.0:  # H near the mean similarity: weights on both sides of 1
-        assert (w_t > 1).any() or (w_c > 1).any(), "DCG weights are not clipped: some should exceed 1"
-        assert (w_s < 1).any() and (w_s == 1).any()
+    for H, *weights in GATE_STEPS[init]:
+        got = gates(*gate_features())  # float64 features: the gates compute in float64
+        assert all(w.dtype == torch.float64 and not w.requires_grad for w in got)
+        torch.testing.assert_close((gates.H_tc, gates.H_xt, gates.H_xc), tuple(torch.tensor(h, dtype=torch.float64)
+                                                                          for h in H), rtol=0, atol=1e-12)
+        for w, want in zip(got, weights):
+            torch.testing.assert_close(w, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["lcg", "dcg", "none"])
+def test_gate_ablations_by_hand(mode):
+    """Table 4's ablations: "lcg" keeps the sample weights alone, "dcg" the pair weights alone, "none" neither."""
+    _, w_s, w_t, w_c = GATE_STEPS[1.0][0]
+    ones = (1, 1, 1)
+    want = {"lcg": (w_s, ones, ones), "dcg": (ones, w_t, w_c), "none": (ones, ones, ones)}[mode]
+    for w, expected in zip(alip.Gates(mode=mode)(*gate_features()), want):
+        torch.testing.assert_close(w, torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=0)
 
 
 # --- loss -------------------------------------------------------------------------------------------------
@@ -213,21 +239,21 @@ def test_contrastive_loss_equals_the_kernel_files_reference(gathered):
 
 @pytest.mark.parametrize("mode", ["all", "lcg", "dcg", "none"])
 def test_alip_loss_is_two_weighted_paths(mode):
-    gen = torch.Generator().manual_seed(6)
-    model = alip.create_model("tiny").double()
-    x, t = torch.randn(9, 128, generator=gen, dtype=torch.float64), torch.randn(9, 128, generator=gen, dtype=torch.float64)
-    c = t + 0.5 * torch.randn(9, 128, generator=gen, dtype=torch.float64)
-    gates, twin = alip.Gates(mode=mode), alip.Gates()
-    loss, logs, (w_s, w_t, w_c) = alip.alip_loss(x, t, c, alip.capped_scale(model.logit_scale), alip.Objective(gates))
-    ws, wt, wc = twin(*(F.normalize(v, dim=-1) for v in (x, t, c)))
-    ones = torch.ones(9, dtype=torch.float64)
-    ws = ws if mode in ("all", "lcg") else ones
-    wt, wc = (wt, wc) if mode in ("all", "dcg") else (ones, ones)
-    s = model.logit_scale.exp()
-    xn, tn, cn = (F.normalize(v, dim=-1) for v in (x, t, c))
-    ref = loss_float64(xn, tn, s.item(), ws * wt, xn, tn, 0) + loss_float64(xn, cn, s.item(), ws * wc, xn, cn, 0)
-    assert abs(loss.item() - ref.item()) < 1e-12 * max(1, abs(ref.item())), (loss.item(), ref.item())
-    torch.testing.assert_close(w_s, ws, rtol=1e-12, atol=1e-12)
+    """Eq. 6 on the hand-worked batch: its features at other lengths (alip_loss normalizes them), the weights of the
+    table above, each path's loss by float64 loops."""
+    x, t, c = gate_features()
+    lengths = torch.tensor([[0.5], [3.0], [1.7]], dtype=torch.float64)
+    s = torch.tensor(1 / 0.07, dtype=torch.float64)
+    loss, logs, weights = alip.alip_loss(x * lengths, t * lengths.flip(0), c * 2.5, s,
+                                         alip.Objective(alip.Gates(mode=mode)))
+    _, w_s, w_t, w_c = (torch.tensor(w, dtype=torch.float64) for w in GATE_STEPS[1.0][0])
+    ones = torch.ones(3, dtype=torch.float64)
+    w_s = w_s if mode in ("all", "lcg") else ones
+    w_t, w_c = (w_t, w_c) if mode in ("all", "dcg") else (ones, ones)
+    raw, cap = loss_float64(x, t, s.item(), w_s * w_t, x, t, 0), loss_float64(x, c, s.item(), w_s * w_c, x, c, 0)
+    for got, want in ((logs["loss_raw"], raw), (logs["loss_caption"], cap), (loss, raw + cap)):  # the weights
+        assert abs(got.item() - want.item()) < 1e-9 * abs(want.item()), (got.item(), want.item())  # have 10 digits
+    torch.testing.assert_close(weights[0], w_s, rtol=1e-9, atol=0)
 
 
 def step_on(model, micro):

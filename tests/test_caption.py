@@ -1,4 +1,4 @@
-"""Stage one, `python data.py caption`: a tiny random BLIP captioner made here (nothing is downloaded) captions a small
+"""Stage one, `python caption.py`: a tiny random BLIP captioner made here (nothing is downloaded) captions a small
 shard set with broken samples. The captions are the model's own greedy ones, every usable key is written once after a
 kill -9 and a rerun, two torchrun ranks write the same file as one process, and the file trains.
 
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="t
               pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                  reason="stage one needs transformers: pip install transformers")]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-PROMPT = "a picture of"  # BLIP's default prompt in data.py
+PROMPT = "a picture of"  # BLIP's default prompt in caption.py
 SIDE = 32  # the tiny captioner's input size: JPEGs decode at a reduced scale that keeps both sides >= SIDE
 
 # A BLIP captioner with 2-layer, 32-wide towers and a vocabulary of 83 words and letters, saved as a folder; then the
@@ -174,7 +174,7 @@ def run(server, tmp_path):
 
 
 def caption_argv(made, out, *extra):
-    return ["data.py", "caption", made["shards"], "--captioner", made["model"], "--out", out, "--device", "cpu", *extra]
+    return ["caption.py", made["shards"], "--captioner", made["model"], "--out", out, "--device", "cpu", *extra]
 
 
 def _lines(path):
@@ -299,7 +299,7 @@ def test_the_captions_train(made, single, run, tmp_path):
 
 
 def test_bench_times_the_captioner(made, run):
-    status, stdout, stderr, _ = run("data.py", "caption-bench", "--captioner", made["model"], "--batch-size", "2", "3",
+    status, stdout, stderr, _ = run("caption.py", "--bench", "--captioner", made["model"], "--batch-size", "2", "3",
                                     "--seconds", "0.1", "--max-new-tokens", "4", "--device", "cpu")
     assert status == 0, stderr[-3000:]
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -327,7 +327,7 @@ def test_bad_input_is_one_line_and_status_2(made, run, tmp_path, case):
     out = tmp_path / "o" / "caps.jsonl"
     if case == "transformers-missing":  # as if it were not installed
         hide = ("import runpy, sys; sys.modules['transformers'] = None; sys.argv = sys.argv[1:]; "
-                "runpy.run_path('data.py', run_name='__main__')")
+                "runpy.run_path('caption.py', run_name='__main__')")
         r = subprocess.run([sys.executable, "-c", hide, *caption_argv(made, out)], cwd=ROOT, env=ENV,
                            capture_output=True, text=True, timeout=60)
         status, stderr, names = r.returncode, r.stderr, ["pip install transformers"]
@@ -339,7 +339,7 @@ def test_bad_input_is_one_line_and_status_2(made, run, tmp_path, case):
                              ["--captioner", "not_a_model", "AutoProcessor"]),
             "batch-size-0": (caption_argv(made, out, "--batch-size", "0"), ["--batch-size"]),
             "workers-negative": (caption_argv(made, out, "--workers", "-1"), ["--workers"]),
-            "shards-missing": (["data.py", "caption", tmp_path / "none", "--out", out], ["none"]),
+            "shards-missing": (["caption.py", tmp_path / "none", "--out", out], ["none"]),
             "device-unknown": (caption_argv(made, out, "--device", "gpu7"), ["--device", "gpu7"]),
         }[case]
         status, _, stderr, _ = run(*argv)

@@ -106,6 +106,11 @@ def _text_rows(batches):
 
 # --- transforms
 
+# OpenAI CLIP's normalisation (its preprocessing in clip/clip.py), the numbers the transforms must use.
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
+
+
 def test_train_transform_shape_range_determinism():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     def t(img, g):
@@ -115,8 +120,7 @@ def test_train_transform_shape_range_determinism():
     c = t(img, torch.Generator().manual_seed(2))
     assert a.shape == (3, 32, 32) and a.dtype == torch.float32
     assert torch.equal(a, b) and not torch.equal(a, c)
-    lo = (0 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
-    hi = (1 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+    lo, hi = (0 - CLIP_MEAN) / CLIP_STD, (1 - CLIP_MEAN) / CLIP_STD
     assert (a >= lo.view(3, 1, 1) - 1e-5).all() and (a <= hi.view(3, 1, 1) + 1e-5).all()
 
 
@@ -124,7 +128,7 @@ def test_train_transform_flat_colour_and_flip_rate():
     def t(img, g):
         return data.normalize(data.random_crop_flip(img, g, 16))
     flat = t(Image.new("RGB", (40, 30), (200, 100, 50)), torch.Generator().manual_seed(0))
-    want = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(data.MEAN)) / torch.tensor(data.STD)
+    want = (torch.tensor([200, 100, 50]) / 255 - CLIP_MEAN) / CLIP_STD
     torch.testing.assert_close(flat, want.view(3, 1, 1).expand(3, 16, 16))
     half = np.zeros((32, 32, 3), np.uint8)
     half[:, 16:] = 255  # dark left, bright right: a flip makes the left bright
@@ -166,9 +170,9 @@ def test_eval_transform_centre_crop():
     assert x.shape == (3, 16, 16)
     # Independent reference: bicubic to 32x16, keep columns 8..24, normalise by hand.
     ref = np.asarray(Image.fromarray(arr).resize((32, 16), Image.BICUBIC))[:, 8:24].astype(np.float32) / 255
-    ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(data.MEAN).view(3, 1, 1)) / torch.tensor(data.STD).view(3, 1, 1)
+    ref = (torch.from_numpy(ref).permute(2, 0, 1) - CLIP_MEAN.view(3, 1, 1)) / CLIP_STD.view(3, 1, 1)
     torch.testing.assert_close(x, ref)
-    green = (1 - data.MEAN[1]) / data.STD[1]
+    green = (1 - CLIP_MEAN[1].item()) / CLIP_STD[1].item()
     assert abs(x[1, :, 4:12].mean().item() - green) < 1e-3  # the middle is pure green
 
 

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 import alip
+import caption
 import data
 import eval as evaluation
 
@@ -181,7 +182,7 @@ FLAG_ROWS = [
     ("eval-batch-size-0", EVAL + ["--checkpoint", "ck.pt", "--batch-size", "0"], "--batch-size"),
 ]
 MAINS = {"alip.py": alip.parse_args, "data.py": data.main,
-         "eval.py": lambda argv: evaluation.main(argv, load_model=None, choose_precision=None)}
+         "eval.py": lambda argv: evaluation.main(argv, load_model=None)}
 
 
 @pytest.mark.parametrize("row, argv, flag", FLAG_ROWS, ids=[r[0] for r in FLAG_ROWS])
@@ -454,3 +455,25 @@ def test_rough_edges_get_a_line(run, inputs, tmp_path):
     reader_gone.stdout.close()
     err = reader_gone.communicate(timeout=60)[1].decode()
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+HELPS = [(alip.parse_args, []), (alip.parse_args, ["--demo"]), (caption.parse_args, []),
+         *((data.main, [cmd]) for cmd in ("demo", "inspect", "make", "add-captions", "bench")),
+         *((lambda argv: evaluation.main(argv, load_model=None), [cmd])
+           for cmd in ("zeroshot", "retrieval", "linear-probe", "plot"))]
+
+
+@pytest.mark.parametrize("parse, argv", HELPS, ids=[" ".join(["?", *a]) for _, a in HELPS])
+def test_every_help_shows_every_default(capsys, parse, argv):
+    """Every flag and optional argument of every command says its default in its --help text."""
+    with pytest.raises(SystemExit):
+        parse([*argv, "--help"])
+    text = capsys.readouterr().out
+    # The flags' entries: from a line that starts with a flag or an argument name to the next such line.
+    usage, entries = text.split("\n\n")[0], re.split(r"\n(?=  \S)", text.split("\noptions:\n", 1)[1])
+    positionals = re.split(r"\n(?=  \S)", text.split("\npositional arguments:\n", 1)[-1].split("\noptions:\n")[0])
+    # with a default: optional positionals, "[shards]" in the usage line (but not "runs [runs ...]")
+    entries += [e for e in positionals if re.search(rf"(^|\s)\[{e.split()[0]}\]", usage)]
+    missing = [e.split()[0] for e in entries
+               if not ("(default" in e or "(required)" in e or e.strip().startswith("-h, --help"))]
+    assert entries and not missing, f"no default shown for {missing}"
