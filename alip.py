@@ -1,20 +1,21 @@
 """
-ALIP: Adaptive Language-Image Pre-training with Synthetic Caption (Yang et al., ICCV 2023), in one file.
+alip.py: stage two of ALIP: Adaptive Language-Image Pre-training with Synthetic Caption (Yang et al., ICCV 2023), the
+method and the run, in one file. Stage one, the synthetic captions, is caption.py.
 
 A CLIP model (ViT image tower, causal text tower) trained on image / raw-text / synthetic-caption triples.
 The text tower encodes both texts ("bi-path"); two gates computed from the global batch down-weight noisy
 samples (Language Consistency Gate) and noisy image-text pairs (Description Consistency Gate).
 
     python alip.py --demo                                      # CPU, ~2 minutes: toy data, CLIP vs ALIP
-    python alip.py --data shards/ --model ViT-B-32             # one GPU (or CPU)
-    torchrun --standalone --nproc_per_node=8 alip.py --data 'shards/{00000..01999}.tar' --batch-size 512
+    python alip.py --data shards/ --captions caps.jsonl --model ViT-B-32      # one GPU (or CPU)
+    torchrun --standalone --nproc_per_node=8 alip.py --data 'shards/{00000..01999}.tar' --captions caps.jsonl
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 alip.py --data ...
     python alip.py --bench --model ViT-B-32 --batch-size 512   # throughput on synthetic batches
 
 Read top to bottom, the method comes first, in the paper's order: config -> model -> gates (Eq. 1-4) -> loss
-(Eq. 5-6) -> optimizer and schedule -> the training step -> the loop. The plumbing follows: setup (device, DDP,
-precision, the Run) -> checkpoints -> weight files -> flags -> demo -> benchmark -> entry point. Imports point one
-way: data.py and kernels/ know nothing of this file, eval.py's functions take any model.
+(Eq. 5-6) -> optimizer and schedule -> the training step -> the loop. The plumbing follows: setup (the loss
+implementation, the Run) -> checkpoints -> weight files -> flags -> demo -> benchmark -> entry point. Imports point
+one way: data.py and kernels/ know nothing of this file, eval.py's functions take any model.
 """
 import argparse
 import functools
