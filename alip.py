@@ -448,6 +448,18 @@ def train_step(run, micro, stop_requested=False):
     return Step(out.loss.detach(), out.logs, grad_norm, lr, scale, feats, out.weights, bool(flags[1] > 0))
 
 
+@torch.no_grad()
+def unweighted_losses(run, out):
+    """Eq. 5 of each path with every gate weight 1, on the step's features and scale: the contrastive loss as CLIP
+    counts it. The logged loss is the gate-weighted one, which can rise while the model improves, as the gates move
+    weight onto other samples; these cannot. {} for the CLIP baseline, whose loss is unweighted already."""
+    if out.weights is None:
+        return {}
+    ones = torch.ones_like(out.weights[0])
+    logs = alip_loss(*out.feats, out.scale, run.objective, (ones, ones, ones)).logs
+    return {"loss_raw_unweighted": logs["loss_raw"], "loss_caption_unweighted": logs["loss_caption"]}
+
+
 def train_loop(run, step, stop, batches):
     """Optimizer steps from `step` until run.total or a stop signal; returns the last step done."""
     args, meter, bad_steps = run.args, evaluation.GateMeter(sample_losses, run.rank, run.world_size), 0
@@ -469,7 +481,8 @@ def train_loop(run, step, stop, batches):
         if (codes >= 0).any():
             meter.add(codes, out.feats, out.scale, out.weights)
         if step % args.log_every == 0 or step == run.total:
-            record, line = lines.line(step, {"loss": out.loss, **out.logs}, run.loader.skipped, meter.figures(),
+            logs = {"loss": out.loss, **out.logs, **unweighted_losses(run, out)}
+            record, line = lines.line(step, logs, run.loader.skipped, meter.figures(),
                                          lr=out.lr, logit_scale=capped_scale(run.raw_model.logit_scale).item(),
                                          grad_norm=out.grad_norm.item())
             run.log(line, record)
@@ -542,6 +555,7 @@ class Run:
                 missing_caption=args.missing_caption, resampled=args.resampled, num_samples=args.train_num_samples,
                 max_bad_fraction=args.max_bad_fraction, text_ext=args.text_ext, caption_ext=args.caption_ext,
                 truth=True)  # what the data record about their texts, if anything: gate quality is logged against it
+            self.log(self.loader.caption_report())
             steps_per_epoch = self.loader.steps_per_epoch // args.accum_steps
             if steps_per_epoch < 1:
                 raise data.UserError(f"--data {args.data}: one step needs {args.batch_size * world_size} x "
@@ -712,22 +726,68 @@ def resume(run):
               file=sys.stderr)
     if args.resume and path is None:
         run.log(f"--resume: no checkpoint in {args.output} yet, starting from scratch")
-    step = 0
+    step, run.segments = 0, [{"from_step": 0, "args": dict(vars(args))}]
     if path:
+        changed = resume_changes(args, ckpt, run.world_size, os.path.basename(path))
         for part, key in ((run.raw_model, "model"), (run.optimizer, "optimizer"), (run.scheduler, "scheduler"),
                           (run.scaler, "scaler"), (run.objective.gates, "gates"), (run.loader, "data")):
             part.load_state_dict(ckpt[key])
-        set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        set_rng_state(ckpt["rng"][run.rank])
         step = ckpt["step"]
+        run.segments = ckpt.get("segments") or [{"from_step": 0, "args": ckpt.get("args", {})}]
         run.log(f"resumed from {path} at step {step}")
+        if "lr" in changed:
+            set_base_lr(run, args.lr)  # the optimizer and schedule restored the checkpoint's
+        if changed:
+            run.segments = [*run.segments, {"from_step": step, "args": dict(vars(args))}]
+            run.log(f"--resume: from step {step}: " + ", ".join(f"--{k.replace('_', '-')} {now} (was {was})"
+                                                              for k, (was, now) in changed.items()))
     if run.master:
         name = args.wandb_name or os.path.basename(os.path.abspath(args.output))
         options = dict(project=args.wandb_project, name=name, tags=args.wandb_tags, config=vars(args),
                        resume=args.resume)
         run.metrics = evaluation.RunLog(args.output, step, args.report_to, options)
         with data.atomic_write(os.path.join(args.output, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "model": asdict(run.raw_model.config)}, f, indent=1)
+            json.dump({"args": vars(args), "model": asdict(run.raw_model.config), "segments": run.segments}, f,
+                      indent=1)
     return step
+
+
+# What a resume may change: each is applied from the resumed step on, said in one line and recorded as a new segment
+# of the run (config.json, the checkpoints). --lr sets the base rate; the schedule keeps its shape (warmup, cosine
+# over the same steps). Any other training flag, and the number of processes, is fixed: changing it would change
+# what the run is (data, model, objective, batch, schedule) or break its bit-exact continuation (the seed, the
+# precision, the loader's worker count, which orders the data), so a resume that changes it is refused.
+RESUME_MAY_CHANGE = {"lr", "grad_clip", "max_bad_steps", "max_bad_fraction", "kernel", "device", "compile",
+                     "grad_checkpointing", "log_every", "save_every", "keep", "eval_every", "eval_zeroshot",
+                     "eval_retrieval", "report_to", "wandb_project", "wandb_name", "wandb_tags", "debug"}
+NOT_OF_THE_RUN = {"resume", "output", "demo", "seeds", "bench", "bench_steps", "bench_ablate", "peak_tflops"}
+
+
+def resume_changes(args, ckpt, world_size, name):
+    """{flag: (the checkpoint's value, this run's)} for the flags a resume changes, all of RESUME_MAY_CHANGE; a
+    UserError naming the others, with the checkpoint's values. A checkpoint that predates a flag says nothing of it."""
+    saved = ckpt.get("args") or {}
+    changed = {k: (saved[k], v) for k, v in vars(args).items()
+               if k in saved and k not in NOT_OF_THE_RUN and saved[k] != v}
+    fixed = [f"--{k.replace('_', '-')} {now} (the checkpoint's: {was})" for k, (was, now) in changed.items()
+             if k not in RESUME_MAY_CHANGE]
+    if len(ckpt["rng"]) != world_size:
+        fixed.append(f"{world_size} process(es) (the checkpoint's: {len(ckpt['rng'])})")
+    if fixed:
+        raise data.UserError(f"--resume: {'; '.join(fixed)} would make {name}'s run another one (or not continue it "
+                             "exactly); resume it as it ran, or start a new run in another --output (--init from this "
+                             "one)")
+    return changed
+
+
+def set_base_lr(run, lr):
+    """The base learning rate from now on, at the schedule's current point (a resume's --lr)."""
+    sched = run.scheduler
+    sched.base_lrs = [lr] * len(run.optimizer.param_groups)
+    for group, factor in zip(run.optimizer.param_groups, sched.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
+    sched._last_lr = [group["lr"] for group in run.optimizer.param_groups]  # what get_last_lr() reports
 
 
 def save(run, step):
@@ -739,7 +799,7 @@ def save(run, step):
     state = {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "args": vars(run.args),
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "gates": run.objective.gates.state_dict(),
-             "data": run.loader.state_dict(), "rng": rngs, "step": step}
+             "data": run.loader.state_dict(), "rng": rngs, "step": step, "segments": run.segments}
     if run.master:  # written atomically: a crash or a full disk leaves the previous checkpoint intact
         path = os.path.join(run.args.output, f"ckpt-{step:08d}.pt")
         with data.atomic_write(path) as f:

@@ -128,21 +128,20 @@ class _CaptionImages(torch.utils.data.IterableDataset):
     worker reads each shard, in order, so that the shard's progress file is appended in order; a shard's counts
     travel with the batch that holds its last image."""
 
-    def __init__(self, shards, todo, captioned, image_processor, batch_size, dtype):
-        self.shards, self.todo, self.captioned = shards, todo, captioned
+    def __init__(self, shards, todo, captioned, image_processor, batch_size, dtype, first_holder):
+        self.shards, self.todo, self.captioned, self.first_holder = shards, todo, captioned, first_holder
         self.image_processor, self.min_side = image_processor, image_min_side(image_processor)
         self.batch_size, self.dtype = batch_size, dtype
 
     def _images(self, i, record):
         """(key, image) for each sample of shard i not captioned yet; the others are counted in record."""
-        seen, done, skipped = set(), self.captioned.get(i, ()), record["skipped"]
-        for sample in data.iter_samples([self.shards[i]], skipped):
+        done, skipped = self.captioned.get(i, ()), record["skipped"]
+        for sample in data.iter_samples([self.shards[i]], skipped, first_holder=self.first_holder):
             key = sample["__key__"]
             record["samples"] += 1
-            if key in seen:  # the training loader would give both samples the one caption
+            if sample.get("__duplicate__"):  # the training loader skips it too: one caption would serve both
                 skipped["duplicate_key"] += 1
                 continue
-            seen.add(key)
             if key in done:
                 record["resumed"] += 1
                 continue
@@ -300,9 +299,9 @@ def _check_settings(parts, settings):
 
 
 def _assemble(shards, parts, out):
-    """Write `out` from the progress files of a finished run: every key once (the first shard that holds it wins), in
-    the order of the shards and of their samples; the counts over all of them."""
-    seen, skipped, n = set(), collections.Counter(), 0
+    """Write `out` from the progress files of a finished run, in the order of the shards and of their samples (each key
+    once: the readers skipped the later holders of a key); the counts over all of them."""
+    skipped, n = collections.Counter(), 0
     with data.atomic_write(out) as f:
         for i, shard in enumerate(shards):
             marker, path = _part(parts, i, "done"), _part(parts, i, "jsonl")
@@ -314,14 +313,10 @@ def _assemble(shards, parts, out):
             with contextlib.suppress(FileNotFoundError), open(path, "rb") as part:
                 for lines, line in enumerate(part, 1):
                     try:
-                        key = json.loads(line)["key"]
+                        json.loads(line)["key"]
                     except (ValueError, KeyError, TypeError) as e:
                         raise data.UserError(f"{path}, line {lines}: damaged; remove it and {marker} to caption "
                                              f"{shard} again") from e
-                    if key in seen:
-                        skipped["duplicate_key"] += 1  # in another shard: the training loader joins by key alone
-                        continue
-                    seen.add(key)
                     f.write(line)
                     n += 1
             if lines != record.get("captions"):
@@ -422,7 +417,8 @@ def _caption_shards(shards, mine, parts, processor, model, settings, batch_size,
     workers = min(workers, len(mine))
     # Workers decode and preprocess; this process only generates. Out of order: a slow worker holds up no other.
     batches = iter(torch.utils.data.DataLoader(
-        _CaptionImages(shards, mine, captioned, processor.image_processor, batch_size, model.dtype), batch_size=None,
+        _CaptionImages(shards, mine, captioned, processor.image_processor, batch_size, model.dtype,
+                       data.duplicate_keys(data.key_index(shards), shards)), batch_size=None,
         num_workers=workers, pin_memory=model.device.type == "cuda", in_order=False,
         worker_init_fn=data.ignore_signals if workers else None))
     empty, seen, images, finished = collections.Counter(), {}, 0, []

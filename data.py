@@ -48,6 +48,7 @@ import time
 import traceback
 import warnings
 import weakref
+import zipfile
 import zlib
 from typing import NamedTuple
 
@@ -359,6 +360,12 @@ def find_shards(spec, every=False):
     shards = expand_shards(spec)
     missing = [s for s in shards if not os.path.exists(s)]
     if shards and (not missing or len(missing) < len(shards) and not every):
+        seen = {}
+        for shard in shards:  # its samples would count twice an epoch, keys and all
+            first = seen.setdefault(os.path.realpath(shard), shard)
+            if first is not shard:
+                raise UserError(f"{spec}: lists the shard {first} twice{f' (as {shard})' if shard != first else ''}; "
+                                "list each shard once")
         return shards
     if not shards:
         there = "no shards match it"
@@ -380,22 +387,33 @@ def _split_name(name):
     return os.path.join(dirname, stem) if dirname else stem, ext.lower()
 
 
-def iter_samples(shards, stats=None, failed_shards=None):
+def iter_samples(shards, stats=None, failed_shards=None, first_holder=None):
     """Yield {"__key__", "__shard__", ext: bytes, ...} for consecutive members sharing a key. Unreadable,
     empty or non-tar shards and tars cut off mid-member are counted in stats by reason, never raised;
-    failed_shards (a dict), when given, gets shard -> reason for each of them."""
+    failed_shards (a dict), when given, gets shard -> reason for each of them. A sample whose key an earlier one
+    holds, in its shard or (first_holder: duplicate_keys) in an earlier shard, comes marked "__duplicate__", for
+    parse_sample to skip and count: a captions file, joined by key, would give both one caption."""
     stats = collections.Counter() if stats is None else stats
     for shard in shards:
-        reason = yield from _iter_shard(shard)
+        reason = yield from _iter_shard(shard, first_holder or {})
         if reason:
             stats[reason] += 1
             if failed_shards is not None:
                 failed_shards[shard] = reason
 
 
-def _iter_shard(shard):
-    # Yields the shard's samples, then returns the reason it failed, or None.
-    sample, any_member = None, False
+def _iter_shard(shard, first_holder):
+    # Yields the shard's samples, then returns the reason it failed, or None. A member whose extension the sample
+    # holds already begins a new sample of the same key: two adjacent samples with one key stay two.
+    sample, any_member, seen = None, False, set()
+
+    def complete(sample):
+        key = sample["__key__"]
+        if key in seen or first_holder and first_holder.get(key_digest(key), shard) != shard:
+            sample["__duplicate__"] = True
+        seen.add(key)
+        return sample
+
     try:
         if os.path.getsize(shard) == 0:
             return "empty_shard"
@@ -407,8 +425,8 @@ def _iter_shard(shard):
                 if not ext or os.path.basename(key).startswith((".", "_")):
                     continue  # hidden files, __MACOSX, img2dataset's per-shard metadata
                 any_member = True
-                if sample is not None and sample["__key__"] != key:
-                    yield sample  # complete: a new key has begun
+                if sample is not None and (sample["__key__"] != key or ext in sample):
+                    yield complete(sample)  # complete: a new key, or the same key again, has begun
                     sample = None
                 if sample is None:
                     sample = {"__key__": key, "__shard__": shard}
@@ -424,7 +442,7 @@ def _iter_shard(shard):
         # and the sample being assembled is incomplete, so it is dropped.
         return "truncated_tar" if any_member else "not_a_tar"
     if sample is not None:
-        yield sample
+        yield complete(sample)
     return None
 
 
@@ -437,24 +455,10 @@ def read_json(path):
         return None
 
 
-def _count_tar(shard):
-    keys = set()
-    try:
-        with tarfile.open(shard, "r|*") as tar:
-            for member in tar:
-                key, ext = _split_name(member.name)
-                if member.isfile() and ext and not os.path.basename(key).startswith((".", "_")):
-                    keys.add(key)
-    except (OSError, tarfile.ReadError, EOFError, zlib.error):
-        pass  # broken shards count what they hold before the break; reading them counts the damage
-    return len(keys)
-
-
 def shard_sizes(shards):
     """Samples per shard (dict). Taken from sizes.json beside the shards (WebDataset), or img2dataset's
-    {shard}_stats.json ("successes"), else counted once and cached in .alip_sizes.json beside the
-    shards, or under ~/.cache/alip when that directory is read-only."""
-    sizes, todo = {}, collections.defaultdict(list)
+    {shard}_stats.json ("successes"), else from the key index (key_index)."""
+    sizes, todo = {}, []
     for shard in shards:
         d, base = os.path.split(os.path.abspath(shard))
         listing = read_json(os.path.join(d, "sizes.json")) or {}
@@ -464,35 +468,112 @@ def shard_sizes(shards):
         elif "successes" in stats:
             sizes[shard] = int(stats["successes"])
         else:
-            todo[d].append(shard)
-    for d, group in todo.items():
-        cache_paths = [os.path.join(d, ".alip_sizes.json"), os.path.join(
-            os.path.expanduser("~/.cache/alip"), hashlib.sha1(d.encode()).hexdigest()[:16] + ".json")]
-        cache = next((c for c in map(read_json, cache_paths) if c), {})
-        changed = False
-        for shard in group:
-            base = os.path.basename(shard)
-            try:
-                st = os.stat(shard)
-                stamp = [st.st_size, int(st.st_mtime)]
-            except OSError:
-                sizes[shard] = 0
-                continue
-            if base in cache and cache[base][1:] == stamp:
-                sizes[shard] = cache[base][0]
-            else:
-                sizes[shard] = _count_tar(shard)
-                cache[base] = [sizes[shard], *stamp]
-                changed = True
-        for path in cache_paths if changed else []:
+            todo.append(shard)
+    sizes.update((shard, len(entry["keys"])) for shard, entry in key_index(todo).items())
+    return sizes
+
+
+# -----------------------------------------------------------------------------
+# The key index: every sample's key and members, read once from each shard's tar headers (the data are skipped) and
+# cached beside the shards. It finds the keys that more than one shard holds, and tells before a run how many
+# samples a captions file covers.
+
+INDEX_VERSION = 1
+
+
+def key_digest(key):
+    """16 bytes that stand for a sample's key in the index (a chance collision: ~1e-24 among 15M keys)."""
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
+
+
+def _index_shard(shard):
+    """{"keys": (n,) 16-byte digests, "exts": the extensions seen, "masks": (n,) which of them each sample holds}, for
+    the samples in reading order, grouped as _iter_shard groups them; a broken shard: what it holds before the
+    break."""
+    keys, exts, masks, current, mask = [], {}, [], None, 0
+    try:
+        with tarfile.open(shard, "r:*") as tar:  # random access: the members' data are skipped, not read
+            for member in tar:
+                key, ext = _split_name(member.name)
+                if not member.isfile() or not ext or os.path.basename(key).startswith((".", "_")):
+                    continue
+                bit = 1 << exts.setdefault(ext, len(exts)) if len(exts) < 64 or ext in exts else 0
+                if key != current or mask & bit:
+                    if current is not None:
+                        keys.append(key_digest(current))
+                        masks.append(mask)
+                    current, mask = key, 0
+                mask |= bit
+    except (OSError, tarfile.ReadError, EOFError, zlib.error):
+        pass  # reading the shard counts the damage
+    if current is not None:
+        keys.append(key_digest(current))
+        masks.append(mask)
+    return {"keys": np.array(keys, dtype="S16"), "exts": np.array(list(exts), dtype=str),
+            "masks": np.array(masks, dtype=np.uint64)}
+
+
+def key_index(shards):
+    """{shard: _index_shard(shard)}, each read from its cache when the shard has not changed since (its size and
+    modification time), else from the tar and cached: in .alip_index/ beside the shard, or under ~/.cache/alip where
+    that folder is read-only."""
+    index = {}
+    for shard in shards:
+        d, base = os.path.split(os.path.abspath(shard))
+        try:
+            st = os.stat(shard)
+        except OSError:  # reading the shard counts it
+            index[shard] = _index_shard(shard)
+            continue
+        stamp = np.array([INDEX_VERSION, st.st_size, st.st_mtime_ns], dtype=np.int64)
+        caches = [os.path.join(d, ".alip_index", base + ".npz"), os.path.join(
+            os.path.expanduser("~/.cache/alip/index"), hashlib.sha1(d.encode()).hexdigest()[:16], base + ".npz")]
+        for path in caches:
+            with contextlib.suppress(OSError, ValueError, KeyError, zipfile.BadZipFile):
+                with np.load(path) as cached:
+                    if np.array_equal(cached["stamp"], stamp):
+                        index[shard] = {k: cached[k] for k in ("keys", "exts", "masks")}
+                        break
+        if shard in index:
+            continue
+        index[shard] = _index_shard(shard)
+        for path in caches:
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with atomic_write(path) as f:
-                    f.write(json.dumps(cache).encode())
+                    np.savez(f, stamp=stamp, **index[shard])
                 break
             except (OSError, UserError):  # a read-only shard folder: the next place
                 continue
-    return sizes
+    return index
+
+
+def duplicate_keys(index, shards):
+    """{digest: the first of `shards` that holds it} for each key that more than one of them holds."""
+    unique = [np.unique(index[s]["keys"]) for s in shards]
+    keys = np.concatenate(unique) if unique else np.array([], dtype="S16")
+    owner = np.repeat(np.arange(len(shards)), [len(u) for u in unique])
+    order = np.argsort(keys, kind="stable")  # a key's holders stay in shard order
+    keys, owner = keys[order], owner[order]
+    again = np.flatnonzero(keys[1:] == keys[:-1]) + 1  # the holders after the first
+    firsts = np.unique(np.searchsorted(keys, keys[again]))  # where each repeated key's holders begin
+    return {bytes(keys[i]): shards[owner[i]] for i in firsts}
+
+
+def caption_coverage(index, shards, captions=None, caption_ext="syn.txt"):
+    """How many samples of the shards have a caption, from the index: {"samples", "from_file" (None without a
+    captions dict, whose empty captions count as none), "in_shards" (samples with a {key}.caption_ext member),
+    "duplicates" (samples whose key an earlier one holds)}."""
+    keys = [index[s]["keys"] for s in shards]
+    every = np.concatenate(keys) if keys else np.array([], dtype="S16")
+    in_shards = sum(int(((e["masks"] >> np.uint64(list(e["exts"]).index(caption_ext))) & np.uint64(1)).sum())
+                    for e in map(index.get, shards) if caption_ext in list(e["exts"]))
+    found = None
+    if captions is not None:
+        have = np.array([key_digest(k) for k, c in captions.items() if c.strip()], dtype="S16")
+        found = int(np.isin(every, have).sum())
+    return {"samples": len(every), "from_file": found, "in_shards": in_shards,
+            "duplicates": len(every) - len(np.unique(every))}
 
 
 def load_captions(path):
@@ -518,14 +599,16 @@ def _text(sample, ext, reason, stats):
     raw = sample.get(ext)
     if raw is None:
         stats["missing_" + reason] += 1
-    elif not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats["bad_utf8_" + reason] += 1
+        return None
+    if not text.strip():
         stats["empty_" + reason] += 1
-    else:
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            stats["bad_utf8_" + reason] += 1
-    return None
+        return None
+    return text
 
 
 # What a data set may record about a sample's texts in its {key}.json (the demo set does), as the codes the
@@ -548,7 +631,11 @@ def parse_truth(sample):
 def parse_sample(sample, stats, captions=None, missing_caption="skip", min_side=0,
                  text_ext="txt", caption_ext="syn.txt"):
     """(image, text, caption) from a raw sample, or None with the reason counted in stats. The caption
-    comes from the side file when given, else from the tar; missing_caption="raw" uses the raw text."""
+    comes from the side file when given (it replaces the tar's), else from the tar; missing_caption="raw" uses the
+    raw text where there is none. An empty or blank caption counts as none, from either place (empty_caption)."""
+    if sample.get("__duplicate__"):  # see iter_samples
+        stats["duplicate_key"] += 1
+        return None
     image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if image_ext is None:
         stats["missing_image"] += 1
@@ -558,8 +645,9 @@ def parse_sample(sample, stats, captions=None, missing_caption="skip", min_side=
         return None
     if captions is not None:
         caption = captions.get(sample["__key__"])
-        if caption is None and missing_caption == "skip":
-            stats["missing_caption"] += 1
+        if missing_caption == "skip" and (caption is None or not caption.strip()):
+            stats["missing_caption" if caption is None else "empty_caption"] += 1
+        caption = caption if caption and caption.strip() else None
     else:
         # In "raw" mode an absent or broken caption is not a skip, so it is not counted.
         caption = _text(sample, caption_ext, "caption", stats if missing_caption == "skip" else collections.Counter())
@@ -642,7 +730,7 @@ class _BatchStream(torch.utils.data.IterableDataset):
             n = 0
             # The buffer is flushed at the end of each pass, so a pass is only read once the previous
             # one is used up and broken shards are counted once per pass actually needed.
-            raw = iter_samples(mine, stats, failed_shards)
+            raw = iter_samples(mine, stats, failed_shards, L.first_holder)
             if split:  # fewer shards than slots: split by sample index instead
                 raw = (s for i, s in enumerate(raw) if i % n_slots == slot)
             for sample in _shuffled(raw, rng):
@@ -743,6 +831,8 @@ class TrainLoader:
         if missing_caption not in ("skip", "raw"):
             raise ValueError(f"missing_caption must be 'skip' or 'raw', not {missing_caption!r}")
         self.shards = find_shards(spec)
+        index = key_index(self.shards)
+        self.first_holder = duplicate_keys(index, self.shards)
         self.sizes = {} if num_samples else shard_sizes(self.shards)
         self.num_samples = num_samples or sum(self.sizes.values())
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
@@ -751,6 +841,7 @@ class TrainLoader:
         self.captions = load_captions(captions) if self.captions_from else captions
         self.missing_caption, self.resampled, self.max_bad_fraction = missing_caption, resampled, max_bad_fraction
         self.text_ext, self.caption_ext, self.truth = text_ext, caption_ext, truth
+        self.coverage = caption_coverage(index, self.shards, self.captions, caption_ext)
         self.steps_per_epoch = self.num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise UserError(f"{spec}: {self.num_samples} samples in {len(self.shards)} shard(s), fewer than one "
@@ -762,16 +853,41 @@ class TrainLoader:
         self.epoch, self.start_batch = 0, 0
         self.skipped = collections.Counter()
         self._done_epochs_skipped = collections.Counter()  # counts of epochs finished before this one
+        self._worker_stats = {}  # this epoch's counts so far, by the logical worker that made them
+
+    def caption_report(self):
+        """One line for the start of a run: how many samples have a caption, and from where; a warning where few do
+        (from the key index: before any image is read)."""
+        c, n = self.coverage, max(self.coverage["samples"], 1)
+        if self.captions is not None:
+            found = c["from_file"]
+            where = (f"in {self.captions_from or 'the captions given'}, which replaces the shards' own "
+                     f".{self.caption_ext} (held by {c['in_shards']:,})")
+        else:
+            found, where = c["in_shards"], f"as {{key}}.{self.caption_ext} in the shards"
+        rest = {"skip": "are skipped (--missing-caption skip)",
+                "raw": "train on their raw text as caption (--missing-caption raw)"}[self.missing_caption]
+        line = f"captions: {found:,} of {c['samples']:,} samples ({found / n:.0%}) have one {where}; the others {rest}"
+        if c["duplicates"]:
+            line += f"; {c['duplicates']:,} have the key of an earlier sample and are skipped (duplicate_key)"
+        if found < 0.9 * c["samples"]:
+            line = (f"warning: {line}. Are the captions' keys the shards' keys (KEY of KEY.jpg)? `python data.py "
+                    "inspect SHARDS --captions FILE` shows them")
+        return line
 
     def state_dict(self):
         if self.start_batch >= self.steps_per_epoch:
             return {"epoch": self.epoch + 1, "batch": 0, "skipped": dict(self.skipped)}
-        return {"epoch": self.epoch, "batch": self.start_batch, "skipped": dict(self._done_epochs_skipped)}
+        # A worker's counts come with its batches; after a resume, those of a worker whose first batch is yet to
+        # come are the ones saved here, so that the counts go on as if the run had not stopped.
+        return {"epoch": self.epoch, "batch": self.start_batch, "skipped": dict(self._done_epochs_skipped),
+                "workers": {str(w): dict(c) for w, c in self._worker_stats.items()}}
 
     def load_state_dict(self, sd):
         self.epoch, self.start_batch = int(sd["epoch"]), int(sd["batch"])
         self._done_epochs_skipped = collections.Counter(sd.get("skipped", {}))
-        self.skipped = collections.Counter(self._done_epochs_skipped)
+        self._worker_stats = {int(w): collections.Counter(c) for w, c in sd.get("workers", {}).items()}
+        self.skipped = self._done_epochs_skipped + sum(self._worker_stats.values(), collections.Counter())
 
     def batches(self, device):
         """The batches on `device`, epoch after epoch (an epoch moves the position on to the next by itself).
@@ -787,7 +903,7 @@ class TrainLoader:
             _BatchStream(self), batch_size=None, num_workers=self.workers, persistent_workers=False,
             pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_signals))
         _LIVE_BATCHES.add(batches)
-        worker_stats = {}
+        worker_stats = self._worker_stats
         base = collections.Counter(self._done_epochs_skipped)
         try:
             for item in batches:
@@ -795,16 +911,16 @@ class TrainLoader:
                     raise item
                 batch, k, stats = item
                 assert k == self.start_batch, f"data: batch {k} arrived when {self.start_batch} was due"
-                worker_stats[k % W] = stats
-                self.skipped = base + sum(map(collections.Counter, worker_stats.values()), collections.Counter())
+                worker_stats[k % W] = collections.Counter(stats)
+                self.skipped = base + sum(worker_stats.values(), collections.Counter())
                 self.start_batch += 1
                 yield tuple(batch)
         finally:
             # However the epoch ends (done, an error here or in a worker, the caller closing this generator),
             # stop the workers now, not once the DataLoader's iterator is collected (see _stop_live_workers).
-            stop_workers(batches)
+            stop_workers(batches, then="continue with --resume (the last checkpoint is intact)")
         # The epoch is over: fold its counts in and move the position to the next epoch.
-        self._done_epochs_skipped = collections.Counter(self.skipped)
+        self._done_epochs_skipped, self._worker_stats = collections.Counter(self.skipped), {}
         self.epoch, self.start_batch = self.epoch + 1, 0
 
 
@@ -812,16 +928,29 @@ class TrainLoader:
 _LIVE_BATCHES = weakref.WeakSet()
 
 
-def stop_workers(batches):
-    """Stop the worker processes of a DataLoader's iterator now (the training loader's, stage one's)."""
+def stop_workers(batches, then="run the same command again to continue"):
+    """Stop the worker processes of a DataLoader's iterator now (the training loader's, stage one's). One that a
+    signal has ended already (the out-of-memory killer's SIGKILL, most often) is remembered first: the error torch
+    raises for it, wherever it lands, becomes one line that names the worker, the signal and what to do (`then`: how
+    the command continues; see run_command)."""
+    workers = getattr(batches, "_workers", [])  # none without workers
+    for i, worker in enumerate(workers):
+        if worker.exitcode is not None and worker.exitcode < 0 and not _LOST_WORKERS:
+            sig = signal.Signals(-worker.exitcode)
+            oom = ", most likely by the out-of-memory killer (see dmesg)" if sig == signal.SIGKILL else ""
+            _LOST_WORKERS.append(f"data loader worker {i} of {len(workers)} (PID {worker.pid}) was ended by {sig.name}"
+                                 f"{oom}; lower --workers or --batch-size, or give the job more memory, then {then}")
     # torch's own shutdown tells each worker to stop and joins it for up to 5 s, then sends SIGTERM, which ours
     # ignore: one still busy after that is killed, as its batch has no reader any more.
-    shutdown = getattr(batches, "_shutdown_workers", None)  # none without workers
+    shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
-        for worker in batches._workers:
+        for worker in workers:
             if worker.is_alive():
                 worker.kill()
+
+
+_LOST_WORKERS = []  # what stop_workers found: a loader worker that a signal ended
 
 
 @atexit.register
@@ -1099,7 +1228,7 @@ def inspect(spec, captions=None, missing_caption="skip", previews=3):
     caps = load_captions(captions) if isinstance(captions, (str, os.PathLike)) else captions
     stats, coverage, shown = collections.Counter(), collections.Counter(), []
     usable = total = 0
-    for sample in iter_samples(shards, stats):
+    for sample in iter_samples(shards, stats, first_holder=duplicate_keys(key_index(shards), shards)):
         total += 1
         coverage.update(e for e in sample if not e.startswith("__"))
         if caps is not None:
@@ -1337,6 +1466,11 @@ def run_command(main, argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:
+        if _LOST_WORKERS:  # what torch says of a worker that a signal ended ("exited unexpectedly"), in one line
+            if debug:
+                traceback.print_exc()
+            print(f"error: {_LOST_WORKERS[0]}", file=sys.stderr)
+            sys.exit(2)
         if not _peer_lost(e):
             raise
         sys.stdout.flush()
@@ -1561,10 +1695,12 @@ class _Recorder:
 
 def lock_directory(path, flag=None):
     """Hold an exclusive lock on the folder `path` (given by `flag`, if one) for as long as this process keeps the
-    returned file open: a second process is refused in one line naming the holder's PID. The lock is the kernel's
-    (flock), so it ends with the process, however it ends (kill -9 too), and never needs clearing by hand. Creating
-    the lock file is also the first write into `path`, so a folder that cannot be written to is found here. Holding
-    it, the temp files of a write that a kill cut short are deleted."""
+    returned file open: a second process is refused in one line naming the holder's PID. The lock is a POSIX record
+    lock (lockf), which the kernel ties to the process that took it: it ends with that process however it ends (kill
+    -9 too), whatever its children do (loader workers, forked with the file open, do not hold it), and never needs
+    clearing by hand. Where the file system has no locks (some network file systems), a warning says so once and the
+    run goes on unguarded. Creating the lock file is also the first write into `path`, so a folder that cannot be
+    written to is found here. Holding it, the temp files of a write that a kill cut short are deleted."""
     lock = os.path.join(path, ".lock")
     try:
         os.makedirs(path, exist_ok=True)
@@ -1572,19 +1708,29 @@ def lock_directory(path, flag=None):
     except OSError as e:
         raise write_error(lock if os.path.isdir(path) else path, e, flag) from e
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # held by another process: EAGAIN or EACCES, as the system says it
         f.seek(0)
         holder = f.read().strip() or "a process that has not written its PID yet"
         f.close()
         raise UserError(f"{flag + ' ' if flag else ''}{path} is in use by another run ({holder}); wait for it to end, "
-                        "or choose another folder")
+                        "or choose another folder") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise write_error(lock, e, flag) from e
+        if path not in _UNLOCKED:
+            _UNLOCKED.add(path)
+            print(f"warning: {flag + ' ' if flag else ''}{path}: this file system does not lock files ({e.strerror}),"
+                  " so nothing keeps a second run out of it: make sure that one runs at a time", file=sys.stderr)
     f.seek(0)
     f.truncate()
     f.write(f"PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     clear_atomic_temps(path)  # nobody else writes here now
     return f
+
+
+_UNLOCKED = set()  # folders whose file system refused a lock: warned about once
 
 
 def write_error(path, e, flag=None):
@@ -1711,6 +1857,10 @@ def main(argv=None):
         print(f"{r['shards']} shards, {r['samples']} samples, {r['usable']} usable", file=table)
         for reason, n in sorted(r["skipped"].items(), key=lambda kv: -kv[1]):
             print(f"  skipped {reason}: {n}", file=table)
+        if r["skipped"].get("duplicate_key"):
+            print(f"  {r['skipped']['duplicate_key']} samples have the key of an earlier sample (in their shard or an "
+                  "earlier one): a captions file, joined by key, would give them its caption, so training and stage "
+                  "one skip them too", file=table)
         print("coverage: " + ", ".join(f"{k} {v:.1%}" for k, v in r["coverage"].items()), file=table)
         for s in r["previews"]:
             print(f"  {s['key']} {s['size'][0]}x{s['size'][1]} text={s['text']!r} caption={s['caption']!r}", file=table)

@@ -245,8 +245,11 @@ def summary(record, skipped=None):
         return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
     parts.append(f"loss {r['loss']:.4f}")
     if "loss_caption" in r:  # ALIP's two paths and gates; the CLIP baseline has neither
-        parts.append(f"(raw {r['loss_raw']:.3f} cap {r['loss_caption']:.3f}) w_s {r['w_s']:.3f} w_t {r['w_t']:.3f} "
-                     f"w_c {r['w_c']:.3f} H_tc {r['H_tc']:.3f} H_xt {r['H_xt']:.3f} H_xc {r['H_xc']:.3f}")
+        plain = (f"; unweighted {r['loss_raw_unweighted']:.3f} / {r['loss_caption_unweighted']:.3f}"
+                 if "loss_raw_unweighted" in r else "")
+        parts.append(f"(raw {r['loss_raw']:.3f} cap {r['loss_caption']:.3f}{plain}) w_s {r['w_s']:.3f} "
+                     f"w_t {r['w_t']:.3f} w_c {r['w_c']:.3f} H_tc {r['H_tc']:.3f} H_xt {r['H_xt']:.3f} "
+                     f"H_xc {r['H_xc']:.3f}")
     parts.append(f"scale {r['logit_scale']:.1f} lr {r['lr']:.2e} {r['samples_per_s']:.0f} samples/s")
     if skipped:
         common = sorted(skipped.items(), key=lambda kv: -kv[1])
@@ -490,8 +493,8 @@ def _progress(progress, what, done, final=False):
     """Feature extraction's progress line (data.Progress): `what` done so far, of how many, at what rate."""
     if final or progress.due():
         rate, eta = progress.measure(done)
-        of = f"/{progress.total}" if progress.total else ""
-        progress.show(f"{what}: {done}{of}, {rate:.0f}/s, ETA {data.duration(eta)}", final)
+        left = f", ETA {data.duration(eta)}" if progress.total else ""
+        progress.show(f"{what}: {done}{f'/{progress.total}' if progress.total else ''}, {rate:.0f}/s{left}", final)
 
 
 def _loaded_batches(samples, load, batch_size, workers):
@@ -724,6 +727,8 @@ def linear_probe(model, train, test, *, batch_size=256, workers=0, device=None, 
 # panels of fractions (UNIT_PANELS) keep the axis 0..1.
 PANELS = [
     ("loss", [("loss_raw", "raw-text path"), ("loss_caption", "caption path")]),
+    ("loss, every gate weight 1", [("loss_raw_unweighted", "raw-text path"), ("loss_caption_unweighted",
+                                                                               "caption path")]),
     ("mean gate weights", [("w_s", "w_s (LCG)"), ("w_t", "w_t (DCG, raw text)"), ("w_c", "w_c (DCG, caption)")]),
     ("running means H", [("H_tc", "H_tc"), ("H_xt", "H_xt"), ("H_xc", "H_xc")]),
     ("logit scale", [("logit_scale", "exp(s)")]),

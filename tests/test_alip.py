@@ -256,6 +256,24 @@ def test_alip_loss_is_two_weighted_paths(mode):
     torch.testing.assert_close(weights[0], w_s, rtol=1e-9, atol=0)
 
 
+def test_the_unweighted_losses_are_eq5_with_every_weight_1():
+    """What each log line reports beside the gate-weighted loss: on the hand-worked batch, each path's float64 loss
+    with all weights 1; the gates' running means are left as they were."""
+    x, t, c = gate_features()
+    s = torch.tensor(1 / 0.07, dtype=torch.float64)
+    gates = alip.Gates()
+    weights = gates(x, t, c)
+    H = [h.clone() for h in gates.buffers()]
+    run = SimpleNamespace(objective=alip.Objective(gates))
+    got = alip.unweighted_losses(run, SimpleNamespace(feats=(x, t, c), scale=s, weights=weights))
+    ones = torch.ones(3, dtype=torch.float64)
+    for key, k in (("loss_raw_unweighted", t), ("loss_caption_unweighted", c)):
+        want = loss_float64(x, k, s.item(), ones, x, k, 0)
+        assert abs(got[key].item() - want.item()) < 1e-12 * abs(want.item()), (key, got[key].item(), want.item())
+    assert all(torch.equal(a, b) for a, b in zip(gates.buffers(), H))
+    assert alip.unweighted_losses(run, SimpleNamespace(feats=(x, t, None), scale=s, weights=None)) == {}
+
+
 def step_on(model, micro):
     """train_step on a run of model alone (float64, CPU, SGD at lr 1, no clipping): (the Step, the gradient as the
     update -lr * grad moved the parameters, the gates' running means after)."""

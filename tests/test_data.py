@@ -196,7 +196,7 @@ def test_shard_sizes_sources(tmp_path):
     d = _shards(tmp_path / "s", 2, 3)
     shards = data.expand_shards(d)
     assert data.shard_sizes(shards) == {shards[0]: 3, shards[1]: 3}  # counted, then cached
-    assert os.path.exists(os.path.join(d, ".alip_sizes.json"))
+    assert sorted(os.listdir(os.path.join(d, ".alip_index"))) == ["00000.tar.npz", "00001.tar.npz"]
     with open(os.path.join(d, "00000_stats.json"), "w") as f:
         json.dump({"successes": 7}, f)  # img2dataset's per-shard stats win over counting
     assert data.shard_sizes(shards)[shards[0]] == 7
@@ -701,3 +701,85 @@ def test_truth_codes_from_metadata():
     assert data.parse_truth({}) == [-1, -1]
     assert data.parse_truth({"json": b"not json"}) == data.parse_truth({"json": b"[1, 2]"}) == [-1, -1]
     assert data.parse_truth({"json": b'{"raw_text": "other_image", "caption": "maybe"}'}) == [1, -1]
+
+
+# --- data mean what they say: empty captions, keys, coverage
+
+def _side_file(path, rows):
+    with open(path, "w") as f:
+        f.write("".join(json.dumps({"key": k, "caption": c}) + "\n" for k, c in rows))
+    return str(path)
+
+
+def test_an_empty_caption_is_skipped_and_counted_from_a_file_as_from_a_shard(tmp_path):
+    d = _shards(tmp_path / "s", 1, 6, caption=False)
+    blank = {"jpg": _jpeg(9), "txt": b"t", "syn.txt": " \u3000\n".encode()}  # an ideographic space too
+    data.write_tar(os.path.join(d, "00001.tar"), [("blank", blank)])
+    caps = _side_file(tmp_path / "caps.jsonl", [("000000", "a caption"), ("000001", ""), ("000002", " \t "),
+                                                 *((f"{i:06d}", f"caption {i}") for i in range(3, 6))])
+    from_file = data.inspect(os.path.join(d, "00000.tar"), captions=caps)
+    assert from_file["usable"] == 4 and from_file["skipped"] == {"empty_caption": 2}, from_file
+    from_shard = data.inspect(os.path.join(d, "00001.tar"))  # unicode blanks in a shard's .syn.txt
+    assert from_shard["usable"] == 0 and from_shard["skipped"] == {"empty_caption": 1}, from_shard
+    # with --missing-caption raw, a sample without a caption trains on its raw text, from either place
+    loader = data.TrainLoader(os.path.join(d, "00000.tar"), image_size=16, batch_size=6, workers=0, captions=caps,
+                              missing_caption="raw")
+    _, _, caption = next(iter(loader))
+    want = ["a caption", "sample 1", "sample 2", *(f"caption {i}" for i in range(3, 6))]
+    assert sorted(caption.tolist()) == sorted(data.tokenize(want).tolist())
+
+
+def _keyed(key, seed):
+    return key, {"jpg": _jpeg(seed), "txt": f"text of {key} {seed}".encode(), "syn.txt": f"cap {seed}".encode()}
+
+
+def test_a_key_held_twice_is_skipped_and_counted_in_a_shard_and_across_shards(tmp_path):
+    """Samples after the first with a key: adjacent in a shard (once merged into one sample), further on in it, or in
+    a later shard. inspect, the training loader and the key index count them alike."""
+    d = tmp_path / "s"
+    os.makedirs(d)
+    data.write_tar(str(d / "00000.tar"), [_keyed("a", 0), _keyed("a", 1), _keyed("b", 2), _keyed("c", 3),
+                                          _keyed("b", 4), _keyed("d", 5)])
+    data.write_tar(str(d / "00001.tar"), [_keyed("e", 6), _keyed("c", 7), _keyed("f", 8), _keyed("g", 9)])
+    r = data.inspect(str(d))
+    assert r["samples"] == 10 and r["usable"] == 7 and r["skipped"] == {"duplicate_key": 3}, r
+    loader = data.TrainLoader(str(d), image_size=16, batch_size=7, workers=0)
+    assert loader.num_samples == 10 and loader.coverage["duplicates"] == 3
+    _, text, _ = next(iter(loader))
+    got = sorted(data.tokenize([f"text of {k} {s}" for k, s in
+                                (("a", 0), ("b", 2), ("c", 3), ("d", 5), ("e", 6), ("f", 8), ("g", 9))]).tolist())
+    assert sorted(text.tolist()) == got, "each key's first sample, and only it"
+    assert "3 have the key of an earlier sample" in loader.caption_report()
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path):
+    d = _shards(tmp_path / "s", 2, 3)
+    with pytest.raises(data.UserError, match="lists the shard .*00000.tar twice"):
+        data.find_shards(f"{d}::{d}/00000.tar")
+
+
+def test_the_run_says_how_many_samples_found_a_caption_and_which_wins(tmp_path):
+    d = _shards(tmp_path / "s", 2, 5)  # every sample has its own .syn.txt
+    elsewhere = _side_file(tmp_path / "other.jsonl", [(f"x{i}", "x") for i in range(10)])
+    loader = data.TrainLoader(d, image_size=16, batch_size=5, workers=0, captions=elsewhere, missing_caption="raw")
+    line = loader.caption_report()
+    assert line.startswith("warning: captions: 0 of 10 samples (0%)") and "raw text as caption" in line, line
+    assert "replaces the shards' own .syn.txt (held by 10)" in line, line
+    ours = _side_file(tmp_path / "ours.jsonl", [(f"{i:06d}", f"file caption {i}") for i in range(9)])
+    loader = data.TrainLoader(d, image_size=16, batch_size=9, workers=0, captions=ours)
+    line = loader.caption_report()
+    assert line.startswith("captions: 9 of 10 samples (90%) have one in") and "are skipped" in line, line
+    _, _, caption = next(iter(loader))
+    assert sorted(caption.tolist()) == sorted(data.tokenize([f"file caption {i}" for i in range(9)]).tolist())
+    line = data.TrainLoader(d, image_size=16, batch_size=5, workers=0).caption_report()
+    assert line.startswith("captions: 10 of 10 samples (100%) have one as {key}.syn.txt in the shards"), line
+
+
+def test_a_file_system_without_locks_warns_once_and_goes_on(tmp_path, monkeypatch, capsys):
+    def refuse(f, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(data.fcntl, "lockf", refuse)
+    held = [data.lock_directory(str(tmp_path / "out"), "--output") for _ in range(2)]
+    err = capsys.readouterr().err
+    assert err.count("warning: --output") == 1 and "does not lock files" in err, err
+    assert all(not f.closed for f in held) and "PID" in (tmp_path / "out" / ".lock").read_text()

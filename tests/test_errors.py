@@ -242,9 +242,10 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def good_run(inputs, server, tmp_path_factory):
-    """One step of `tiny` and its checkpoint."""
+    """Three steps of `tiny` and a checkpoint after each: resumes from the first (same flags) continue the run."""
     out = tmp_path_factory.mktemp("good_run")
-    argv = [a.format(train=inputs / "train", out=out) for a in TRAIN] + ["--log-every", "1"]
+    argv = [a.format(train=inputs / "train", out=out) for a in TRAIN] + ["--steps", "3", "--log-every", "1",
+                                                                         "--save-every", "1"]
     server.stdin.write(json.dumps({"argv": argv, "out": str(out / "stdout"), "err": str(out / "stderr"),
                                    "timeout": 120}) + "\n")
     server.stdin.flush()
@@ -369,7 +370,7 @@ def test_resume_moves_bad_newer_checkpoints_aside(run, inputs, good_run, tmp_pat
     bad[5] = (out / "ckpt-00000005.pt").read_bytes()
 
     argv = [a.format(train=inputs / "train", out=out) for a in TRAIN]
-    r = run(*argv, "--steps", "2", "--log-every", "1", "--resume")
+    r = run(*argv, "--steps", "3", "--log-every", "1", "--save-every", "1", "--resume")
     assert r.status == 0, r.stderr[-3000:]
     assert f"resumed from {out / 'ckpt-00000001.pt'} at step 1" in r.stdout, r.stdout
     for step, content in bad.items():
@@ -377,10 +378,10 @@ def test_resume_moves_bad_newer_checkpoints_aside(run, inputs, good_run, tmp_pat
         assert name in r.stderr, r.stderr
         assert (out / (name + ".bad")).read_bytes() == content, os.listdir(out)  # kept as it was
     assert "another architecture" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert sorted(p for p in os.listdir(out) if p.endswith(".pt")) == ["ckpt-00000001.pt", "ckpt-00000002.pt"]
+    assert sorted(p for p in os.listdir(out) if p.endswith(".pt")) == [f"ckpt-0000000{i}.pt" for i in (1, 2, 3)]
     assert torch.load(out / "ckpt-00000002.pt", weights_only=True)["step"] == 2  # written by the resumed run
     with open(out / "metrics.jsonl") as f:
-        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2]
+        assert [json.loads(line)["step"] for line in f if '"loss"' in line] == [1, 2, 3]
 
 
 # --- a machine's faults: a full disk, an unwritable --output, two runs at once, a reader that goes away
@@ -433,8 +434,16 @@ def test_a_second_run_into_the_same_output_is_refused_naming_the_first(run, inpu
         os.killpg(first.pid, signal.SIGKILL)  # a lost node: its lock goes with it
         first.wait()
     (out / "ckpt-00000009.pt.tmp4242").write_bytes(b"\0" * 4096)  # what a kill in the middle of a save leaves
-    r = run(*argv, "--resume", "--steps", "2")
-    assert r.status == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    last = alip.latest_checkpoint(str(out))
+    again = subprocess.Popen([sys.executable, *argv, "--steps", "100000", "--resume"], cwd=ROOT,
+                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while alip.latest_checkpoint(str(out)) == last and again.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    again.send_signal(signal.SIGTERM)  # it saves and stops
+    stdout, stderr = again.communicate(timeout=120)
+    assert again.returncode == 0 and "resumed from" in stdout, stderr[-3000:]
     assert not (out / "ckpt-00000009.pt.tmp4242").exists(), "the lock's holder clears a killed save's temp file"
 
 
