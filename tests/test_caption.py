@@ -6,6 +6,7 @@ transformers cannot be imported into a process that has imported this repository
 tests/test_kernels.py): everything that needs it runs in processes of its own. Commands run in forks of a fork server
 that has imported transformers once (see tests/forkserver.py), or as fresh processes where a test needs to kill one or
 to limit its file sizes."""
+import contextlib
 import importlib.util
 import io
 import itertools
@@ -358,3 +359,28 @@ def test_a_second_job_into_the_same_file_is_refused_naming_the_first(made, run, 
         held.close()
     assert status == 2 and f"PID {os.getpid()}" in stderr and "--out" in stderr, stderr[-3000:]
     assert len(stderr.strip().splitlines()) == 1 and seconds < 30, stderr
+
+
+def test_a_loader_worker_killed_by_sigkill_is_one_line(made, tmp_path):
+    """What the out-of-memory killer does to a worker: one line naming it, exit status 2, the progress kept."""
+    out, parts = tmp_path / "caps.jsonl", tmp_path / "caps.jsonl.parts"
+    proc = subprocess.Popen([sys.executable, *caption_argv(made, out, "--batch-size", "1", "--workers", "2")],
+                            cwd=ROOT, env=ENV, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline, workers = time.time() + 120, []
+    while len(workers) < 2 and proc.poll() is None and time.time() < deadline:  # the loader has started
+        time.sleep(0.01)
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            workers = [int(p) for p in f.read().split()]
+    assert len(workers) == 2, (workers, proc.poll())
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert last.startswith(f"error: data loader worker 0 of 2 (PID {workers[0]}) was ended by SIGKILL"), last
+    assert last.endswith("then run the same command again to continue"), last
+    assert os.path.exists(parts / "settings.json") and not os.path.exists(out)
