@@ -181,7 +181,7 @@ FLAG_ROWS = [
     ("eval-batch-size-0", EVAL + ["--checkpoint", "ck.pt", "--batch-size", "0"], "--batch-size"),
 ]
 MAINS = {"alip.py": alip.parse_args, "data.py": data.main,
-         "eval.py": lambda argv: evaluation.main(argv, load_model=None, choose_precision=None)}
+         "eval.py": lambda argv: evaluation.main(argv, load_model=None, choose_precision=None, presets=None)}
 
 
 @pytest.mark.parametrize("row, argv, flag", FLAG_ROWS, ids=[r[0] for r in FLAG_ROWS])
