@@ -24,7 +24,8 @@ Dataset layouts, told apart by the path:
 --split picks the CIFAR or Karpathy split (default test); for the other layouts the path is the split.
 
 Features are computed under the autocast dtype the caller passes (dtype=None: fp32); the command line
-takes it from alip.choose_precision, as training does (bf16 on CUDA, fp32 on the CPU).
+takes it from --precision (default fp32, the ALIP authors' protocol) through alip.choose_precision, the
+one precision policy of training and evaluation, and records it in its output.
 
 Templates hold the class name as "{c}" (CLIP_benchmark's placeholder); it is substituted with
 str.replace, so class names with braces are safe. Ties in any ranking go to the lower index, exactly as
@@ -1294,8 +1295,8 @@ def _report(title, metrics, info, as_json):
 
 
 def main(argv=None, *, load_model, choose_precision, presets):
-    """The command line; load_model(path, name, quick_gelu), choose_precision(device, "auto") and the presets are
-    alip's."""
+    """The command line; load_model(path, name, quick_gelu), choose_precision(device, precision) and the presets
+    are alip's."""
     parser = data.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     weights = data.ArgumentParser(add_help=False)
@@ -1307,6 +1308,9 @@ def main(argv=None, *, load_model, choose_precision, presets):
     common.add_argument("--batch-size", type=data.positive_int, default=256)
     common.add_argument("--workers", type=data.nonnegative_int, default=4, help="image-decoding threads")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="autocast of the forward passes: fp32 is the ALIP authors' protocol; bf16 and fp16 are "
+                        "faster on a GPU and move the features by their rounding")
     common.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
 
     p = commands.add_parser("zeroshot", parents=[common], help="zero-shot classification")
@@ -1352,7 +1356,7 @@ def main(argv=None, *, load_model, choose_precision, presets):
     if args.command == "export":
         export(model, args.format, args.out, presets)
         return
-    dtype, _ = choose_precision(torch.device(args.device), "auto")
+    dtype, _ = choose_precision(torch.device(args.device), args.precision)
     common_kw = dict(batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=dtype)
     if args.command == "zeroshot":
         metrics, info = _zeroshot(model, args.dataset, args.classnames, args.templates, split=args.split,
@@ -1366,7 +1370,8 @@ def main(argv=None, *, load_model, choose_precision, presets):
         info = {"train": args.train, "test": args.test,
                 "num_train": metrics.pop("num_train"), "num_test": metrics.pop("num_test")}
         title = f"linear probe {args.train} -> {args.test}"
-    _report(title, metrics, {"task": args.command, "checkpoint": args.checkpoint, **info}, args.json)
+    _report(title, metrics, {"task": args.command, "checkpoint": args.checkpoint, "precision": args.precision, **info},
+            args.json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The model where CLIP models are used: checkpoints that open_clip reads, eval.py export's open_clip state dict and
-Hugging Face folder. What open_clip builds comes from open_clip itself, recorded once in
-tests/data/openclip_export.json; what transformers does comes from transformers."""
+Hugging Face folder, and --precision on the evaluation commands. What open_clip builds comes from open_clip itself,
+recorded once in tests/data/openclip_export.json; what transformers does comes from transformers."""
 import contextlib
 import html
 import importlib.util
@@ -259,3 +259,57 @@ def test_a_failed_export_write_is_one_line_and_leaves_nothing(fmt, tmp_path):
         main(["export", tmp_path / "run", "--format", fmt, "--out", out])
     assert "\n" not in str(e.value) and "File too large" in str(e.value)
     assert os.listdir(tmp_path) == ["run"]
+
+
+# --- --precision ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    images = random_images([(40, 30)] * 8)
+    for i, img in enumerate(images):
+        os.makedirs(root / "folder" / f"class{i % 2}", exist_ok=True)
+        img.save(root / "folder" / f"class{i % 2}" / f"{i}.png")
+    samples = []
+    for i, img in enumerate(images):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        samples.append((f"{i:05d}", {"png": buf.getvalue(), "txt": f"picture number {i}".encode()}))
+    os.makedirs(root / "shards")
+    data.write_tar(str(root / "shards" / "00000.tar"), samples)
+    run = root / "run"
+    save_run(randomized(), run)
+    return {"run": str(run), "folder": str(root / "folder"), "shards": str(root / "shards")}
+
+
+COMMANDS = {"zeroshot": ["--dataset", "{folder}", "--templates", "simple"],
+            "retrieval": ["--dataset", "{shards}"],
+            "linear-probe": ["--train", "{folder}", "--test", "{folder}"]}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_precision_is_applied_and_recorded_on_every_evaluation_command(command, datasets, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--precision {fp32,bf16,fp16}" in capsys.readouterr().out.replace("\n", " ")
+    seen = []
+    autocast = ev.autocast
+    monkeypatch.setattr(ev, "autocast", lambda device, dtype: seen.append(dtype) or autocast(device, dtype))
+    argv = [command, "--checkpoint", datasets["run"], *[a.format(**datasets) for a in COMMANDS[command]],
+            "--json", "--workers", "0", "--device", "cpu"]
+    for flag, dtype in [([], None), (["--precision", "bf16"], torch.bfloat16),
+                        (["--precision", "fp16"], torch.float16)]:
+        seen.clear()
+        main(argv + flag)
+        result = json.loads(capsys.readouterr().out)
+        assert result["precision"] == (flag[1] if flag else "fp32")
+        assert seen and set(seen) == {dtype}, seen
+
+
+def test_precision_help_gives_the_default_and_its_reason(capsys):
+    with pytest.raises(SystemExit):
+        main(["zeroshot", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "fp32 is the ALIP authors' protocol" in text and "(default: fp32)" in text
+    with pytest.raises(data.UserError, match="--precision"):
+        main(["zeroshot", "--checkpoint", "x", "--dataset", "y", "--precision", "tf32"])
