@@ -796,7 +796,10 @@ def save(run, step):
     if run.world_size > 1:
         rngs = [None] * run.world_size
         dist.all_gather_object(rngs, rng_state())
-    state = {"model": run.raw_model.state_dict(), "config": asdict(run.raw_model.config), "args": vars(run.args),
+    weights = run.raw_model.state_dict()
+    # "state_dict" holds the same dict again, where open_clip's load_checkpoint looks: pickle writes a dict it has
+    # written before as a reference, so the tensors are in the file once.
+    state = {"model": weights, "state_dict": weights, "config": asdict(run.raw_model.config), "args": vars(run.args),
              "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "scaler": run.scaler.state_dict(), "gates": run.objective.gates.state_dict(),
              "data": run.loader.state_dict(), "rng": rngs, "step": step, "segments": run.segments}

@@ -83,7 +83,7 @@ def _byte_chars():
 
 
 @functools.lru_cache(maxsize=None)
-def _vocab():
+def bpe_vocab():
     with gzip.open(os.path.join(ASSETS, "bpe_simple_vocab_16e6.txt.gz"), "rt", encoding="utf-8") as f:
         # First line is a version header; CLIP uses the first 49152 - 256 - 2 merges so that
         # 256 bytes + 256 end-of-word bytes + merges + 2 specials = 49408 ids.
@@ -96,7 +96,7 @@ def _vocab():
 
 @functools.lru_cache(maxsize=1 << 18)  # web text repeats words a lot; BPE per word is the slow part
 def _bpe(word):
-    encoder, ranks = _vocab()
+    encoder, ranks = bpe_vocab()
     if word in ("<start_of_text>", "<end_of_text>"):
         return (encoder[word],)
     chars = _byte_chars()
@@ -1008,15 +1008,15 @@ def new_data_dir(out_dir, overwrite=False, inputs=()):
     if other:
         raise UserError(f"{out_dir} holds more than shards (e.g. {other[0]!r}); --overwrite replaces only a "
                         "directory of shards and their .json files: choose another directory")
-    tmp = _temp_beside(out_dir)
+    tmp = temp_beside(out_dir)
     try:
         yield tmp
-        _swap_in(tmp, out_dir)
+        swap_in(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when swapped in
 
 
-def _temp_beside(path):
+def temp_beside(path):
     """A new empty directory beside path, hidden, on the same file system (renaming it to path is atomic), with the
     permissions of path, or those a new directory gets. Those a killed process of this host left are removed first:
     their names hold the host and the PID, which no longer runs."""
@@ -1051,7 +1051,7 @@ def _running(pid):
     return True
 
 
-def _swap_in(new, path):
+def swap_in(new, path):
     """Rename the complete directory `new` to path. A path that holds files is renamed aside first and removed
     after: a crash between the two renames leaves the old content whole beside it, as {new}.old."""
     try:
@@ -1197,7 +1197,7 @@ def write_demo(out_dir, seed=0):
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(marker):
         raise UserError(f"{out_dir} exists and is not a demo dataset (it has no .complete); not overwriting it: "
                         "move it away or choose another directory")
-    tmp = _temp_beside(out_dir)
+    tmp = temp_beside(out_dir)
     try:
         for split, n, n_shards in (("train", DEMO_TRAIN, DEMO_SHARDS), ("test", DEMO_TEST, 1)):
             os.makedirs(os.path.join(tmp, split))
@@ -1208,7 +1208,7 @@ def write_demo(out_dir, seed=0):
             json.dump(want, f)
         if read_json(marker) != want:  # else another process (e.g. a second rank) finished first
             try:
-                _swap_in(tmp, out_dir)
+                swap_in(tmp, out_dir)
             except UserError:
                 if read_json(marker) != want:  # another process's copy, swapped in meanwhile, is as good
                     raise

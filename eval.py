@@ -8,6 +8,8 @@ lines, metrics.jsonl and the TensorBoard / W&B reporters) and curves; the compar
     python eval.py linear-probe --checkpoint runs/alip --train /data/cifar-10-batches-py \\
         --test /data/cifar-10-batches-py
     python eval.py plot runs/demo/clip runs/demo/alip          # curves of one or more runs, overlaid
+    python eval.py export runs/alip --format open_clip --out alip.pt   # for open_clip.create_model(NAME, pretrained=)
+    python eval.py export runs/alip --format hf --out alip-hf/         # for transformers' CLIPModel.from_pretrained
 
 Each prints a table; with --json, stdout is one JSON object (metrics as fractions) and the table goes to stderr.
 --checkpoint takes a run directory (its latest checkpoint), a ckpt-*.pt file, or an OpenAI / open_clip /
@@ -23,7 +25,8 @@ Dataset layouts, told apart by the path:
 --split picks the CIFAR or Karpathy split (default test); for the other layouts the path is the split.
 
 Features are computed under the autocast dtype the caller passes (dtype=None: fp32); the command line
-takes it from data.choose_compute, as training does (bf16 on CUDA, fp32 on the CPU).
+takes it from --precision (default fp32, the ALIP authors' protocol) through data.choose_compute, the
+one device and precision choice of every command, and records it in its output.
 
 Templates hold the class name as "{c}" (CLIP_benchmark's placeholder); it is substituted with
 str.replace, so class names with braces are safe. Ties in any ranking go to the lower index, exactly as
@@ -31,12 +34,14 @@ a stable descending sort would order them, so every metric is deterministic.
 """
 import collections
 import contextlib
+import dataclasses
 import importlib
 import json
 import math
 import os
 import pickle
 import re
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -1081,22 +1086,195 @@ class RunLog:
 
 
 # -----------------------------------------------------------------------------
+# export: the model in open_clip's and Hugging Face's formats, for the code that uses CLIP models
+
+
+EXPORT_FORMATS = ("open_clip", "hf")
+OPEN_CLIP_MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")  # presets open_clip ships, each with a "-quickgelu" twin
+
+
+def open_clip_name(cfg, presets):
+    """The name open_clip builds cfg's architecture by (presets: alip's, which are named as open_clip names them), or
+    None for one it does not ship."""
+    for name in OPEN_CLIP_MODELS:
+        if dataclasses.replace(presets[name], quick_gelu=cfg.quick_gelu) == cfg:
+            return name + ("-quickgelu" if cfg.quick_gelu else "")
+    return None
+
+
+def open_clip_config(cfg):
+    """cfg in the layout of open_clip's model_configs/*.json; what it leaves out has open_clip's defaults, which are
+    ours (MLP ratio 4, layer-norm eps 1e-5, class-token and argmax pooling, no biases on the projections)."""
+    return {"embed_dim": cfg.embed_dim, "quick_gelu": cfg.quick_gelu,
+            "vision_cfg": {"image_size": cfg.image_size, "layers": cfg.vision_layers, "width": cfg.vision_width,
+                           "head_width": cfg.vision_width // cfg.vision_heads, "patch_size": cfg.patch_size},
+            "text_cfg": {"context_length": cfg.context_length, "vocab_size": cfg.vocab_size, "width": cfg.text_width,
+                         "heads": cfg.text_heads, "layers": cfg.text_layers}}
+
+
+def export_open_clip(model, out, presets):
+    """Write model's weights at out as a bare state dict: our parameter names are open_clip's, so
+    open_clip.create_model(NAME, pretrained=out) loads it, and so does the ALIP authors' zero_shot.py. An architecture
+    that open_clip does not ship gets its config beside out, named for out's stem (open_clip registers a config file
+    under its stem). Returns (NAME, the config's path or None)."""
+    name, config = open_clip_name(model.config, presets), None
+    if name is None:
+        stem = os.path.splitext(out)[0]
+        name, config = os.path.basename(stem), stem + ".json"
+        if config == out:
+            raise data.UserError(f"--out {out}: that is the name of the open_clip config written beside the weights; "
+                                 "give the weights another extension (.pt)")
+    with data.atomic_write(out) as f:
+        torch.save(dict(model.state_dict()), f)
+    if config:
+        with data.atomic_write(config, "w") as f:
+            json.dump(open_clip_config(model.config), f, indent=1)
+    return name, config
+
+
+_HF_NAMES = {  # ours -> transformers' CLIPModel, outside the transformer blocks
+    "logit_scale": "logit_scale",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.proj": "visual_projection.weight",
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "text_projection": "text_projection.weight",
+    **{f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in (("visual.ln_pre", "vision_model.pre_layrnorm"),
+                                                          ("visual.ln_post", "vision_model.post_layernorm"),
+                                                          ("ln_final", "text_model.final_layer_norm"))
+       for p in ("weight", "bias")},
+}
+_HF_TRANSPOSED = ("visual.proj", "text_projection")  # we apply them as x @ P, nn.Linear as x @ W.T
+_HF_BLOCK = {"ln_1": "layer_norm1", "attn.out_proj": "self_attn.out_proj", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+
+
+def hf_state_dict(sd):
+    """Our state dict in transformers' CLIPModel names, the projections transposed and the attention's packed input
+    projection split into its q, k and v parts."""
+    out = {}
+    for key, value in sd.items():
+        block = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)", key)
+        if block is None:
+            out[_HF_NAMES[key]] = value.T if key in _HF_TRANSPOSED else value
+            continue
+        layer = f"{'vision' if block[1] else 'text'}_model.encoder.layers.{block[2]}."
+        if block[3].startswith("attn.in_proj_"):  # (3W, ...): q, k, v stacked, as nn.MultiheadAttention packs them
+            param = block[3].removeprefix("attn.in_proj_")
+            out.update({f"{layer}self_attn.{qkv}_proj.{param}": part for qkv, part in zip("qkv", value.chunk(3))})
+        else:
+            module, param = block[3].rsplit(".", 1)
+            out[f"{layer}{_HF_BLOCK[module]}.{param}"] = value
+    return out
+
+
+def hf_config(transformers, model):
+    """transformers' CLIPConfig of model: its activation ("gelu" is transformers' name for the exact, erf GELU
+    of nn.GELU) and layer-norm eps (nn.LayerNorm's default, in every norm of ours); the text tower pools at the
+    first EOT token, where our argmax of the token ids finds it."""
+    cfg = model.config
+    common = dict(hidden_act="quick_gelu" if cfg.quick_gelu else "gelu", layer_norm_eps=model.ln_final.eps,
+                  projection_dim=cfg.embed_dim)
+    text = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+                max_position_embeddings=cfg.context_length, bos_token_id=data.SOT, eos_token_id=data.EOT,
+                pad_token_id=data.EOT, **common)
+    vision = dict(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width,
+                  num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                  image_size=cfg.image_size, patch_size=cfg.patch_size, **common)
+    return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim,
+                                   logit_scale_init_value=model.logit_scale.item())
+
+
+def hf_processor(transformers, cfg):
+    """A CLIPProcessor with our tokenizer's vocabulary and merges, and our eval_transform's image preprocessing
+    (on the PIL backend). Its tokenizer pads with EOT where ours pads with id 0 ("!"): a pad token is also split
+    out of the text, so "!" as the pad token would turn every "!" in a caption into padding."""
+    encoder, ranks = data.bpe_vocab()
+    token = {i: t for t, i in encoder.items()}
+    tokenizer = transformers.CLIPTokenizer(vocab=encoder, merges=list(ranks), bos_token=token[data.SOT],
+                                           eos_token=token[data.EOT], unk_token=token[data.EOT],
+                                           pad_token=token[data.EOT], model_max_length=cfg.context_length)
+    size = cfg.image_size
+    images = transformers.CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                                resample=Image.BICUBIC, image_mean=list(data.MEAN),
+                                                image_std=list(data.STD))
+    return transformers.CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def _transformers():
+    """transformers, for --format hf: its absence is a line that names this command."""
+    try:
+        return data.import_transformers()
+    except data.UserError as e:
+        if isinstance(e.__cause__, ModuleNotFoundError) and e.__cause__.name == "transformers":
+            raise data.UserError("--format hf needs the transformers package, which is not installed: pip install "
+                                 "transformers (--format open_clip needs nothing more)") from e
+        raise
+
+
+def export_hf(model, out):
+    """Write model, fp32, and its processor as a folder that transformers' CLIPModel.from_pretrained and
+    CLIPProcessor.from_pretrained load. The folder is written beside out and renamed into place, so out is whole
+    or absent; an existing out must be an empty folder."""
+    transformers = _transformers()
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise data.UserError(f"--out {out} exists and is not an empty folder; remove it or choose another --out")
+    hf = transformers.CLIPModel(hf_config(transformers, model)).eval()
+    hf.load_state_dict(hf_state_dict(model.state_dict()))  # strict: every weight of theirs from one of ours
+    processor = hf_processor(transformers, model.config)
+    from safetensors import SafetensorError  # transformers' weight format; its writer's errors are not OSErrors
+    tmp = data.temp_beside(out)
+    try:
+        hf.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        data.swap_in(tmp, out)
+    except OSError as e:
+        raise data.write_error(out, e, "--out") from e
+    except SafetensorError as e:  # a full disk or a quota while the weights are written
+        raise data.UserError(f"--out: cannot write {out}: {e}; check the space and quota there") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export(model, fmt, out, presets):
+    """Write model at out in format fmt (one of EXPORT_FORMATS) and print the lines that load it there."""
+    if fmt == "open_clip":
+        name, config = export_open_clip(model, out, presets)
+        if config is None:
+            print(f"wrote {out}: fp32 weights of open_clip's {name}. In open_clip:")
+        else:
+            print(f"wrote {out} (fp32 weights) and {config} (their architecture, named {name!r} in open_clip). "
+                  "In open_clip:")
+            print(f"  open_clip.add_model_config({config!r})")
+        print(f"  model = open_clip.create_model({name!r}, pretrained={out!r})")
+    else:
+        export_hf(model, out)
+        print(f"wrote {out}: a CLIPModel (fp32) and its CLIPProcessor. In transformers:")
+        print(f"  model = CLIPModel.from_pretrained({out!r})")
+        print(f"  processor = CLIPProcessor.from_pretrained({out!r}, backend='pil')")
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
 def _load_model(args, load_model):
+    """The model of args.checkpoint on the CPU (the evaluations move it to --device)."""
+    named = "" if args.command == "export" else "--checkpoint "  # export's is its argument
     if not os.path.exists(args.checkpoint):
-        raise EvalError(f"--checkpoint {args.checkpoint}: no such file or directory; pass a run directory, a "
+        raise EvalError(f"{named}{args.checkpoint}: no such file or directory; pass a run directory, a "
                         "ckpt-*.pt file, or a CLIP state dict (with --model NAME)")
     try:
-        model = load_model(args.checkpoint, args.model, args.quick_gelu)
+        return load_model(args.checkpoint, args.model, args.quick_gelu)
     except data.UserError as e:  # names the file and what is wrong with it
-        raise EvalError(f"--checkpoint {e}") from e
+        raise EvalError(f"{named}{e}") from e
     except (KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
-        raise EvalError(f"--checkpoint {args.checkpoint}: cannot load it ({type(e).__name__}: "
+        raise EvalError(f"{named}{args.checkpoint}: cannot load it ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0]}); for a bare state dict pass --model (e.g. ViT-B-32), "
                         "and --quick-gelu for OpenAI's weights") from e
-    return model
 
 
 def _report(title, metrics, info, as_json):
@@ -1112,20 +1290,24 @@ def _report(title, metrics, info, as_json):
         print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}))
 
 
-def main(argv=None, *, load_model):
-    """The command line; load_model(path, name, quick_gelu) is alip's."""
+def main(argv=None, *, load_model, presets):
+    """The command line; load_model(path, name, quick_gelu) and the presets are alip's."""
     parser = data.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    common = data.ArgumentParser(add_help=False)
+    weights = data.ArgumentParser(add_help=False)
+    weights.add_argument("--model", default=None, help="architecture of a bare state dict, e.g. ViT-B-32 (default: "
+                         "read off its shapes)")
+    weights.add_argument("--quick-gelu", action="store_true", help="QuickGELU activations (OpenAI's weights)")
+    weights.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
+    common = data.ArgumentParser(add_help=False, parents=[weights])
     common.add_argument("--checkpoint", required=True, help="run directory, ckpt-*.pt, or a CLIP state dict")
-    common.add_argument("--model", default=None, help="architecture of a bare state dict, e.g. ViT-B-32 (default: "
-                        "read off its shapes)")
-    common.add_argument("--quick-gelu", action="store_true", help="QuickGELU activations (OpenAI's weights)")
     common.add_argument("--batch-size", type=data.positive_int, default=256, help="images or texts per forward pass")
     common.add_argument("--workers", type=data.nonnegative_int, default=4, help="image-decoding threads")
     common.add_argument("--device", default="auto", help="auto (CUDA where torch sees it), cpu, cuda or cuda:N")
+    common.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="autocast of the forward passes: fp32 is the ALIP authors' protocol; bf16 and fp16 are "
+                        "faster on a GPU and move the features by their rounding")
     common.add_argument("--json", action="store_true", help="print one JSON object (the table goes to stderr)")
-    common.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
 
     p = commands.add_parser("zeroshot", parents=[common], help="zero-shot classification")
     p.add_argument("--dataset", required=True, help="ImageFolder, CIFAR python directory, or shards with .cls")
@@ -1150,6 +1332,14 @@ def main(argv=None, *, load_model):
     p = commands.add_parser("plot", help="training curves of run directories (also running ones), overlaid")
     p.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
     p.add_argument("--out", help="PNG to write (default: RUN/curves.png for one run, else curves.png beside them)")
+
+    p = commands.add_parser("export", parents=[weights], help="the model in open_clip's or Hugging Face's format")
+    p.add_argument("checkpoint", help="run directory (its latest checkpoint), ckpt-*.pt, or a CLIP state dict")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="open_clip: a state dict file, which the ALIP authors' zero_shot.py loads too; hf: a folder "
+                   "for transformers' CLIPModel and CLIPProcessor")
+    p.add_argument("--out", required=True, help="open_clip: the file to write (an existing one is replaced); hf: the "
+                   "folder, which must be absent or empty (it is written beside, then renamed into place)")
     args = parser.parse_args(argv)
     if args.command == "plot":
         out = args.out or os.path.join(args.runs[0] if len(args.runs) == 1 else os.path.dirname(
@@ -1160,8 +1350,11 @@ def main(argv=None, *, load_model):
         print(plot_runs(args.runs, out))
         return
 
-    compute = data.choose_compute(args.device)
-    model = _load_model(args, load_model).to(compute.device)
+    model = _load_model(args, load_model)
+    if args.command == "export":
+        export(model, args.format, args.out, presets)
+        return
+    compute = data.choose_compute(args.device, args.precision)
     common_kw = dict(batch_size=args.batch_size, workers=args.workers, device=compute.device, dtype=compute.amp)
     if args.command == "zeroshot":
         metrics, info = _zeroshot(model, args.dataset, args.classnames, args.templates, split=args.split,
@@ -1175,11 +1368,12 @@ def main(argv=None, *, load_model):
         info = {"train": args.train, "test": args.test,
                 "num_train": metrics.pop("num_train"), "num_test": metrics.pop("num_test")}
         title = f"linear probe {args.train} -> {args.test}"
-    _report(title, metrics, {"task": args.command, "checkpoint": args.checkpoint, **info}, args.json)
+    _report(title, metrics, {"task": args.command, "checkpoint": args.checkpoint, "precision": args.precision, **info},
+            args.json)
 
 
 if __name__ == "__main__":
     # The one place that names alip: eval.py's functions take any model with encode_image / encode_text and
-    # alip.py trains with them, so only this command line, above both, hands eval our model loader.
+    # alip.py trains with them, so only this command line, above both, hands eval our loader and presets.
     import alip
-    data.run_command(lambda argv: main(argv, load_model=alip.load_model))
+    data.run_command(lambda argv: main(argv, load_model=alip.load_model, presets=alip.PRESETS))

@@ -182,7 +182,7 @@ FLAG_ROWS = [
     ("eval-batch-size-0", EVAL + ["--checkpoint", "ck.pt", "--batch-size", "0"], "--batch-size"),
 ]
 MAINS = {"alip.py": alip.parse_args, "data.py": data.main,
-         "eval.py": lambda argv: evaluation.main(argv, load_model=None)}
+         "eval.py": lambda argv: evaluation.main(argv, load_model=None, presets=None)}
 
 
 @pytest.mark.parametrize("row, argv, flag", FLAG_ROWS, ids=[r[0] for r in FLAG_ROWS])
@@ -468,8 +468,8 @@ def test_rough_edges_get_a_line(run, inputs, tmp_path):
 
 HELPS = [(alip.parse_args, []), (alip.parse_args, ["--demo"]), (caption.parse_args, []),
          *((data.main, [cmd]) for cmd in ("demo", "inspect", "make", "add-captions", "bench")),
-         *((lambda argv: evaluation.main(argv, load_model=None), [cmd])
-           for cmd in ("zeroshot", "retrieval", "linear-probe", "plot"))]
+         *((lambda argv: evaluation.main(argv, load_model=None, presets=None), [cmd])
+           for cmd in ("zeroshot", "retrieval", "linear-probe", "plot", "export"))]
 
 
 @pytest.mark.parametrize("parse, argv", HELPS, ids=[" ".join(["?", *a]) for _, a in HELPS])

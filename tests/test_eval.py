@@ -264,10 +264,10 @@ def test_plot_survives_missing_keys_one_line_and_a_torn_line(tmp_path):
         # Something is drawn in the first series colour (blue), beyond the white page and black axes.
         assert (np.abs(img.astype(int) - ev.COLOURS[0]).sum(-1) < 30).sum() > 20
     # The command line, with the default output file in the run directory.
-    ev.main(["plot", str(full)], load_model=None)
+    ev.main(["plot", str(full)], load_model=None, presets=None)
     assert (full / "curves.png").is_file()
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
-        ev.main(["plot", str(tmp_path / "nothing")], load_model=None)
+        ev.main(["plot", str(tmp_path / "nothing")], load_model=None, presets=None)
 
 
 def test_compare_runs_reads_the_last_values_and_gives_mean_and_sd(tmp_path):
@@ -486,7 +486,7 @@ def checkpoint(tmp_path_factory):
 
 def main(argv):
     alip = pytest.importorskip("alip")
-    ev.main(argv, load_model=alip.load_model)
+    ev.main(argv, load_model=alip.load_model, presets=alip.PRESETS)
 
 
 def _run_cli(capsys, *argv):
