@@ -1,6 +1,7 @@
 """eval.py: measurement. The metrics; evaluating a CLIP-style model as the ALIP paper does (zero-shot classification,
 image-text retrieval, linear probe); the gates' quality against a data set's truth; a training run's log (its log
-lines, metrics.jsonl and the TensorBoard / W&B reporters) and curves; the comparison of runs.
+lines, metrics.jsonl and the TensorBoard / W&B reporters) and curves; the comparison of runs; and the export of a
+trained model to where CLIP models are used elsewhere (open_clip, Hugging Face transformers).
 
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/imagenet/val --templates openai_imagenet
     python eval.py zeroshot --checkpoint runs/alip --dataset /data/cifar-10-batches-py --templates cifar
