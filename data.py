@@ -361,9 +361,9 @@ def find_shards(spec, every=False):
     missing = [s for s in shards if not os.path.exists(s)]
     if shards and (not missing or len(missing) < len(shards) and not every):
         seen = {}
-        for shard in shards:  # its samples would count twice an epoch, keys and all
-            first = seen.setdefault(os.path.realpath(shard), shard)
-            if first is not shard:
+        for i, shard in enumerate(shards):  # its samples would count twice an epoch, keys and all
+            first = shards[seen.setdefault(os.path.realpath(shard), i)]
+            if seen[os.path.realpath(shard)] != i:
                 raise UserError(f"{spec}: lists the shard {first} twice{f' (as {shard})' if shard != first else ''}; "
                                 "list each shard once")
         return shards

@@ -756,6 +756,8 @@ def test_a_shard_listed_twice_is_refused(tmp_path):
     d = _shards(tmp_path / "s", 2, 3)
     with pytest.raises(data.UserError, match="lists the shard .*00000.tar twice"):
         data.find_shards(f"{d}::{d}/00000.tar")
+    with pytest.raises(data.UserError, match="lists the shard .*00001.tar twice"):
+        data.find_shards([f"{d}/00001.tar"] * 2)
 
 
 def test_the_run_says_how_many_samples_found_a_caption_and_which_wins(tmp_path):
