@@ -360,12 +360,13 @@ def find_shards(spec, every=False):
     shards = expand_shards(spec)
     missing = [s for s in shards if not os.path.exists(s)]
     if shards and (not missing or len(missing) < len(shards) and not every):
-        seen = {}
-        for i, shard in enumerate(shards):  # its samples would count twice an epoch, keys and all
-            first = shards[seen.setdefault(os.path.realpath(shard), i)]
-            if seen[os.path.realpath(shard)] != i:
+        firsts = {}
+        for shard in shards:  # its samples would count twice an epoch, keys and all
+            first = firsts.get(os.path.realpath(shard))
+            if first is not None:
                 raise UserError(f"{spec}: lists the shard {first} twice{f' (as {shard})' if shard != first else ''}; "
                                 "list each shard once")
+            firsts[os.path.realpath(shard)] = shard
         return shards
     if not shards:
         there = "no shards match it"
