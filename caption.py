@@ -344,6 +344,9 @@ def caption(spec, out, captioner=DEFAULT_CAPTIONER, prompt=None, max_new_tokens=
     shards = data.find_shards(spec)
     parts = out + ".parts"
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if os.path.isdir(out):
+        raise data.UserError(f"--out {out}: a folder; --out names the captions file to write, e.g. "
+                             f"{os.path.join(out, 'caps.jsonl')}")
     if os.path.exists(out) and not os.path.isdir(parts):
         if rank == 0:
             print(f"{out} exists and no captioning into it is under way ({parts}/ is absent): nothing to do. To "

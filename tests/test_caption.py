@@ -321,7 +321,7 @@ def test_one_failing_rank_ends_the_run(made, single, run, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["transformers-missing", "model-folder", "batch-size-0", "workers-negative",
-                                  "shards-missing", "device-unknown"])
+                                  "shards-missing", "device-unknown", "out-a-folder"])
 def test_bad_input_is_one_line_and_status_2(made, run, tmp_path, case):
     os.makedirs(tmp_path / "o")
     out = tmp_path / "o" / "caps.jsonl"
@@ -341,6 +341,7 @@ def test_bad_input_is_one_line_and_status_2(made, run, tmp_path, case):
             "workers-negative": (caption_argv(made, out, "--workers", "-1"), ["--workers"]),
             "shards-missing": (["caption.py", tmp_path / "none", "--out", out], ["none"]),
             "device-unknown": (caption_argv(made, out, "--device", "gpu7"), ["--device", "gpu7"]),
+            "out-a-folder": (caption_argv(made, tmp_path / "o"), ["--out", str(tmp_path / "o"), "folder"]),
         }[case]
         status, _, stderr, _ = run(*argv)
     assert status == 2, (status, stderr[-3000:])
