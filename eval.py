@@ -11,7 +11,8 @@ lines, metrics.jsonl and the TensorBoard / W&B reporters) and curves; the compar
 
 Each prints a table; with --json, stdout is one JSON object (metrics as fractions) and the table goes to stderr.
 --checkpoint takes a run directory (its latest checkpoint), a ckpt-*.pt file, or an OpenAI / open_clip /
-ALIP-release state dict (add --model ViT-B-32 and --quick-gelu for OpenAI's weights).
+ALIP-release state dict (add --model ViT-B-32 and --quick-gelu for OpenAI's weights; without --model, its shapes
+tell the architecture but for the attention heads: its preset's, else 64 wide, else --head-width).
 
 Dataset layouts, told apart by the path:
   ImageFolder   a directory with one sub-directory per class (sorted names = labels 0..C-1)
@@ -1108,7 +1109,7 @@ def _load_model(args, load_model):
         raise EvalError(f"--checkpoint {args.checkpoint}: no such file or directory; pass a run directory, a "
                         "ckpt-*.pt file, or a CLIP state dict (with --model NAME)")
     try:
-        model = load_model(args.checkpoint, args.model, args.quick_gelu)
+        model = load_model(args.checkpoint, args.model, args.quick_gelu, args.head_width)
     except data.UserError as e:  # names the file and what is wrong with it
         raise EvalError(f"--checkpoint {e}") from e
     except (KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
@@ -1132,7 +1133,7 @@ def _report(title, metrics, info, as_json):
 
 
 def main(argv=None, *, load_model):
-    """The command line; load_model(path, name, quick_gelu) is alip's."""
+    """The command line; load_model(path, name, quick_gelu, head_width) is alip's."""
     parser = data.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     common = data.ArgumentParser(add_help=False)
@@ -1140,6 +1141,9 @@ def main(argv=None, *, load_model):
     common.add_argument("--model", default=None, help="architecture of a bare state dict, e.g. ViT-B-32 (default: "
                         "read off its shapes)")
     common.add_argument("--quick-gelu", action="store_true", help="QuickGELU activations (OpenAI's weights)")
+    common.add_argument("--head-width", type=data.positive_int,
+                        help="attention head width of a bare state dict (default: its preset's heads, read off its "
+                             "shapes; 64 where no preset has them, as in OpenAI's CLIPs)")
     common.add_argument("--batch-size", type=data.positive_int, default=256, help="images or texts per forward pass")
     common.add_argument("--workers", type=data.nonnegative_int, default=4, help="image-decoding threads")
     common.add_argument("--device", default="auto", help="auto (CUDA where torch sees it), cpu, cuda or cuda:N")
