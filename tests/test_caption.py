@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +20,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
 
+safetensors_torch = pytest.importorskip("safetensors.torch")  # transformers' own format; installed with it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server needs Linux"),
               pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
@@ -152,12 +155,13 @@ def server():
     proc.wait(timeout=60)
 
 
-def _command(server, folder, name, argv, timeout=120):
+def _command(server, folder, name, argv, timeout=120, fsize=None):
     """(status, stdout, stderr, seconds) of `python ARGV...` in the repository root, once the command and every
-    process it started have ended; its output goes to folder/name.stdout and .stderr."""
+    process it started have ended; its output goes to folder/name.stdout and .stderr. fsize: the largest file it may
+    write, as on a full disk."""
     out, err = folder / f"{name}.stdout", folder / f"{name}.stderr"
     server.stdin.write(json.dumps({"argv": [str(a) for a in argv], "out": str(out), "err": str(err),
-                                   "timeout": timeout}) + "\n")
+                                   "timeout": timeout, "fsize": fsize}) + "\n")
     server.stdin.flush()
     reply = server.stdout.readline()
     assert reply, "the fork server died"
@@ -168,9 +172,10 @@ def _command(server, folder, name, argv, timeout=120):
 
 @pytest.fixture
 def run(server, tmp_path):
-    """run(*argv, timeout=) -> (status, stdout, stderr, seconds): see _command."""
+    """run(*argv, timeout=, fsize=) -> (status, stdout, stderr, seconds): see _command."""
     calls = itertools.count()
-    return lambda *argv, timeout=120: _command(server, tmp_path, f"call{next(calls)}", argv, timeout)
+    return lambda *argv, timeout=120, fsize=None: _command(server, tmp_path, f"call{next(calls)}", argv, timeout,
+                                                           fsize)
 
 
 def caption_argv(made, out, *extra):
@@ -282,6 +287,64 @@ def test_kill_and_rerun_captions_every_key_once(made, single, run, tmp_path):
     assert status == 0 and "nothing to do" in stderr and json.loads(stdout)["nothing_to_do"], (stdout, stderr)
     with open(out, "rb") as f, open(single[0], "rb") as g:
         assert f.read() == g.read()
+
+
+def test_a_run_continues_with_the_same_captioner_wherever_it_lies_and_no_other(made, single, run, tmp_path):
+    """An unfinished run (every shard captioned, the captions file not written: the disk was full) is continued by the
+    same captioner copied to another folder, and refused, in one line, for other weights or another config in the
+    folder it was made with."""
+    model = tmp_path / "blip"
+    shutil.copytree(made["model"], model)
+    first = tmp_path / "first.jsonl"
+    status, _, stderr, _ = run(*caption_argv(made, first, "--captioner", model, "--workers", "0"),
+                               fsize=os.path.getsize(single[0]) - 1)
+    assert status == 2 and "File too large" in stderr, stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("first.jsonl.parts/*.done")) == [f"{i:05d}.done" for i in range(5)]
+
+    def unfinished(name):
+        out = tmp_path / name
+        shutil.copytree(f"{first}.parts", f"{out}.parts")
+        return out
+
+    def refused(out, captioner, *names):
+        status, _, stderr, _ = run(*caption_argv(made, out, "--captioner", captioner))
+        assert status == 2 and len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr[-3000:]
+        assert all(n in stderr for n in names), stderr
+        assert not os.path.exists(out)
+
+    def continued(out, captioner):
+        status, _, stderr, _ = run(*caption_argv(made, out, "--captioner", captioner))
+        assert status == 0, stderr[-3000:]
+        with open(out, "rb") as f, open(single[0], "rb") as g:
+            assert f.read() == g.read()
+        return stderr
+
+    elsewhere = tmp_path / "elsewhere" / "blip"
+    shutil.copytree(model, elsewhere)
+    assert "pinned" not in continued(unfinished("moved.jsonl"), elsewhere)
+    # An earlier caption.py's folder pinned the captioner's path alone: continued from that path, and said so.
+    earlier = unfinished("earlier.jsonl")
+    settings = json.loads((tmp_path / "earlier.jsonl.parts" / "settings.json").read_text())
+    for name in ("captioner_config", "captioner_weights"):
+        del settings[name]
+    (tmp_path / "earlier.jsonl.parts" / "settings.json").write_text(json.dumps(settings))
+    shutil.copytree(f"{earlier}.parts", tmp_path / "earlier_elsewhere.jsonl.parts")
+    refused(tmp_path / "earlier_elsewhere.jsonl", elsewhere, "--captioner", str(model), str(elsewhere))
+    said = continued(earlier, model)
+    assert "earlier caption.py" in said and "pinned from here on" in said, said
+
+    # Other weights at the same path: one tensor changed in its last bit.
+    weights = safetensors_torch.load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name].view(-1).view(torch.int32)[0] ^= 1
+    safetensors_torch.save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    refused(unfinished("new_weights.jsonl"), model, "other weights", str(model))
+    shutil.copy(elsewhere / "model.safetensors", model / "model.safetensors")
+    # Another config at the same path, its weights the same.
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["layer_norm_eps"] = 1e-6
+    (model / "config.json").write_text(json.dumps(config))
+    refused(unfinished("new_config.jsonl"), model, "another captioner", "model.text_config.layer_norm_eps", "1e-06")
 
 
 def test_the_captions_train(made, single, run, tmp_path):
