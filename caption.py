@@ -68,23 +68,60 @@ NOT_THE_MODEL = {"_name_or_path", "_commit_hash", "transformers_version", "dtype
 def load_captioner(name, device, dtype):
     """(processor, model, identity): a folder or Hugging Face model id that AutoProcessor and
     AutoModelForImageTextToText load, the model in eval mode on device with weights in dtype; identity: what the
-    captioner is, wherever it lies (captioner_identity)."""
+    captioner is, wherever it lies (captioner_identity). A model id comes from the local Hugging Face cache alone where
+    the hub cannot be reached."""
     transformers = data.import_transformers()
+    from huggingface_hub import constants, errors, utils  # installed with transformers
+    cache_only, unreachable = {}, None
+    if not os.path.isdir(name):
+        try:
+            utils.validate_repo_id(name)
+        except errors.HFValidationError as e:
+            raise data.UserError(f"--captioner {name}: no such folder, nor a Hugging Face model id (NAME or "
+                                 "ORG/NAME)") from e
+        unreachable = _hub_unreachable(name)
+        if unreachable:  # at once: huggingface_hub retries every file missing from the cache, for minutes in all
+            cache_only = {"local_files_only": True}
     try:
         # Pillow's image processing: the same pixels whether or not torchvision is installed.
-        processor = transformers.AutoProcessor.from_pretrained(name, backend="pil")
+        processor = transformers.AutoProcessor.from_pretrained(name, backend="pil", **cache_only)
         # Without Hugging Face's hub kernels, which transformers would fetch and swap in where that package is
         # installed: captions must not depend on what a host happens to have.
-        model = transformers.AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, use_kernels=False)
+        model = transformers.AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, use_kernels=False,
+                                                                         **cache_only)
     except Exception as e:  # whatever transformers raises for a folder or id that is not a captioner
         first = (str(e).strip().splitlines() or [""])[0][:300]
+        if cache_only:
+            raise data.UserError(
+                f"--captioner {name}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}), "
+                f"and the hub cannot be reached ({unreachable}); where there is a network, `hf download {name}` puts "
+                "it in the cache (then copy the cache here, or point HF_HOME at it), or pass a folder it was saved "
+                "to (README: Stage one, offline)") from e
         raise data.UserError(f"--captioner {name}: does not load ({type(e).__name__}: {first}); it must be a folder "
                              "or a Hugging Face model id that transformers' AutoProcessor and "
                              "AutoModelForImageTextToText load") from e
     if getattr(processor, "image_processor", None) is None:
         raise data.UserError(f"--captioner {name}: its processor has no image processor")
+    if cache_only and not constants.HF_HUB_OFFLINE and int(os.environ.get("RANK", 0)) == 0:
+        print(f"caption: the Hugging Face hub cannot be reached ({unreachable}): {name} loaded from the local cache "
+              "as it is there", file=sys.stderr)
     identity = captioner_identity(model)  # on the CPU, where the weights were loaded
     return processor, model.to(device).eval(), identity
+
+
+def _hub_unreachable(name):
+    """Why the Hugging Face hub gives no answer for model id `name`, in a few words; None where it answers (the model,
+    or that there is none such). One request, not retried: whether the hub is there at all."""
+    from huggingface_hub import constants, errors, get_hf_file_metadata, hf_hub_url
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except errors.HfHubHTTPError:  # an answer (no such model, a gated one): from_pretrained says what
+        return None
+    except Exception as e:  # no answer, whatever the HTTP client calls it: no network, DNS, a proxy, a timeout
+        return f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0][:200]
+    return None
 
 
 def _strip(config):

@@ -14,6 +14,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -345,6 +346,47 @@ def test_a_run_continues_with_the_same_captioner_wherever_it_lies_and_no_other(m
     config["text_config"]["layer_norm_eps"] = 1e-6
     (model / "config.json").write_text(json.dumps(config))
     refused(unfinished("new_config.jsonl"), model, "another captioner", "model.text_config.layer_norm_eps", "1e-06")
+
+
+@pytest.fixture
+def no_hub(tmp_path):
+    """The environment of a machine where the Hugging Face hub cannot be reached (its address: a port that refuses
+    connections) and whose cache is tmp_path/hf/hub, empty; HF_HUB_OFFLINE not set."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: a connection is refused at once
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    yield {**env, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}"}
+    closed.close()
+
+
+def _timed(argv, env, timeout=90):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return r, time.monotonic() - t0
+
+
+def test_a_model_id_without_the_hub_fails_at_once_in_one_line(made, no_hub, tmp_path):
+    r, seconds = _timed(caption_argv(made, tmp_path / "caps.jsonl", "--captioner", "org/tiny-blip"), no_hub)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    assert all(n in r.stderr for n in ("--captioner org/tiny-blip", str(tmp_path / "hf" / "hub"), "cannot be reached",
+                                       "hf download org/tiny-blip")), r.stderr
+    assert seconds < 45, f"{seconds:.0f} s"
+
+
+def test_a_model_id_in_the_cache_loads_from_it_at_once_without_the_hub(made, single, no_hub, tmp_path):
+    # The cache's layout, as huggingface_hub writes it: the commit that refs/main names, and its files.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny-blip"
+    shutil.copytree(made["model"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "caps.jsonl"
+    r, seconds = _timed(caption_argv(made, out, "--captioner", "org/tiny-blip"), no_hub)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cannot be reached" in r.stderr and "org/tiny-blip loaded from the local cache" in r.stderr, r.stderr
+    with open(out, "rb") as f, open(single[0], "rb") as g:
+        assert f.read() == g.read()
+    assert seconds < 45, f"{seconds:.0f} s"
 
 
 def test_the_captions_train(made, single, run, tmp_path):
