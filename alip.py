@@ -906,34 +906,72 @@ def clean_state_dict(sd):
     return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
 
 
-def shapes_config(sd, quick_gelu=False):
-    """The ModelConfig of a CLIP state dict, read off its shapes as OpenAI's build_model does. Head counts assume
-    64-wide heads, as in every OpenAI CLIP; the activation is not in the shapes."""
+def with_heads(cfg, head_width):
+    """cfg with attention heads head_width wide; one head in a tower whose width head_width does not divide."""
+    def heads(width):
+        return width // head_width if width % head_width == 0 else 1
+    return replace(cfg, vision_heads=heads(cfg.vision_width), text_heads=heads(cfg.text_width))
+
+
+def describe_heads(cfg):
+    return (f"{cfg.vision_heads} vision heads of {cfg.vision_width // cfg.vision_heads} and {cfg.text_heads} text "
+            f"heads of {cfg.text_width // cfg.text_heads}")
+
+
+def shapes_config(sd, quick_gelu=False, head_width=None):
+    """The ModelConfig of a CLIP state dict, read off its shapes as OpenAI's build_model does. The shapes do not tell
+    the heads: head_width wide where given; else the heads of the preset with these shapes; else 64 wide, as in every
+    OpenAI CLIP. Nor do they tell the activation."""
     def layers(prefix):
         return len({k[len(prefix):].split(".")[2] for k in sd if k.startswith(prefix + ".resblocks.")})
     vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
     grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    text_width = sd["ln_final.weight"].shape[0]
-    return ModelConfig(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
-                       vision_width=vision_width, vision_layers=layers("visual.transformer"),
-                       vision_heads=vision_width // 64, text_width=text_width, text_layers=layers("transformer"),
-                       text_heads=text_width // 64, context_length=sd["positional_embedding"].shape[0],
-                       vocab_size=sd["token_embedding.weight"].shape[0], quick_gelu=quick_gelu)
+    cfg = ModelConfig(embed_dim=sd["text_projection"].shape[1], image_size=patch * grid, patch_size=patch,
+                      vision_width=vision_width, vision_layers=layers("visual.transformer"), vision_heads=1,
+                      text_width=sd["ln_final.weight"].shape[0], text_layers=layers("transformer"), text_heads=1,
+                      context_length=sd["positional_embedding"].shape[0],
+                      vocab_size=sd["token_embedding.weight"].shape[0], quick_gelu=quick_gelu)
+    preset = PRESETS.get(preset_of(cfg))
+    if head_width is None and preset is not None:
+        return replace(cfg, vision_heads=preset.vision_heads, text_heads=preset.text_heads)
+    return with_heads(cfg, head_width or 64)
 
 
-def load_model(path, name=None, quick_gelu=False):
+def load_model(path, name=None, quick_gelu=False, head_width=None):
     """A CLIP in eval mode on the CPU from a run directory, one of our checkpoints, or a CLIP state dict (its
-    architecture from `name`, a preset, or else read off the shapes)."""
+    architecture from `name`, a preset, or else read off the shapes, with heads head_width wide: shapes_config).
+    A name, quick_gelu or head_width that contradicts the architecture a checkpoint saves is refused, not ignored."""
     path, sd, saved, openai = read_weights(path)
-    quick_gelu = quick_gelu or openai
-    if saved:  # the architecture is saved with the weights
-        model = CLIP(ModelConfig(**saved))
-    elif name:
-        model = create_model(name, quick_gelu)
+    if name is not None and name not in PRESETS:
+        raise data.UserError(f"{path}: --model {name} is no preset; choose one of {', '.join(PRESETS)}")
+    if head_width is not None and head_width < 1:
+        raise data.UserError(f"{path}: --head-width {head_width}: must be at least 1")
+    quick_gelu, guess = quick_gelu or openai, None
+    if saved or name:
+        cfg = ModelConfig(**saved) if saved else replace(PRESETS[name], quick_gelu=quick_gelu)
+        said = [flag for flag, wrong in (
+            (f"--model {name}", saved and name and replace(PRESETS[name], quick_gelu=cfg.quick_gelu) != cfg),
+            ("--quick-gelu", quick_gelu and not cfg.quick_gelu),
+            (f"--head-width {head_width}", head_width and with_heads(cfg, head_width) != cfg)) if wrong]
+        if said:
+            whose = "one of our checkpoints, which saves its architecture" if saved else f"--model {name}"
+            raise data.UserError(f"{path}: {whose} ({describe_config(cfg)}, {describe_heads(cfg)}); {said[0]} "
+                                 "says otherwise: drop it")
     else:
-        model = CLIP(shapes_config(sd, quick_gelu))
-    check_weights(sd, model, path, model.config if saved else None)
+        cfg = shapes_config(sd, quick_gelu, head_width)
+        if head_width is not None and (cfg.vision_width % head_width or cfg.text_width % head_width):
+            raise data.UserError(f"{path}: --head-width {head_width} does not divide its widths (vision "
+                                 f"{cfg.vision_width}, text {cfg.text_width})")
+        if head_width is None:  # the shapes do not tell the heads, and other heads give other features
+            preset = preset_of(cfg)
+            guess = (f"{path}: a bare state dict, built with {describe_heads(cfg)} ("
+                     + (f"those of preset {preset}" if preset else "64 wide as in OpenAI's CLIPs: no preset has "
+                        "these shapes") + "); if it was trained with heads of another width, pass --head-width N")
+    model = CLIP(cfg)
+    check_weights(sd, model, path, cfg if saved else None)
     model.load_state_dict(sd)
+    if guess:
+        print(guess, file=sys.stderr)
     return model.eval()
 
 

@@ -1195,6 +1195,8 @@ def write_demo(out_dir, seed=0):
     want = {"seed": seed, "version": 2}  # bumped whenever the generator changes what it writes
     if read_json(marker) == want:
         return paths
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} is a file; the demo set is a directory: choose another path")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(marker):
         raise UserError(f"{out_dir} exists and is not a demo dataset (it has no .complete); not overwriting it: "
                         "move it away or choose another directory")

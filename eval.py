@@ -14,7 +14,8 @@ trained model to where CLIP models are used elsewhere (open_clip, Hugging Face t
 
 Each prints a table; with --json, stdout is one JSON object (metrics as fractions) and the table goes to stderr.
 --checkpoint takes a run directory (its latest checkpoint), a ckpt-*.pt file, or an OpenAI / open_clip /
-ALIP-release state dict (add --model ViT-B-32 and --quick-gelu for OpenAI's weights).
+ALIP-release state dict (add --model ViT-B-32 and --quick-gelu for OpenAI's weights; without --model, its shapes
+tell the architecture but for the attention heads: its preset's, else 64 wide, else --head-width).
 
 Dataset layouts, told apart by the path:
   ImageFolder   a directory with one sub-directory per class (sorted names = labels 0..C-1)
@@ -277,6 +278,17 @@ def gate_summary(q):
 # templates and class names
 
 
+def _read_lines(path, what):
+    """The non-blank lines of a UTF-8 text file (a byte-order mark is dropped), stripped."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{what} {path!r}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    except OSError as e:
+        raise EvalError(f"{what} {path!r}: cannot read it ({e.strerror})") from e
+
+
 def load_templates(spec):
     """A name in assets/templates.json ("openai_imagenet": CLIP's 80, "cifar": CLIP's 18, "simple": the 7
     of OpenAI's prompt-engineering notebook), a text file with one template per line, or a list."""
@@ -288,8 +300,7 @@ def load_templates(spec):
         if spec in named:
             templates = named[spec]
         elif os.path.isfile(spec):
-            with open(spec) as f:
-                templates = [line.strip() for line in f if line.strip()]
+            templates = _read_lines(spec, "templates")
         else:
             raise EvalError(f"templates {spec!r}: neither a file nor one of {', '.join(named)}")
     bad = [t for t in templates if "{c}" not in t]
@@ -305,8 +316,7 @@ def load_classnames(spec):
     if not os.path.isfile(path):
         raise EvalError(f"class names {spec!r}: no such file; give a text file with one class name per line, "
                         "in label order")
-    with open(path) as f:
-        names = [line.strip() for line in f if line.strip()]
+    names = _read_lines(path, "class names")
     if not names:
         raise EvalError(f"class names {path}: the file is empty")
     return names
@@ -398,7 +408,11 @@ def _iter_shard_samples(shards, key, parse, skipped):
         if image is None or key not in sample:
             skipped[f"no image or no .{key}"] += 1
             continue
-        target = parse(sample[key])
+        try:
+            target = parse(sample[key])
+        except ValueError:  # not UTF-8, or a label that is not an integer
+            skipped[f"unreadable .{key}"] += 1
+            continue
         if target is None:
             skipped[f"empty .{key}"] += 1
             continue
@@ -439,18 +453,23 @@ def read_classification(path, split="test", classnames=None):
 
 
 def _read_karpathy(path, images, split):
-    with open(path) as f:
-        entries = [e for e in json.load(f)["images"] if e["split"] == split]
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = [(e.get("filepath", ""), e["filename"], [s["raw"].strip() for s in e["sentences"]])
+                       for e in json.load(f)["images"] if e["split"] == split]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or JSON of another layout
+        raise EvalError(f"{path}: not a Karpathy-split JSON ({type(e).__name__}: {e}); expected "
+                        '{"images": [{"filename", "split", "sentences": [{"raw"}, ...]}, ...]}') from e
     if not entries:
         raise EvalError(f"{path}: no images in split {split!r} (Karpathy splits: train, restval, val, test)")
     root = images or os.path.dirname(path)
     samples, missing = [], []
-    for e in entries:
-        candidates = [os.path.join(root, e.get("filepath", ""), e["filename"]), os.path.join(root, e["filename"])]
+    for folder, filename, captions in entries:
+        candidates = [os.path.join(root, folder, filename), os.path.join(root, filename)]
         found = next((c for c in candidates if os.path.isfile(c)), None)
         if found is None:
             missing.append(candidates[0])
-        samples.append((found, [s["raw"].strip() for s in e["sentences"]]))
+        samples.append((found, captions))
     if missing:
         raise EvalError(f"{len(missing)} of {len(entries)} images not found, e.g. {missing[0]}; pass --images, the "
                         "folder that holds val2014/ (COCO) or the Flickr30k images")
@@ -893,7 +912,13 @@ def plot_runs(run_dirs, out_path, names=None):
             lx = l + (j // 3) * 190
             draw.line([(lx, ly + 7), (lx + 24, ly + 7)], fill=colour, width=3)
             draw.text((lx + 30, ly), lab, fill="black", font=f_small)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(out_path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except FileExistsError as e:  # makedirs' word for a file where a folder of the path should be
+        raise data.UserError(f"cannot write {out_path}: {folder} is a file, not a folder") from e
+    except OSError as e:
+        raise data.write_error(out_path, e) from e
     with data.atomic_write(out_path) as f:
         img.save(f, "PNG")
     return out_path
@@ -1269,7 +1294,7 @@ def _load_model(args, load_model):
         raise EvalError(f"{named}{args.checkpoint}: no such file or directory; pass a run directory, a "
                         "ckpt-*.pt file, or a CLIP state dict (with --model NAME)")
     try:
-        return load_model(args.checkpoint, args.model, args.quick_gelu)
+        return load_model(args.checkpoint, args.model, args.quick_gelu, args.head_width)
     except data.UserError as e:  # names the file and what is wrong with it
         raise EvalError(f"{named}{e}") from e
     except (KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
@@ -1292,13 +1317,16 @@ def _report(title, metrics, info, as_json):
 
 
 def main(argv=None, *, load_model, presets):
-    """The command line; load_model(path, name, quick_gelu) and the presets are alip's."""
+    """The command line; load_model(path, name, quick_gelu, head_width) and the presets are alip's."""
     parser = data.ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     weights = data.ArgumentParser(add_help=False)
     weights.add_argument("--model", default=None, help="architecture of a bare state dict, e.g. ViT-B-32 (default: "
                          "read off its shapes)")
     weights.add_argument("--quick-gelu", action="store_true", help="QuickGELU activations (OpenAI's weights)")
+    weights.add_argument("--head-width", type=data.positive_int,
+                         help="attention head width of a bare state dict (default: its preset's heads, read off its "
+                              "shapes; 64 where no preset has them, as in OpenAI's CLIPs)")
     weights.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     common = data.ArgumentParser(add_help=False, parents=[weights])
     common.add_argument("--checkpoint", required=True, help="run directory, ckpt-*.pt, or a CLIP state dict")
@@ -1347,7 +1375,7 @@ def main(argv=None, *, load_model, presets):
             os.path.commonpath([os.path.abspath(r) for r in args.runs]) + os.sep), "curves.png")
         missing = [r for r in args.runs if not os.path.isfile(os.path.join(r, "metrics.jsonl"))]
         if missing:
-            sys.exit(f"error: no metrics.jsonl in {', '.join(missing)}")
+            raise EvalError(f"no metrics.jsonl in {', '.join(missing)}: pass run directories (alip.py's --output)")
         print(plot_runs(args.runs, out))
         return
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import alip
+import data
 import kernels
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -42,15 +43,57 @@ def test_open_clip_weights_give_open_clip_features(act, tmp_path):
         np.random.RandomState(0).standard_normal((49408, 64)).astype(np.float32) * 0.02)
     path = tmp_path / "openclip.pt"
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)
-    model = alip.load_model(str(path), quick_gelu=act == "quickgelu")  # architecture read off the shapes
+    # The architecture read off the shapes, which are the tiny preset's; its heads are 64 wide (open_clip's default),
+    # the preset's 32: the shapes cannot tell, the flag does.
+    model = alip.load_model(str(path), quick_gelu=act == "quickgelu", head_width=64)
     assert model.config.image_size == 32 and model.config.vision_layers == 2 and model.config.text_heads == 1
     with torch.no_grad():
         x, t = model.encode_image(fx["images"]), model.encode_text(fx["tokens"])
     torch.testing.assert_close(x, fx["image_features"], rtol=1e-4, atol=1e-5, msg=lambda m: report(x, fx["image_features"]))
     torch.testing.assert_close(t, fx["text_features"], rtol=1e-4, atol=1e-5, msg=lambda m: report(t, fx["text_features"]))
-    wrong = alip.load_model(str(path), quick_gelu=act != "quickgelu")  # the activation must matter
+    wrong = alip.load_model(str(path), quick_gelu=act != "quickgelu", head_width=64)  # the activation must matter
     with torch.no_grad():
         assert not torch.allclose(wrong.encode_image(fx["images"]), fx["image_features"], atol=1e-5)
+
+
+def _features(model):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, model.config.image_size, model.config.image_size, generator=g)
+    tokens = torch.randint(1, 49406, (3, 12), generator=g)
+    tokens[:, -1] = 49407  # EOT
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tokens)
+
+
+def test_a_bare_state_dict_of_a_preset_gets_the_presets_heads(tmp_path, capsys):
+    torch.manual_seed(0)
+    original = alip.create_model("tiny").eval()
+    assert original.config.vision_heads == original.config.text_heads == 2  # 32-wide heads: not OpenAI's 64
+    torch.save(original.state_dict(), tmp_path / "tiny.pt")
+    loaded = alip.load_model(str(tmp_path / "tiny.pt"))
+    for a, b in zip(_features(loaded), _features(original)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: report(a, b))
+    said = capsys.readouterr().err
+    assert "2 vision heads of 32" in said and "preset tiny" in said and "--head-width" in said, said
+
+
+def test_a_bare_state_dict_of_no_preset_says_which_heads_it_assumed(tmp_path, capsys):
+    cfg = alip.ModelConfig(embed_dim=48, image_size=32, patch_size=8, vision_width=64, vision_layers=2,
+                           vision_heads=4, text_width=32, text_layers=1, text_heads=2)  # 16-wide heads
+    torch.manual_seed(0)
+    original = alip.CLIP(cfg).eval()
+    torch.save({"state_dict": original.state_dict()}, tmp_path / "sd.pt")
+    guessed = alip.load_model(str(tmp_path / "sd.pt"))
+    said = capsys.readouterr().err
+    assert len(said.strip().splitlines()) == 1, said
+    assert "1 vision heads of 64 and 1 text heads of 32" in said and "--head-width N" in said, said
+    assert not torch.allclose(_features(guessed)[0], _features(original)[0], atol=1e-4)  # the heads matter
+    told = alip.load_model(str(tmp_path / "sd.pt"), head_width=16)
+    assert (told.config.vision_heads, told.config.text_heads) == (4, 2) and capsys.readouterr().err == ""
+    for a, b in zip(_features(told), _features(original)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: report(a, b))
+    with pytest.raises(data.UserError, match="--head-width 24 does not divide"):
+        alip.load_model(str(tmp_path / "sd.pt"), head_width=24)
 
 
 @pytest.mark.parametrize("causal", [False, True])

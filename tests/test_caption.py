@@ -13,17 +13,21 @@ import itertools
 import json
 import os
 import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
 
+safetensors_torch = pytest.importorskip("safetensors.torch")  # transformers' own format; installed with it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server needs Linux"),
               pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
@@ -153,12 +157,13 @@ def server():
     proc.wait(timeout=60)
 
 
-def _command(server, folder, name, argv, timeout=120):
+def _command(server, folder, name, argv, timeout=120, fsize=None):
     """(status, stdout, stderr, seconds) of `python ARGV...` in the repository root, once the command and every
-    process it started have ended; its output goes to folder/name.stdout and .stderr."""
+    process it started have ended; its output goes to folder/name.stdout and .stderr. fsize: the largest file it may
+    write, as on a full disk."""
     out, err = folder / f"{name}.stdout", folder / f"{name}.stderr"
     server.stdin.write(json.dumps({"argv": [str(a) for a in argv], "out": str(out), "err": str(err),
-                                   "timeout": timeout}) + "\n")
+                                   "timeout": timeout, "fsize": fsize}) + "\n")
     server.stdin.flush()
     reply = server.stdout.readline()
     assert reply, "the fork server died"
@@ -169,9 +174,10 @@ def _command(server, folder, name, argv, timeout=120):
 
 @pytest.fixture
 def run(server, tmp_path):
-    """run(*argv, timeout=) -> (status, stdout, stderr, seconds): see _command."""
+    """run(*argv, timeout=, fsize=) -> (status, stdout, stderr, seconds): see _command."""
     calls = itertools.count()
-    return lambda *argv, timeout=120: _command(server, tmp_path, f"call{next(calls)}", argv, timeout)
+    return lambda *argv, timeout=120, fsize=None: _command(server, tmp_path, f"call{next(calls)}", argv, timeout,
+                                                           fsize)
 
 
 def caption_argv(made, out, *extra):
@@ -285,6 +291,105 @@ def test_kill_and_rerun_captions_every_key_once(made, single, run, tmp_path):
         assert f.read() == g.read()
 
 
+def test_a_run_continues_with_the_same_captioner_wherever_it_lies_and_no_other(made, single, run, tmp_path):
+    """An unfinished run (every shard captioned, the captions file not written: the disk was full) is continued by the
+    same captioner copied to another folder, and refused, in one line, for other weights or another config in the
+    folder it was made with."""
+    model = tmp_path / "blip"
+    shutil.copytree(made["model"], model)
+    first = tmp_path / "first.jsonl"
+    status, _, stderr, _ = run(*caption_argv(made, first, "--captioner", model, "--workers", "0"),
+                               fsize=os.path.getsize(single[0]) - 1)
+    assert status == 2 and "File too large" in stderr, stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("first.jsonl.parts/*.done")) == [f"{i:05d}.done" for i in range(5)]
+
+    def unfinished(name):
+        out = tmp_path / name
+        shutil.copytree(f"{first}.parts", f"{out}.parts")
+        return out
+
+    def refused(out, captioner, *names):
+        status, _, stderr, _ = run(*caption_argv(made, out, "--captioner", captioner))
+        assert status == 2 and len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: "), stderr[-3000:]
+        assert all(n in stderr for n in names), stderr
+        assert not os.path.exists(out)
+
+    def continued(out, captioner):
+        status, _, stderr, _ = run(*caption_argv(made, out, "--captioner", captioner))
+        assert status == 0, stderr[-3000:]
+        with open(out, "rb") as f, open(single[0], "rb") as g:
+            assert f.read() == g.read()
+        return stderr
+
+    elsewhere = tmp_path / "elsewhere" / "blip"
+    shutil.copytree(model, elsewhere)
+    assert "pinned" not in continued(unfinished("moved.jsonl"), elsewhere)
+    # An earlier caption.py's folder pinned the captioner's path alone: continued from that path, and said so.
+    earlier = unfinished("earlier.jsonl")
+    settings = json.loads((tmp_path / "earlier.jsonl.parts" / "settings.json").read_text())
+    for name in ("captioner_config", "captioner_weights"):
+        del settings[name]
+    (tmp_path / "earlier.jsonl.parts" / "settings.json").write_text(json.dumps(settings))
+    shutil.copytree(f"{earlier}.parts", tmp_path / "earlier_elsewhere.jsonl.parts")
+    refused(tmp_path / "earlier_elsewhere.jsonl", elsewhere, "--captioner", str(model), str(elsewhere))
+    said = continued(earlier, model)
+    assert "earlier caption.py" in said and "pinned from here on" in said, said
+
+    # Other weights at the same path: one tensor changed in its last bit.
+    weights = safetensors_torch.load_file(model / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name].view(-1).view(torch.int32)[0] ^= 1
+    safetensors_torch.save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    refused(unfinished("new_weights.jsonl"), model, "other weights", str(model))
+    shutil.copy(elsewhere / "model.safetensors", model / "model.safetensors")
+    # Another config at the same path, its weights the same.
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["layer_norm_eps"] = 1e-6
+    (model / "config.json").write_text(json.dumps(config))
+    refused(unfinished("new_config.jsonl"), model, "another captioner", "model.text_config.layer_norm_eps", "1e-06")
+
+
+@pytest.fixture
+def no_hub(tmp_path):
+    """The environment of a machine where the Hugging Face hub cannot be reached (its address: a port that refuses
+    connections) and whose cache is tmp_path/hf/hub, empty; HF_HUB_OFFLINE not set."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: a connection is refused at once
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    yield {**env, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{closed.getsockname()[1]}"}
+    closed.close()
+
+
+def _timed(argv, env, timeout=90):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return r, time.monotonic() - t0
+
+
+def test_a_model_id_without_the_hub_fails_at_once_in_one_line(made, no_hub, tmp_path):
+    r, seconds = _timed(caption_argv(made, tmp_path / "caps.jsonl", "--captioner", "org/tiny-blip"), no_hub)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-3000:]
+    assert all(n in r.stderr for n in ("--captioner org/tiny-blip", str(tmp_path / "hf" / "hub"), "cannot be reached",
+                                       "hf download org/tiny-blip")), r.stderr
+    assert seconds < 45, f"{seconds:.0f} s"
+
+
+def test_a_model_id_in_the_cache_loads_from_it_at_once_without_the_hub(made, single, no_hub, tmp_path):
+    # The cache's layout, as huggingface_hub writes it: the commit that refs/main names, and its files.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--org--tiny-blip"
+    shutil.copytree(made["model"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "caps.jsonl"
+    r, seconds = _timed(caption_argv(made, out, "--captioner", "org/tiny-blip"), no_hub)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cannot be reached" in r.stderr and "org/tiny-blip loaded from the local cache" in r.stderr, r.stderr
+    with open(out, "rb") as f, open(single[0], "rb") as g:
+        assert f.read() == g.read()
+    assert seconds < 45, f"{seconds:.0f} s"
+
+
 def test_the_captions_train(made, single, run, tmp_path):
     out, _, _ = single
     loader = data.TrainLoader(made["shards"], image_size=32, batch_size=8, workers=0, captions=str(out))
@@ -322,7 +427,7 @@ def test_one_failing_rank_ends_the_run(made, single, run, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["transformers-missing", "model-folder", "batch-size-0", "workers-negative",
-                                  "shards-missing", "device-unknown"])
+                                  "shards-missing", "device-unknown", "out-a-folder"])
 def test_bad_input_is_one_line_and_status_2(made, run, tmp_path, case):
     os.makedirs(tmp_path / "o")
     out = tmp_path / "o" / "caps.jsonl"
@@ -342,6 +447,7 @@ def test_bad_input_is_one_line_and_status_2(made, run, tmp_path, case):
             "workers-negative": (caption_argv(made, out, "--workers", "-1"), ["--workers"]),
             "shards-missing": (["caption.py", tmp_path / "none", "--out", out], ["none"]),
             "device-unknown": (caption_argv(made, out, "--device", "gpu7"), ["--device", "gpu7"]),
+            "out-a-folder": (caption_argv(made, tmp_path / "o"), ["--out", str(tmp_path / "o"), "folder"]),
         }[case]
         status, _, stderr, _ = run(*argv)
     assert status == 2, (status, stderr[-3000:])

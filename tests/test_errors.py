@@ -149,12 +149,22 @@ def inputs(tmp_path_factory):
         os.makedirs(d / "folder" / c)
         (d / "folder" / c / "0.jpg").write_bytes(_jpeg(len(c)))
     (d / "two_names.txt").write_text("cat\ndog\n")
+    (d / "latin1_names.txt").write_bytes("café\nthé\nvin\n".encode("latin-1"))
+    (d / "latin1_templates.txt").write_bytes("a photo of a {c}, à la carte.\n".encode("latin-1"))
+    # eval.py retrieval: a .json that is not JSON, and JSON of another layout
+    (d / "not_json.json").write_text("{images: [")
+    (d / "other_layout.json").write_text(json.dumps({"images": ["000000.jpg"]}))
+    # eval.py zeroshot: shards whose labels are not integers
+    os.makedirs(d / "labels_not_integers")
+    data.write_tar(str(d / "labels_not_integers" / "00000.tar"),
+                   [(f"{k:06d}", {"jpg": _jpeg(k), "cls": b"cat"}) for k in range(3)])
     return d
 
 
 TRAIN = ["alip.py", "--data", "{train}", "--model", "tiny", "--batch-size", "16", "--steps", "1", "--workers", "0",
          "--output", "{out}"]
 EVAL = ["eval.py", "zeroshot", "--dataset", "{folder}", "--templates", "simple", "--workers", "0", "--device", "cpu"]
+RETRIEVAL = ["eval.py", "retrieval", "--checkpoint", "{ckpt}", "--workers", "0", "--device", "cpu", "--dataset"]
 
 # Flags that argparse refuses, checked in-process: (id, argv, the flag the one-line message must name);
 # argparse lets a repeated flag override the earlier one.
@@ -234,9 +244,26 @@ ROWS = [
      ["torchscript_damaged.pt", "cannot load"]),
     ("eval-other-preset", EVAL + ["--checkpoint", "{inputs}/b32_state_dict.pt", "--model", "tiny"],
      ["ViT-B-32", "--model"]),
+    ("eval-model-other-than-saved", EVAL + ["--checkpoint", "{ckpt}", "--model", "ViT-B-32"],
+     ["--model ViT-B-32", "preset tiny", "drop it"]),
+    ("eval-quick-gelu-not-saved", EVAL + ["--checkpoint", "{ckpt}", "--quick-gelu"], ["--quick-gelu", "drop it"]),
+    ("eval-head-width-other-than-saved", EVAL + ["--checkpoint", "{ckpt}", "--head-width", "64"],
+     ["--head-width 64", "2 vision heads of 32", "drop it"]),
     ("eval-classnames-count", EVAL + ["--checkpoint", "{ckpt}", "--classnames", "{inputs}/two_names.txt"],
      ["two_names.txt", "3"]),
     ("eval-dataset-missing", EVAL + ["--checkpoint", "{ckpt}", "--dataset", "{inputs}/no/such/dir"], ["no/such/dir"]),
+    ("eval-classnames-not-utf8", EVAL + ["--checkpoint", "{ckpt}", "--classnames", "{inputs}/latin1_names.txt"],
+     ["latin1_names.txt", "UTF-8"]),
+    ("eval-templates-not-utf8", EVAL + ["--checkpoint", "{ckpt}", "--templates", "{inputs}/latin1_templates.txt"],
+     ["latin1_templates.txt", "UTF-8"]),
+    ("eval-labels-not-integers", EVAL + ["--checkpoint", "{ckpt}", "--dataset", "{inputs}/labels_not_integers",
+                                         "--classnames", "{inputs}/two_names.txt"], ["no usable samples"]),
+    ("retrieval-not-json", RETRIEVAL + ["{inputs}/not_json.json"], ["not_json.json", "Karpathy"]),
+    ("retrieval-json-of-another-layout", RETRIEVAL + ["{inputs}/other_layout.json"], ["other_layout.json", "Karpathy"]),
+    ("plot-no-metrics", ["eval.py", "plot", "{out}"], ["metrics.jsonl", "{out}"]),
+    ("plot-out-under-a-file", ["eval.py", "plot", "{run}", "--out", "{inputs}/notes.txt/curves.png"],
+     ["notes.txt", "not a folder"]),
+    ("demo-into-a-file", ["data.py", "demo", "{inputs}/notes.txt"], ["notes.txt", "a file"]),
 ]
 
 
@@ -292,9 +319,9 @@ def test_bad_input_is_one_line_and_status_2(run, inputs, good_run, tmp_path, row
         (out / "ckpt-00000002.pt").write_bytes((good_run / "ckpt-00000001.pt").read_bytes()[:1000])  # truncated
     before = _snapshot(out)
     paths = {"train": inputs / "train", "inputs": inputs, "out": out, "folder": inputs / "folder",
-             "ckpt": good_run / "ckpt-00000001.pt"}
+             "ckpt": good_run / "ckpt-00000001.pt", "run": good_run}
     r = run(*[a.format(**paths) for a in argv])
-    _assert_one_line_error(r, names)
+    _assert_one_line_error(r, [name.format(**paths) for name in names])
     after = _snapshot(out)
     after.pop(".lock", None)  # a training run locks --output first: its first write, and a check that it can write
     assert after == before, "the output directory changed"

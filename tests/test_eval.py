@@ -266,7 +266,7 @@ def test_plot_survives_missing_keys_one_line_and_a_torn_line(tmp_path):
     # The command line, with the default output file in the run directory.
     ev.main(["plot", str(full)], load_model=None, presets=None)
     assert (full / "curves.png").is_file()
-    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+    with pytest.raises(data.UserError, match="no metrics.jsonl"):
         ev.main(["plot", str(tmp_path / "nothing")], load_model=None, presets=None)
 
 
