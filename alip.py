@@ -744,7 +744,7 @@ def resume(run):
                                                               for k, (was, now) in changed.items()))
     if run.master:
         name = args.wandb_name or os.path.basename(os.path.abspath(args.output))
-        options = dict(project=args.wandb_project, name=name, tags=args.wandb_tags, config=vars(args),
+        options = dict(project=args.wandb_project or "alip", name=name, tags=args.wandb_tags, config=vars(args),
                        resume=args.resume)
         run.metrics = evaluation.RunLog(args.output, step, args.report_to, options)
         with data.atomic_write(os.path.join(args.output, "config.json"), "w") as f:
@@ -1047,7 +1047,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=data.positive_int, default=50, help="a log line every N steps")
     p.add_argument("--report-to", type=data.comma_list, default=[],
                    help="also send the metrics to tensorboard (OUTPUT/tensorboard), wandb, or both: tensorboard,wandb")
-    p.add_argument("--wandb-project", default="alip", help="W&B project (WANDB_MODE=offline: a local run folder)")
+    p.add_argument("--wandb-project", help="W&B project (default: alip; WANDB_MODE=offline: a local run folder)")
     p.add_argument("--wandb-name", help="W&B run name (default: --output's folder name)")
     p.add_argument("--wandb-tags", type=data.comma_list, default=[], help="W&B tags, comma-separated")
     # evaluation
@@ -1068,7 +1068,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not (args.data or args.demo or args.bench):
         p.error("--data is required (or --demo, or --bench)")
+    if args.seeds and not args.demo:
+        p.error("--seeds runs the demo once per seed: add --demo (a run of your own takes --seed)")
+    unused = [flag for flag, value in (("--wandb-project", args.wandb_project), ("--wandb-name", args.wandb_name),
+                                       ("--wandb-tags", args.wandb_tags)) if value and "wandb" not in args.report_to]
+    if unused:
+        p.error(f"{unused[0]} is for W&B: add --report-to wandb")
     evaluation.check_reporters(args.report_to)  # a missing package is found before anything is built
+    for flag, dataset in (("--eval-zeroshot", args.eval_zeroshot), ("--eval-retrieval", args.eval_retrieval)):
+        if dataset:  # found now, not once the training is over
+            evaluation.check_dataset(dataset, flag)
     return args
 
 

@@ -421,6 +421,9 @@ def _assemble(shards, parts, out):
             if lines != record.get("captions"):
                 raise data.UserError(f"{path} holds {lines} captions, {marker} says {record.get('captions')}: remove "
                                      f"both to caption {shard} again")
+        if n == 0:  # an empty captions file would train nothing
+            raise data.UserError(f"not one image of the {len(shards)} shards could be captioned (skipped: "
+                                 f"{dict(skipped) or 'none: the shards hold no samples'}); nothing is written to {out}")
     return {"captions": n, "skipped": dict(skipped)}
 
 

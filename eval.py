@@ -352,6 +352,16 @@ def _layout(path):
                     "or a Karpathy-split .json")
 
 
+def check_dataset(path, flag):
+    """A UserError naming `flag` where path is no data set that eval.py reads: for a run to find out before it trains,
+    not at its first evaluation."""
+    try:
+        if _layout(path) == "shards":
+            data.find_shards(path, every=True)
+    except data.UserError as e:
+        raise data.UserError(f"{flag} {e}") from e
+
+
 class _CifarUnpickler(pickle.Unpickler):
     """Pickles can run code on load: allow only what the CIFAR files hold (numpy arrays and builtins)."""
 

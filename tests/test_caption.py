@@ -490,3 +490,13 @@ def test_a_loader_worker_killed_by_sigkill_is_one_line(made, tmp_path):
     assert last.startswith(f"error: data loader worker 0 of 2 (PID {workers[0]}) was ended by SIGKILL"), last
     assert last.endswith("then run the same command again to continue"), last
     assert os.path.exists(parts / "settings.json") and not os.path.exists(out)
+
+
+def test_shards_without_one_usable_image_are_one_line_and_write_nothing(made, run, tmp_path):
+    data.write_tar(str(tmp_path / "00000.tar"), [("a", {"jpg": b"", "txt": b"t"}), ("b", {"txt": b"t"})])
+    out = tmp_path / "caps.jsonl"
+    status, _, stderr, _ = run("caption.py", tmp_path / "00000.tar", "--captioner", made["model"], "--out", out,
+                               "--device", "cpu", "--workers", "0")
+    last = stderr.strip().splitlines()[-1]  # after the progress line
+    assert status == 2 and last.startswith("error: not one image") and "Traceback" not in stderr, stderr[-3000:]
+    assert "empty_image" in stderr and "missing_image" in stderr and not out.exists()

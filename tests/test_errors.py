@@ -188,6 +188,10 @@ FLAG_ROWS = [
     ("momentum-1.5", TRAIN + ["--momentum", "1.5"], "--momentum"),
     ("train-num-samples-0", TRAIN + ["--train-num-samples", "0"], "--train-num-samples"),
     ("eval-every-negative", TRAIN + ["--eval-every", "-5"], "--eval-every"),
+    ("seeds-without-demo", TRAIN + ["--seeds", "0", "1"], "--seeds"),
+    ("wandb-name-without-wandb", TRAIN + ["--wandb-name", "b32"], "--wandb-name"),
+    ("eval-zeroshot-missing", TRAIN + ["--eval-zeroshot", "{folder}/no/such/set"], "--eval-zeroshot"),
+    ("eval-retrieval-no-shards", TRAIN + ["--eval-retrieval", "{folder}/gone/{{0..1}}.tar"], "--eval-retrieval"),
     ("make-shard-size-0", ["data.py", "make", "table.csv", "{out}", "--shard-size", "0"], "--shard-size"),
     ("eval-batch-size-0", EVAL + ["--checkpoint", "ck.pt", "--batch-size", "0"], "--batch-size"),
 ]
