@@ -437,17 +437,31 @@ def _shard_classnames(shards):
     return None
 
 
-def read_classification(path, split="test", classnames=None):
+def _split(path, layout, split):
+    """The split to read: `split`, "test" by default, for CIFAR and Karpathy files; refused for the layouts whose path
+    is the split, where it would be ignored."""
+    if layout in ("cifar", "karpathy"):
+        return split or "test"
+    if split is not None:
+        kind = "shards" if layout == "shards" else "an ImageFolder"
+        raise EvalError(f"--split {split}: {path} is {kind}, whose path is the split; --split is for CIFAR (train, "
+                        "test) and Karpathy files")
+    return None
+
+
+def read_classification(path, split=None, classnames=None):
     """(samples, class names, skipped) for an ImageFolder, CIFAR or shard dataset; samples is a list, or a
     lazy iterator for shards. classnames (a file, "imagenet" or a list) overrides the dataset's own names,
     which are None for shards without a classnames.txt."""
     layout = _layout(path)
     skipped = collections.Counter()
     if layout == "cifar":
-        samples, names = _read_cifar(path, split)
+        samples, names = _read_cifar(path, _split(path, layout, split))
     elif layout == "imagefolder":
+        _split(path, layout, split)
         samples, names = _read_imagefolder(path)
     elif layout == "shards":
+        _split(path, layout, split)
         shards = data.find_shards(path, every=True)
         samples = _iter_shard_samples(shards, "cls", lambda raw: int(raw.decode().strip()), skipped)
         names = _shard_classnames(shards)
@@ -486,13 +500,14 @@ def _read_karpathy(path, images, split):
     return samples
 
 
-def read_retrieval(path, images=None, split="test"):
+def read_retrieval(path, images=None, split=None):
     """(samples, skipped) with samples (image source, [captions]) from a Karpathy JSON or caption shards."""
     layout = _layout(path)
     skipped = collections.Counter()
     if layout == "karpathy":
-        return _read_karpathy(path, images, split), skipped
+        return _read_karpathy(path, images, _split(path, layout, split)), skipped
     if layout == "shards":
+        _split(path, layout, split)
         def captions(raw):  # one caption per line
             return [line.strip() for line in raw.decode().splitlines() if line.strip()] or None
         return _iter_shard_samples(data.find_shards(path, every=True), "txt", captions, skipped), skipped
@@ -643,7 +658,7 @@ def _zeroshot(model, dataset, classnames, templates, batch_size, workers, device
 
 
 def zeroshot(model, dataset, *, classnames=None, templates="simple", batch_size=256, workers=0, device=None,
-             split="test", dtype=None):
+             split=None, dtype=None):
     """Zero-shot top-1/top-5 accuracy and mean per-class recall of model on dataset (a path)."""
     return _zeroshot(model, dataset, classnames, templates, batch_size, workers, device, split, dtype)[0]
 
@@ -664,7 +679,7 @@ def _retrieval(model, dataset, images, split, prefix, batch_size, workers, devic
     return retrieval_metrics(x, t, text_to_image), info
 
 
-def retrieval(model, dataset, *, images=None, split="test", prefix="", batch_size=256, workers=0, device=None,
+def retrieval(model, dataset, *, images=None, split=None, prefix="", batch_size=256, workers=0, device=None,
               dtype=None):
     """Image->text and text->image R@1/5/10 of model on dataset (a Karpathy JSON or caption shards)."""
     return _retrieval(model, dataset, images, split, prefix, batch_size, workers, device, dtype)[0]
@@ -737,7 +752,7 @@ def probe(train_x, train_y, test_x, test_y, num_classes=None, *, val_fraction=0.
 
 
 def _features(model, dataset, split, batch_size, workers, device, dtype):
-    samples, _, _ = read_classification(dataset, split)
+    samples, _, _ = read_classification(dataset, split if _layout(dataset) == "cifar" else None)
     x, labels = encode_images(model, samples, device, batch_size, workers,
                               total=len(samples) if isinstance(samples, list) else None, dtype=dtype)
     return x, torch.tensor(labels)
@@ -749,6 +764,10 @@ def linear_probe(model, train, test, *, batch_size=256, workers=0, device=None, 
     with _eval_mode(model, device) as device:
         train_x, train_y = _features(model, train, "train", batch_size, workers, device, dtype)
         test_x, test_y = _features(model, test, "test", batch_size, workers, device, dtype)
+    unseen = sorted(set(test_y.tolist()) - set(train_y.tolist()))
+    if unseen:  # the probe could never predict them
+        raise EvalError(f"linear probe: {test} has {len(unseen)} classes that {train} lacks (e.g. label {unseen[0]}); "
+                        "give two splits of one data set, with the same classes")
     result = probe(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), seed=seed)
     result.update(num_train=len(train_x), num_test=len(test_x))
     return result
@@ -1350,7 +1369,7 @@ def main(argv=None, *, load_model, presets):
 
     p = commands.add_parser("zeroshot", parents=[common], help="zero-shot classification")
     p.add_argument("--dataset", required=True, help="ImageFolder, CIFAR python directory, or shards with .cls")
-    p.add_argument("--split", default="test", help="CIFAR split")
+    p.add_argument("--split", help="CIFAR split (default: test); other layouts: the path is the split")
     p.add_argument("--classnames", default=None,
                    help='file with one class name per line, or "imagenet" (default: classnames.txt beside the shards, '
                         "CIFAR's own, or the ImageFolder's folder names)")
@@ -1360,7 +1379,7 @@ def main(argv=None, *, load_model, presets):
     p = commands.add_parser("retrieval", parents=[common], help="image-text retrieval")
     p.add_argument("--dataset", required=True, help="Karpathy-split .json or shards with .txt captions")
     p.add_argument("--images", default=None, help="image folder of a Karpathy JSON (default: the JSON's folder)")
-    p.add_argument("--split", default="test", help="Karpathy split")
+    p.add_argument("--split", help="Karpathy split (default: test); shards: the path is the split")
     p.add_argument("--caption-prefix", default="", help='e.g. "a photo of "; none by default, as in the paper')
 
     p = commands.add_parser("linear-probe", parents=[common], help="logistic regression on frozen features")

@@ -371,7 +371,7 @@ def test_zeroshot_shards(oracle, tmp_path):
     with pytest.raises(ev.EvalError, match="classnames.txt"):
         ev.zeroshot(oracle, folder)
     (tmp_path / "classnames.txt").write_text("\n".join(NAMES) + "\n")  # one level up, as clip_benchmark's wds
-    metrics, info = ev._zeroshot(oracle, folder + "/shard-{00000..00002}.tar", None, "simple", 4, 0, None, "test")
+    metrics, info = ev._zeroshot(oracle, folder + "/shard-{00000..00002}.tar", None, "simple", 4, 0, None, None)
     assert metrics == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
     assert info["num_images"] == len(NAMES) and sum(info["skipped"].values()) == 1
 
@@ -448,6 +448,22 @@ def test_linear_probe_cifar(oracle, tmp_path):
     result = ev.linear_probe(oracle, folder, folder, batch_size=16)
     assert result["acc1"] == 1.0 and result["mean_per_class_recall"] == 1.0
     assert result["num_train"] == 5 * 3 * len(NAMES) and result["num_test"] == 3 * len(NAMES)
+
+
+def test_linear_probe_refuses_test_classes_that_train_lacks(oracle, tmp_path):
+    for split, names in (("train", NAMES[:2]), ("test", NAMES[:3])):
+        for name in names:
+            os.makedirs(tmp_path / split / name)
+            solid(name).save(tmp_path / split / name / "a.png")
+    with pytest.raises(ev.EvalError, match="1 classes that .*train lacks"):
+        ev.linear_probe(oracle, str(tmp_path / "train"), str(tmp_path / "test"), batch_size=16)
+
+
+def test_split_is_refused_where_the_path_is_the_split(oracle, imagefolder, tmp_path):
+    with pytest.raises(ev.EvalError, match="--split train: .* an ImageFolder, whose path is the split"):
+        ev.zeroshot(oracle, imagefolder, templates="simple", split="train")
+    folder = write_cifar(str(tmp_path / "cifar"), per_class=1)
+    assert ev.zeroshot(oracle, folder, templates="simple", split="train")["acc1"] == 1.0  # CIFAR has splits
 
 
 # -----------------------------------------------------------------------------
