@@ -207,7 +207,7 @@ def main():
     if args.table:
         print("_RESOURCES = {")
         for key, value in sorted(resources(jobs, results).items(), key=repr):
-            print(f"    {key!r}: {value!r},")
+            print(f"    {key!r}: {value!r},".replace("'", '"'))
         print("}")
     print(f"{failed} of {len(jobs)} kernels spill, exceed the shared memory or hold fewer programs per SM than "
           f"the table says" if failed else

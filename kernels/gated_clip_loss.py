@@ -64,20 +64,20 @@ Cost (launch_plan counts it launch by launch; tests/test_kernels.py counts the s
 With two chunks (D > 512) a backward product costs 1 and its recompute 2 (each chunk's program recomputes T).
 Bytes: every load of a block counts, reloads that L2 serves included. Forward: each row block once, and every
 column block once per row block: sets ceil(n / BM) N D e; backward: per set, every swept block once per owned block
-(and chunk): ceil(owned / BO) NC swept D e. At BM = 128 and BO = 64 that is 128 and 2 x 64 GEMM FLOPs a byte, near
-what L2 feeds the tensor cores at. At B = 32768, D = 512, bf16: 8.7 GB forward, 35 GB backward (launch_plan); the
-plan's model (MODEL: 989 TFLOP/s, L2 5.5 TB/s, HBM 3.35 TB/s, 5 us a launch) puts it at 8.3 ms against the floor's
-4 GEMMs at 4.4 ms. The backward's 32- and 16-row configs run Ampere's mma.sync, not Hopper's wgmma, which the model
+(and chunk): ceil(owned / BO) NC swept D e. At BM = 128 and BO = 64 in bf16 both make 128 GEMM FLOPs a byte,
+where 180 would keep the tensor cores busy at the model's L2 bandwidth. At B = 32768, D = 512, bf16: 8.8 GB
+forward, 35 GB backward (launch_plan); the plan's model (MODEL: 989 TFLOP/s, L2 5.5 TB/s, HBM 3.35 TB/s, 5 us a
+launch) puts it at 8.3 ms against the floor's 4 GEMMs at 4.4 ms. The backward's 32- and 16-row configs run Ampere's mma.sync, not Hopper's wgmma, which the model
 does not tell apart.
 Extra memory, beyond the inputs and the gradients, of forward + backward (tests/test_kernels.py checks it), with
 the forward's S splits and G groups and the backward's splits SP (launch_plan's; G <= 2 x SMs, SP <= 8 and above 1
 only where the owned blocks are fewer than the SMs), e the input's bytes per element, Dp = D rounded up to 16:
-    saved     8 n + 12 ceil(n / 1024) + e (2 n + 2 N) Dp (the padded copies, D not a multiple of 16)
+    saved     8 n + 12 ceil(n / 1024) + e (2 n + 2 N if gathered) Dp (the padded copies, D not a multiple of 16)
     forward   8 sets S n + 8 G N (square only) + 4 n
     backward  8 SP n D (the fp32 sums of dx and dt)
-    extra <=  saved + max(forward, backward) + 4
-A DDP rank's n = 512 of N = 4096 at D = 512: 8.6 MiB; B = 1,048,576 on a 132-SM H100: 2.1 GiB backward, beside
-2 GiB of inputs and 2 GiB of gradients.
+    extra <=  saved + max(forward, backward) + 4 (the loss)
+A DDP rank's n = 512 of N = 4096 at D = 512: 16 MiB (8 splits); B = 1,048,576 on a 132-SM H100: 4.0 GiB, the fp32
+sums of dx and dt, beside 2 GiB of inputs and 2 GiB of gradients.
 
 Precision. Scores, softmax sums and gradients accumulate in fp32. bf16/fp16 inputs: exact products, fp32 sums; P
 is rounded to the input dtype for the product GEMMs, as in flash attention, and each gradient is rounded once to
@@ -466,43 +466,43 @@ _SMALL_WARPS = 4  # of _loss_kernel and _finish_kernel
 # over the D of its width, its variants, and Triton 3.6 and 3.9 (`python -m kernels.compile_check --table`). They
 # decide how many programs an SM holds at once; kernels.compile_check fails where a fresh compile holds fewer.
 _RESOURCES = {
-    ('_bwd_kernel', '16bit', 1024, (16, 32, 8, 2)): (161, 100352),
-    ('_bwd_kernel', '16bit', 1024, (32, 16, 8, 2)): (170, 100352),
-    ('_bwd_kernel', '16bit', 256, (128, 16, 8, 2)): (202, 132096),
-    ('_bwd_kernel', '16bit', 256, (128, 32, 8, 2)): (218, 132096),
-    ('_bwd_kernel', '16bit', 512, (32, 64, 8, 2)): (173, 103936),
-    ('_bwd_kernel', '16bit', 512, (64, 16, 8, 2)): (248, 132096),
-    ('_bwd_kernel', 'ieee', 1024, (32, 16, 8, 1)): (200, 199680),
-    ('_bwd_kernel', 'ieee', 256, (16, 16, 4, 1)): (126, 34816),
-    ('_bwd_kernel', 'ieee', 256, (32, 16, 8, 1)): (104, 52224),
-    ('_bwd_kernel', 'ieee', 512, (16, 16, 4, 1)): (220, 66560),
-    ('_bwd_kernel', 'ieee', 512, (32, 16, 8, 1)): (214, 101376),
-    ('_bwd_kernel', 'tf32', 256, (32, 16, 8, 1)): (108, 66560),
-    ('_bwd_kernel', 'tf32', 512, (32, 16, 8, 1)): (162, 132096),
-    ('_bwd_kernel', 'tf32', 512, (32, 32, 8, 2)): (255, 197888),
-    ('_finish_kernel',): (80, 1040),
-    ('_fwd_kernel', '16bit', 1024, (32, 64, 8, 1)): (169, 132096),
-    ('_fwd_kernel', '16bit', 256, (128, 32, 8, 2)): (120, 100352),
-    ('_fwd_kernel', '16bit', 256, (128, 64, 8, 2)): (255, 134144),
-    ('_fwd_kernel', '16bit', 256, (64, 64, 8, 2)): (195, 100352),
-    ('_fwd_kernel', '16bit', 512, (128, 32, 8, 2)): (207, 198656),
-    ('_fwd_kernel', '16bit', 512, (64, 64, 8, 2)): (255, 198656),
-    ('_fwd_kernel', 'ieee', 1024, (32, 16, 8, 1)): (176, 197632),
-    ('_fwd_kernel', 'ieee', 256, (16, 16, 4, 1)): (80, 33792),
-    ('_fwd_kernel', 'ieee', 256, (32, 16, 8, 1)): (80, 50176),
-    ('_fwd_kernel', 'ieee', 512, (32, 16, 8, 1)): (117, 99328),
-    ('_fwd_kernel', 'ieee', 512, (32, 32, 8, 1)): (124, 132096),
-    ('_fwd_kernel', 'tf32', 1024, (16, 32, 8, 1)): (228, 132096),
-    ('_fwd_kernel', 'tf32', 256, (32, 32, 8, 2)): (127, 67072),
-    ('_fwd_kernel', 'tf32', 256, (64, 32, 8, 1)): (160, 99328),
-    ('_fwd_kernel', 'tf32', 512, (32, 32, 8, 2)): (200, 132608),
-    ('_fwd_kernel', 'tf32', 512, (64, 32, 8, 1)): (248, 197632),
-    ('_loss_kernel',): (96, 3072),
+    ("_bwd_kernel", "16bit", 1024, (16, 32, 8, 2)): (161, 100352),
+    ("_bwd_kernel", "16bit", 1024, (32, 16, 8, 2)): (170, 100352),
+    ("_bwd_kernel", "16bit", 256, (128, 16, 8, 2)): (202, 132096),
+    ("_bwd_kernel", "16bit", 256, (128, 32, 8, 2)): (218, 132096),
+    ("_bwd_kernel", "16bit", 512, (32, 64, 8, 2)): (173, 103936),
+    ("_bwd_kernel", "16bit", 512, (64, 16, 8, 2)): (248, 132096),
+    ("_bwd_kernel", "ieee", 1024, (32, 16, 8, 1)): (200, 199680),
+    ("_bwd_kernel", "ieee", 256, (16, 16, 4, 1)): (126, 34816),
+    ("_bwd_kernel", "ieee", 256, (32, 16, 8, 1)): (104, 52224),
+    ("_bwd_kernel", "ieee", 512, (16, 16, 4, 1)): (220, 66560),
+    ("_bwd_kernel", "ieee", 512, (32, 16, 8, 1)): (214, 101376),
+    ("_bwd_kernel", "tf32", 256, (32, 16, 8, 1)): (108, 66560),
+    ("_bwd_kernel", "tf32", 512, (32, 16, 8, 1)): (162, 132096),
+    ("_bwd_kernel", "tf32", 512, (32, 32, 8, 2)): (255, 197888),
+    ("_finish_kernel",): (80, 1040),
+    ("_fwd_kernel", "16bit", 1024, (32, 64, 8, 1)): (169, 132096),
+    ("_fwd_kernel", "16bit", 256, (128, 32, 8, 2)): (120, 100352),
+    ("_fwd_kernel", "16bit", 256, (128, 64, 8, 2)): (255, 134144),
+    ("_fwd_kernel", "16bit", 256, (64, 64, 8, 2)): (195, 100352),
+    ("_fwd_kernel", "16bit", 512, (128, 32, 8, 2)): (207, 198656),
+    ("_fwd_kernel", "16bit", 512, (64, 64, 8, 2)): (255, 198656),
+    ("_fwd_kernel", "ieee", 1024, (32, 16, 8, 1)): (176, 197632),
+    ("_fwd_kernel", "ieee", 256, (16, 16, 4, 1)): (80, 33792),
+    ("_fwd_kernel", "ieee", 256, (32, 16, 8, 1)): (80, 50176),
+    ("_fwd_kernel", "ieee", 512, (32, 16, 8, 1)): (117, 99328),
+    ("_fwd_kernel", "ieee", 512, (32, 32, 8, 1)): (124, 132096),
+    ("_fwd_kernel", "tf32", 1024, (16, 32, 8, 1)): (228, 132096),
+    ("_fwd_kernel", "tf32", 256, (32, 32, 8, 2)): (127, 67072),
+    ("_fwd_kernel", "tf32", 256, (64, 32, 8, 1)): (160, 99328),
+    ("_fwd_kernel", "tf32", 512, (32, 32, 8, 2)): (200, 132608),
+    ("_fwd_kernel", "tf32", 512, (64, 32, 8, 1)): (248, 197632),
+    ("_loss_kernel",): (96, 3072),
 }
 
 # The device the model prices a plan for: an H100 SXM. Dense tensor-core rates and HBM3 bandwidth from its
-# datasheet (ieee fp32 runs on the FMA units); the L2's bandwidth and a launch's cost are assumptions (about what
-# microbenchmarks of H100's L2 and of a kernel launch report), to be replaced by what .ci/gpu measures.
+# datasheet (ieee fp32 runs on the FMA units); the L2's bandwidth and a launch's cost are assumptions, to be
+# replaced by what .ci/gpu measures.
 H100 = {"sms": 132, "registers": 65536, "shared": 233472, "warps": 64, "blocks": 32}
 MODEL = {"tflops": {"16bit": 989.4, "tf32": 494.7, "ieee": 66.9}, "l2_tbps": 5.5, "hbm_tbps": 3.35, "launch_us": 5.0}
 _TORCH_BLOCK = 512  # elements a block of PyTorch's elementwise kernels takes (128 threads, 4 each)
