@@ -1,4 +1,5 @@
-"""Benchmark of one loss path, forward + backward: PyTorch reference, fused kernels, a GEMM floor and Inf-CL.
+"""Benchmark of one loss path, forward + backward: PyTorch reference, fused kernels, a GEMM floor and Inf-CL, each
+beside the time its model predicts on an H100.
 
     python -m kernels.bench                                    # B = 1024, 2048, ... up to --max-b; bf16 and tf32
     python -m kernels.bench --sizes 4096,8192 --dtypes bf16    # a quick run
@@ -10,10 +11,8 @@ Rows, on the same inputs (x, t: B x D unit rows, s = 100, gate-like weights w in
 gradients too); without, the one-GPU loss, n = B. One similarity GEMM is 2 n B D FLOPs.
   reference  kernels.gated_clip_loss_reference, weighted: the same math as the trainer's reference loss in
              alip.py. It materialises the n x B logits of both directions: 6 GEMMs.
-  fused      gated_clip_loss(..., impl="fused"), weighted; its launch plan (launch_plan: per launch, the
-             programs of its grid and its GEMMs) is printed beside the row: 4 GEMMs (8 with --ranks).
-  fused det  the same under torch.use_deterministic_algorithms(True): no atomics, one more GEMM per direction.
-             Beside both, the H100 time their plan suggests (estimate_ms: an assumed GEMM rate), until measured.
+  fused      gated_clip_loss(..., impl="fused"), weighted; its launch plan (launch_plan: per launch, the programs
+             of its grid, its GEMMs padding included) beside the row: 5 GEMMs (10 with --ranks).
   floor      the least similarity-GEMM work any exact method needs for one path, forward and backward: 4 GEMMs
              per direction of the local rows (a forward sweep of S = x t^T for the LSEs, a backward recompute
              of S, and the two products P t and P^T x; the square loss has one matrix, --ranks two). Timed as
@@ -25,21 +24,24 @@ gradients too); without, the one-GPU loss, n = B. One similarity GEMM is 2 n B D
              group, but sends the scale's gradient through an all_reduce that needs one), one per direction.
              Each direction runs 5 GEMMs (forward sweep; dq: S and P k; dk: S and P^T q): 10 in all. It casts
              its inputs to fp32 and multiplies in tf32 whatever the input dtype.
-The auto column is what gated_clip_loss's impl="auto" runs at the row's shape (kernels.gated_clip_loss.choose_impl):
-where the reference and fused rows cross is where its AUTO_MIN_LOGITS belongs.
+Beside every row but Inf-CL's, model_ms: what kernels.gated_clip_loss.MODEL predicts on an H100 SXM (per launch,
+the slowest of its FLOPs at the tensor-core rate, its bytes at the L2's bandwidth and its distinct bytes at HBM's,
+plus a launch cost): for the fused rows the launch plan's, for the reference its ops counted on meta tensors,
+for the floor its GEMMs at the tensor-core rate. The auto column is what gated_clip_loss's impl="auto" runs at the
+row's shape (choose_impl): the lower of the fused and the reference models.
 
 dtypes: bf16, fp16, tf32 (fp32 inputs, torch.set_float32_matmul_precision("high"): tf32 GEMMs for every row),
 fp32 (fp32 inputs, "highest": ieee GEMMs). B doubles from 1024 up to --max-b (or takes --sizes); an
 implementation stops at its first out-of-memory and when its next size would overrun its dtype's share of
 --time-budget (the time of the last size times (B / last B)^2), so the fused kernels go on past the reference.
 
-Per row: median ms of timed calls (CUDA events, L2 flushed before each call; time.perf_counter on CPU) after one
-untimed warm-up call (compilation, autotuning); peak_mem_mib, the peak memory allocated during one call beyond
-what was allocated before it (inputs excluded, gradients included; None on CPU); gemms, the similarity GEMMs the
-implementation runs and tflops, their FLOPs per second; loss and its relative difference from the reference loss
-on the same inputs (from fused w=1 where the reference did not fit), which must stay within TOL or the run exits 1
-(as it does on any error). The JSON goes to --out/<device>-<date>.json, rewritten after every row, so an
-interrupted run keeps what it measured. Nothing else is written.
+Per row: median ms (on CUDA triton.testing.do_bench: L2 flushed before each call, gradients cleared; on CPU
+time.perf_counter) after an untimed warm-up call (compilation); peak_mem_mib, the peak memory allocated during one
+call beyond what was allocated before it (inputs excluded, gradients included; None on CPU); gemms, the similarity
+GEMMs the implementation runs and tflops, their FLOPs per second; loss and its relative difference from the
+reference loss on the same inputs (from fused w=1 where the reference did not fit), which must stay within TOL or
+the run exits 1 (as it does on any error). The JSON goes to --out/<device>-<date>.json, rewritten after every row,
+so an interrupted run keeps what it measured. Nothing else is written.
 """
 
 import argparse
@@ -58,9 +60,11 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+import triton.testing
 
 from . import gated_clip_loss as gcl
-from .gated_clip_loss import choose_impl, fused_available, gated_clip_loss, gated_clip_loss_reference, launch_plan
+from .gated_clip_loss import (MODEL, auto_costs, choose_impl, fused_available, gated_clip_loss,
+                              gated_clip_loss_reference, launch_plan, modelled_ms)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"bf16": (torch.bfloat16, "highest"), "fp16": (torch.float16, "highest"),
@@ -70,10 +74,6 @@ GEMMS = {"reference": 6, "floor": 4, "inf_cl": 10}  # per direction pair; the fu
 # (up to D 2^-24 s per logit, far less in the mean); tf32 rounds fp32 inputs to 10 bits in both.
 TOL = {"bf16": 1e-3, "fp16": 1e-3, "tf32": 1e-3, "fp32": 1e-4}
 SCALE = 100.0  # the largest logit scale ALIP allows, the hardest case for the softmax
-# The estimate printed beside the fused rows until a GPU measures them: every similarity GEMM of the launch plan
-# at 40% of an H100 SXM's 989 dense bf16 TFLOP/s, and 5 us a launch.
-ESTIMATE_TFLOPS, ESTIMATE_LAUNCH_US = 400, 5
-FLUSH_BYTES = 256 * 2**20  # more than any GPU's L2
 
 
 def parse_args(argv):
@@ -211,23 +211,11 @@ def loss_call(loss):
     return run
 
 
-def deterministic(fn):
-    """fn run under torch.use_deterministic_algorithms(True)."""
-    def run():
-        before = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
-            return fn()
-        finally:
-            torch.use_deterministic_algorithms(before)
-    return run
-
-
 def implementations(x, t, s, w, kw, inf_cl):
     """[(impl, weighted, fn)] in the order they run; fn() runs forward + backward once."""
     fused = loss_call(lambda: gated_clip_loss(x, t, s, w, **kw, impl="fused"))
     impls = [("reference", True, loss_call(lambda: gated_clip_loss_reference(x, t, s, w, **kw))),
-             ("fused", True, fused), ("fused det", True, deterministic(fused)),
+             ("fused", True, fused),
              ("floor", None, floor_fn(x.detach(), t.detach(), floor_chunk(kw.get("x_all", x).shape[0], x.dtype),
                                       *[kw[k].detach() for k in ("x_all", "t_all") if k in kw]))]
     if inf_cl is not None and not kw:
@@ -236,72 +224,75 @@ def implementations(x, t, s, w, kw, inf_cl):
     return impls
 
 
-def estimate_ms(plan, n, N, D):
-    """The H100 time a launch plan suggests (ESTIMATE_TFLOPS, ESTIMATE_LAUNCH_US): a guess, not a measurement."""
-    gemms = sum(r["gemms"] for r in plan)
-    return gemms * 2 * n * N * D / (ESTIMATE_TFLOPS * 1e12) * 1e3 + len(plan) * ESTIMATE_LAUNCH_US * 1e-3
+SHORT = {"_fwd_kernel": "fwd", "_loss_kernel": "loss", "_bwd_kernel": "bwd", "_finish_kernel": "fin",
+         "aten.sum": "sum", "aten.new_zeros": "zeros", "aten.copy_": "copy"}
 
 
-def plan_of(impl, n, B, D, dtype, sm_count):
-    """(similarity GEMMs, the launch plan in short or None, its H100 estimate in ms or None) of an implementation."""
+def plan_of(impl, weighted, n, B, D, dtype, device):
+    """(similarity GEMMs, the launch plan in short or None, the modelled ms or None) of an implementation's row."""
     gathered = n < B
-    if not impl.startswith("fused"):
-        return GEMMS[impl] * (2 if gathered and impl == "floor" else 1), None, None
-    plan = launch_plan(n, B, D, dtype, sm_count, deterministic=impl == "fused det", gathered=gathered)
-    short = {"_lse_fwd_kernel": "fwd", "_bwd_kernel": "bwd", "_finish_kernel": "fin"}
-    text = " ".join(f"{short[r['kernel']]}:{r['programs']}" + (f"x{r['gemms']}" if r["gemms"] else "") for r in plan)
-    return sum(r["gemms"] for r in plan), text, estimate_ms(plan, n, B, D)
+    if impl == "reference":
+        return GEMMS[impl], None, auto_costs(n, B, D, dtype, device)[1]
+    if impl == "floor":
+        gemms = GEMMS[impl] * (2 if gathered else 1)
+        rate = MODEL["tflops"][gcl._kind(dtype, gcl._input_precision(dtype))] * 1e12
+        return gemms, None, gemms * 2 * n * B * D / rate * 1e3
+    if impl == "inf_cl":
+        return GEMMS[impl], None, None
+    plan = launch_plan(n, B, D, dtype, gcl._sm_count(device), gathered=gathered, weighted=weighted)
+    text = " ".join(f"{SHORT[r['kernel']]}" + ("" if r["kernel"].startswith("aten.") else f":{r['programs']}")
+                    + (f"x{r['gemms']:.3g}" if r["gemms"] else "") for r in plan)
+    return round(sum(r["gemms"] for r in plan), 3), text, modelled_ms(plan)
 
 
-def timed_call(fn, grads, flush):
-    """(ms, fn's result) of one call, gradients cleared first."""
+def clear(grads):
     for g in grads:
         g.grad = None
-    if flush is None:
-        t0 = time.perf_counter()
-        out = fn()
-        return (time.perf_counter() - t0) * 1e3, out
-    flush.zero_()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    out = fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end), out
 
 
-def measure(fn, grads, flush, rep_ms):
-    """(median ms, peak extra MiB or None, loss value or None) of fn, after one warm-up call."""
-    cuda = flush is not None
-    timed_call(fn, grads, flush)
-    for g in grads:
-        g.grad = None
+def measure(fn, grads, cuda, rep_ms):
+    """(median ms, peak extra MiB or None, loss value) of fn after one untimed warm-up call. On CUDA
+    triton.testing.do_bench times it; one call of our own measures the peak memory and returns the loss, which
+    do_bench does not. On CPU (the interpreter), time.perf_counter around each call."""
+    clear(grads)
+    fn()
+    clear(grads)
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    ms, loss = timed_call(fn, grads, flush)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
-    times = [ms] + [timed_call(fn, grads, flush)[0] for _ in range(min(50, int(rep_ms / max(ms, 1e-3))))]
-    return statistics.median(times), peak, None if loss is None else loss.item()
+    t0 = time.perf_counter()
+    loss = fn()
+    first = (time.perf_counter() - t0) * 1e3
+    if not cuda:
+        times = [first]
+        for _ in range(min(50, int(rep_ms / max(first, 1e-3)))):
+            clear(grads)
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times), None, None if loss is None else loss.item()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = triton.testing.do_bench(fn, warmup=1, rep=max(rep_ms, 1), grad_to_none=grads, return_mode="median")
+    return ms, peak, None if loss is None else loss.item()
 
 
-def run_one(impl, weighted, fn, grads, flush, rep_ms, B, n, D, dtype, device):
+def run_one(impl, weighted, fn, grads, cuda, rep_ms, B, n, D, dtype, device):
     """One row: measured, or status "oom" / "error" with the message."""
     torch_dtype = DTYPES[dtype][0]
-    gemms, plan, estimate = plan_of(impl, n, B, D, torch_dtype, gcl._sm_count(device))
+    gemms, plan, model = plan_of(impl, weighted is not False, n, B, D, torch_dtype, device)
     row = {"impl": impl, "weighted": weighted, "B": B, "n": n, "D": D, "dtype": dtype, "status": "ok", "ms": None,
-           "peak_mem_mib": None, "gemms": gemms, "tflops": None, "loss": None, "plan": plan,
-           "estimate_ms": estimate, "auto": choose_impl(n, B, D, torch_dtype, device)[0]}
+           "peak_mem_mib": None, "gemms": gemms, "tflops": None, "loss": None, "plan": plan, "model_ms": model,
+           "auto": choose_impl(n, B, D, torch_dtype, device)[0]}
     try:
-        row["ms"], row["peak_mem_mib"], row["loss"] = measure(fn, grads, flush, rep_ms)
+        row["ms"], row["peak_mem_mib"], row["loss"] = measure(fn, grads, cuda, rep_ms)
         row["tflops"] = gemms * 2 * n * B * D / (row["ms"] * 1e-3) / 1e12
     except torch.cuda.OutOfMemoryError:
         row["status"] = "oom"
     except Exception as e:  # a failed implementation is recorded and makes the run fail; the others go on
         row["status"], row["error"] = "error", f"{type(e).__name__}: {e}"[:500]
-    for g in grads:
-        g.grad = None
+    clear(grads)
     if row["status"] == "oom":  # after the except block, which held the failed call's tensors
         torch.cuda.empty_cache()
     return row
@@ -334,8 +325,8 @@ def label(row):
 
 def table_line(r):
     shape = f"| {r['B']} | {r['n']} | {r['D']} | {r['dtype']} | {label(r)} |"
-    estimate = "" if r["estimate_ms"] is None else f"{r['estimate_ms']:.3g}"
-    tail = f" {r['auto']} | {r['gemms']} | {r['plan'] or ''} | {estimate} |"
+    model = "" if r["model_ms"] is None else f"{r['model_ms']:.3g}"
+    tail = f" {model} | {r['auto']} | {r['gemms']:.3g} | {r['plan'] or ''} |"
     if r["status"] != "ok":
         return f"{shape} {r['status']} {r.get('error', '')} | | | | |" + tail
     peak = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
@@ -344,10 +335,10 @@ def table_line(r):
     return f"{shape} {r['ms']:.3f} | {r['tflops']:.3g} | {peak} | {loss} | {checked} |" + tail
 
 
-# plan: per launch, kernel:programs and xGEMMs (fwd _lse_fwd_kernel, bwd _bwd_kernel, fin _finish_kernel);
-# H100 est.: estimate_ms of the plan, for comparison with the measured ms
-TABLE_HEAD = ("| B | n | D | dtype | impl | ms | TFLOP/s | peak MiB | loss | rel. diff | auto | GEMMs | plan | "
-              "H100 est. ms |\n|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|---:|---|---:|")
+# model ms: MODEL's H100 time for the row (module docstring); plan: per launch, kernel:programs and xGEMMs (fwd
+# _fwd_kernel, loss _loss_kernel, sum the loss's aten.sum, bwd _bwd_kernel, fin _finish_kernel)
+TABLE_HEAD = ("| B | n | D | dtype | impl | ms | TFLOP/s | peak MiB | loss | rel. diff | model ms | auto | GEMMs | "
+              "plan |\n|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|---|---:|---|")
 
 
 def header(device, argv, inf_cl_skipped):
@@ -358,8 +349,7 @@ def header(device, argv, inf_cl_skipped):
             "interpreted": not cuda, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(), "inf_cl": version("inf_cl"),
             "inf_cl_skipped": inf_cl_skipped, "commit": commit(), "date": datetime.date.today().isoformat(),
-            "argv": argv, "scale": SCALE, "tolerance": TOL, "gemms": GEMMS, "auto_min_logits": gcl.AUTO_MIN_LOGITS,
-            "rows": []}
+            "argv": argv, "scale": SCALE, "tolerance": TOL, "gemms": GEMMS, "model": MODEL, "rows": []}
 
 
 def save(result, path):
@@ -373,7 +363,6 @@ def bench_dtype(name, args, device, inf_cl, result, deadline, write):
     """Every size of one dtype; appends rows to result["rows"]."""
     dtype, precision = DTYPES[name]
     torch.set_float32_matmul_precision(precision)
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device) if device.type == "cuda" else None
     last, stopped = {}, set()  # (impl, weighted) -> (B, seconds spent on it)
     for B in args.sizes:
         n = B // args.ranks
@@ -389,7 +378,7 @@ def bench_dtype(name, args, device, inf_cl, result, deadline, write):
                 stopped.add(key)
                 continue
             t0 = time.time()
-            row = run_one(impl, weighted, fn, leaves, flush, args.rep_ms, B, n, args.dim, name, device)
+            row = run_one(impl, weighted, fn, leaves, device.type == "cuda", args.rep_ms, B, n, args.dim, name, device)
             last[key] = (B, time.time() - t0)
             if row["status"] != "ok":
                 stopped.add(key)

@@ -14,89 +14,87 @@ the same). `offset` is therefore only checked. With P = softmax_row(A), Q = soft
 
     dx = s (sum_j w'_i P_ij t_all_j - 2 w'_i t_i)          dt_all_j = s sum_i w'_i P_ij x_i
     dt = s (sum_j w'_i Q_ij x_all_j - 2 w'_i x_i)          dx_all_j = s sum_i w'_i Q_ij t_i
-    ds = sum_ij w'_i (P_ij A_ij + Q_ij C_ij) / s - 2 sum_i w'_i x_i.t_i
+    ds = sum_i w'_i (sum_j P_ij A_ij / s + sum_j Q_ij C_ij / s - 2 x_i.t_i)
 
 Square case (no *_all): C = A.T, so LSE_j C_ij is the column LSE of A, one matrix serves both directions, and
 with p_ij = w'_i P_ij + w'_j Q_ji both gradients come from it: dx_i = s (sum_j p_ij t_j - 2 w'_i t_i), dt_j =
 s (sum_i p_ij x_i - 2 w'_j x_j).
 
-Kernels, of the flash-attention kind: a tile of S = q @ k.T is accumulated in fp32 over D in chunks of BLOCK_K,
-used in registers, and dropped. Every launch is sized to put at least one program on every SM wherever its tiles
-allow (launch_plan lists them): a DDP rank's n = 512 rows give 4 to 8 row blocks, too few to parallelise over
-alone, so the sweeps over the other side are split too, and the partial results merge exactly.
-  _lse_fwd_kernel  program (group, split): row blocks group, group + G, ... (G <= 2 per SM) against column blocks
-                   split, split + S, ..., an online softmax over them (a real running max, so logits near -s never
-                   underflow). Each writes its rows' partial LSE in row split of an (S, n) workspace and, for the
-                   square loss, in row group of a (G, N) one the LSE over its rows of every column, merged block by
-                   block. The launcher merges the partials exactly (the LSE of partial LSEs m_s is the LSE of all
-                   their terms: m + log sum_s exp(m_s - m)), as flash-decoding merges its splits. S = cdiv(SMs, G)
-                   splits (at most one per column block) while the row blocks are fewer than the SMs.
-  _bwd_kernel      program (block of BLOCK_N owned columns of S, split of the rows, slice of D): it keeps the
-                   owned columns' gradient, sum_i p_ij q_i, in a (BLOCK_N, BLOCK_D) fp32 register accumulator and
-                   sweeps its split of the row blocks. Per tile it recomputes S once (over all of D), forms p_ij =
-                   wq_i exp(S_ij - lq_i) + wk_j exp(S_ij - lk_j) (either term optional), adds p.T @ q (q's slice is
-                   loaded before the sweep of S, so its latency hides behind it) and, from the same p, the rows'
-                   terms p @ k, BLOCK_K columns at a time, atomically into an fp32 (n, D) workspace; the owned sums
-                   go to an fp32 workspace too (atomically when a column's rows are split). One recompute of S
-                   feeds both gradients: dx and dt (or dx and dt_all, dt and dx_all) come from one launch, plus
-                   sum_ij p_ij q_i.k_j for ds.
-                   Deterministic path (torch.use_deterministic_algorithms(True), PyTorch's convention): no atomics.
-                   Two launches per matrix, each owning one side (the columns, then with q and k swapped the rows);
-                   each split stores its partial sum in its own row of a (splits, rows, D) workspace, the fixed
-                   first config of the table runs (not autotuned), and the partials are added in order: the same
-                   inputs give the same bits, at one more similarity GEMM per matrix.
-  _finish_kernel   the gradient from its fp32 partial sums, in order: gscale (sum - 2 w'_i diag_i), cast once to the
-                   input dtype (the positive-pair term, the scale and the cast fused in).
-Why D is split. The accumulator lives in registers: 32 x 512 fp32 is 64 KiB, a quarter of an SM's register file;
-ptxas holds it beside the S tile, p, q's slice in flight and the rows' (BLOCK_M, BLOCK_K) product without
-spilling (230-255 registers a thread); 64 x 512 does only next to a 32-row q slice, and wider ones spill. Beyond
-BLOCK_D (512 for bf16, fp16 and tf32, padded to a power of two; 256 for ieee fp32, whose tl.dot runs on the FMA
-units with its operands in registers) the gradient is split in sigma = cdiv(D, BLOCK_D) slices, each recomputing
-S. D that is not a multiple of 16 is padded with zero columns by the launcher (a copy; zeros add nothing to any
-product), so every row starts 16-byte aligned and every load vectorises; the gradients are written D wide. The
-configs are those that `python -m kernels.compile_check` proves free of spills on Triton 3.6 and 3.9.
+Kernels, of the flash-attention kind: a tile of T = q @ k.T is computed in fp32 in registers, used, and dropped.
+A program loads a block of rows once and keeps it (in shared memory) while it sweeps the other side, each of whose
+blocks it loads once per tile: the bytes that set the speed of this loss, which is bound by them on an H100
+(below), not by its GEMMs.
+  _fwd_kernel     program (group, split, set): row blocks group, group + G, ... (G <= 2 per SM), each kept while
+                  it meets column blocks split, split + S, ...; an online softmax over them (a real running max,
+                  so logits near -s never underflow) gives each row its partial LSE and the softmax's mean of T
+                  (d LSE / d s), in row `split` of a workspace; for the square loss the same per column over the
+                  group's rows, merged block by block in row `group` of a (G, N) one. Gathered, the two matrices A
+                  and C are the two sets of one launch. The programs of split 0 add x_i.t_i.
+  _loss_kernel    merges the partials exactly (the LSE of partial LSEs m_p is m + log sum_p exp(m_p - m), as
+                  flash-decoding merges its splits; the means weighted by exp(m_p - LSE)) and sums, per program of
+                  1024 rows, the loss, its derivative in s and max |w'|; one aten.sum adds the loss's.
+  _bwd_kernel     program (owned block, split x chunk of D, set), a role per launch: it owns BLOCK_O rows of one
+                  side and sums their gradient, sum_w p_ow w_w, in a (BLOCK_O, DC) fp32 register accumulator while
+                  it sweeps its split of the other side. Per tile it recomputes T from the two resident blocks
+                  and forms p_ow = c w'_o exp(s T - LSE_o) + c w'_w exp(s T - LSE_w) (either term optional),
+                  rounded once to the input dtype for the product. Square: one launch, set 0 owning the rows of x
+                  (dx), set 1 those of t (dt, the columns of S): both softmax terms. Gathered: one launch owns the
+                  local rows of A and of C (dx, dt), one the gathered rows (dt_all, dx_all). No atomics: every
+                  gradient has one owner per split, so the same inputs give the same bits, whatever order the
+                  programs run in (torch.use_deterministic_algorithms has nothing to switch).
+  _finish_kernel  the local rows' gradients from their fp32 partial sums, added in order: gscale (sum - 2 c w'_o
+                  partner_o) (the positive pair, the scale and the cast to the input dtype, fused), and d s.
+One forward + backward is 5 launches square and 6 gathered (5 if x_all, t_all need no gradient), PyTorch's
+included; D not a multiple of 16 adds a fill and a copy per input, padding them with zero columns (zeros add
+nothing to any product) so that every row starts 16-byte aligned and loads vectorise; the gradients are D wide.
+D up to 512 is one chunk (padded to a power of two); beyond, two chunks of 512, and a backward program per chunk
+of the gradient, each recomputing T.
+Why the owned blocks are 64 rows (bf16, D <= 512). The accumulator lives in registers: 64 x 512 fp32 is 128 KiB,
+half an SM's register file, 128 of a thread's 255 registers across 8 warps; ptxas holds it beside T, p and the
+pipelined loads of 16-row swept blocks (244 registers on Triton 3.9); 32-row swept blocks spill, and so does a
+d s summed in the loop, which is why d s comes from the forward's softmax means and the positive pair's term
+from _finish_kernel. `python -m kernels.compile_check` proves every config free of spills on Triton 3.6 and 3.9
+and checks the registers and shared memory behind each config's programs per SM.
 
-Cost in similarity GEMMs (one = 2 n N D FLOPs: a sweep of tiles of S = q @ k.T, of p.T @ q or of p @ k):
-                       forward   backward                            total at sigma = 1 (D <= 512)
-  square               1         sigma + 2                           4 (the floor: sweep, recompute, P t, P^T x)
-  square, determ.      1         2 (sigma + 1)                       5
-  gathered             2         2 (sigma + 2)                       8 (the floor)
-  gathered, determ.    2         4 (sigma + 1)                       10
-  gathered, *_all without grad: 2 + 2 (sigma + 1) = 6.  alip.contrastive_loss does 6 (two logit matrices and
-  their two gradients each) but writes and reads several n x N matrices to do them.
-The two ALIP paths (raw text, caption) are two calls. They share x, but the kernels are bound by the GEMMs and L2,
-not by loading x, so fusing them would save no GEMM.
-Bytes moved: HBM traffic is O((n + N) D): the inputs, the fp32 workspaces and the gradients. From L2, a tile of
-(BLOCK_M, BLOCK_N) reads (2 BLOCK_M + 2 BLOCK_N) D input elements (q and k chunks for S, q's slice, k's chunks for
-p @ k) and adds 4 BLOCK_M D bytes atomically: the price of the saved GEMM is 2 / (3 BLOCK_N) bytes of fp32 atomics
-per FLOP, which the deterministic path does not pay. kernels.bench times both.
+Cost (launch_plan counts it launch by launch; tests/test_kernels.py counts the same in the interpreter). GEMMs
+(2 n N D FLOPs each, padding included), D <= 512:
+                       forward   backward                                total
+  square               1         2 x (recompute T, product)              5    (the floor: 4)
+  gathered             2         4 x (recompute T, product)              10   (the floor: 8; 6 without *_all grads)
+With two chunks (D > 512) a backward product costs 1 and its recompute 2 (each chunk's program recomputes T).
+Bytes: every load of a block counts, reloads that L2 serves included. Forward: each row block once, and every
+column block once per row block: sets ceil(n / BM) N D e; backward: per set, every swept block once per owned block
+(and chunk): ceil(owned / BO) NC swept D e. At BM = 128 and BO = 64 in bf16 both make 128 GEMM FLOPs a byte,
+where 180 would keep the tensor cores busy at the model's L2 bandwidth. At B = 32768, D = 512, bf16: 8.8 GB
+forward, 35 GB backward (launch_plan); the plan's model (MODEL: 989 TFLOP/s, L2 5.5 TB/s, HBM 3.35 TB/s, 5 us a
+launch) puts it at 8.3 ms against the floor's 4 GEMMs at 4.4 ms. The backward's 32- and 16-row configs run Ampere's mma.sync, not Hopper's wgmma, which the model
+does not tell apart.
 Extra memory, beyond the inputs and the gradients, of forward + backward (tests/test_kernels.py checks it), with
-P the SM count, Dp = D rounded up to 16, e the input's bytes per element, B_m = 128 and B_n = 64 the largest row
-block of the forward's configs and owned block of the backward's:
-    forward   4 (n + P B_m) + 8 P N (square only: the column LSE) + 12 min(n, 4096) D (x_i.t_i's fp32 copies)
-    backward  4 (n + N + P B_n) Dp   (the fp32 sums of dq and dk, or one side's partial sums on the deterministic
-                                      path: the same order as the gradients themselves)
-    extra <=  max(forward, backward) + e (n + N) Dp (the padded copies, D not a multiple of 16) + 64 n + 16 N
-At B = n = N = 1,048,576, D = 512, bf16, on a 132-SM H100: forward 1,136,723,968 and backward 4,312,268,800
-bytes, so 4,396,154,880 bytes (4.1 GiB) with the vectors, next to 2 GiB of inputs and 2 GiB of gradients. A DDP
-rank's n = 512 of N = 4096: 26,836,992 bytes (25.6 MiB). The first call of a shape on a GPU also autotunes,
-which restores or zeroes the workspaces between trial runs.
+the forward's S splits and G groups and the backward's splits SP (launch_plan's; G <= 2 x SMs, SP <= 8 and above 1
+only where the owned blocks are fewer than the SMs), e the input's bytes per element, Dp = D rounded up to 16:
+    saved     8 n + 12 ceil(n / 1024) + e (2 n + 2 N if gathered) Dp (the padded copies, D not a multiple of 16)
+    forward   8 sets S n + 8 G N (square only) + 4 n
+    backward  8 SP n D (the fp32 sums of dx and dt)
+    extra <=  saved + max(forward, backward) + 4 (the loss)
+A DDP rank's n = 512 of N = 4096 at D = 512: 16 MiB (8 splits); B = 1,048,576 on a 132-SM H100: 4.0 GiB, the fp32
+sums of dx and dt, beside 2 GiB of inputs and 2 GiB of gradients.
 
 Precision. Scores, softmax sums and gradients accumulate in fp32. bf16/fp16 inputs: exact products, fp32 sums; P
-is rounded to the input dtype for the p.T @ q and p @ k GEMMs, as in flash attention, and each gradient is rounded
-once to the input dtype. fp32 inputs follow torch.get_float32_matmul_precision(): "highest" (torch's default) ->
-ieee fp32 GEMMs, "high"/"medium" -> tf32 (what the PyTorch reference does under the same setting). ds is summed
-in fp32 before P is rounded: the softmax and positive terms nearly cancel when all logits are equal.
+is rounded to the input dtype for the product GEMMs, as in flash attention, and each gradient is rounded once to
+the input dtype. fp32 inputs follow torch.get_float32_matmul_precision(): "highest" (torch's default) -> ieee fp32
+GEMMs, "high"/"medium" -> tf32 (what the PyTorch reference does under the same setting), except the backward at D >
+512, which runs ieee (no tf32 config fits). d s is the forward's softmax means less the positives, in fp32, from
+the unrounded P.
 p = w'_i P_ij is about w / (2 n N), which fp16 cannot hold at large n (below half its smallest subnormal, 3e-8,
-from about n = N = 4096 on for w = 1); so the kernels get the weights times a power of two c, c max|w'| in
-(2^13, 2^14] (c |p| <= 2^15 < 65504), and the gradient scale divided by c: exact, and p keeps fp16's 11 bits
-down to 2^-29 of the largest p. The atomic path adds the rows' fp32 terms in whatever order they arrive: the
-sums differ from run to run in their last bits, which the one rounding to 16 bits mostly hides.
-Max error / max |value| against float64 on the same rounded inputs (Triton interpreter, B = 200, D = 64, s = 100,
-weights in [0, 2), two seeds, both paths; the interpreter computes fp32 GEMMs in ieee):
-    fp32  loss 7e-8, gradients <= 3e-6       bf16  loss 3e-8, gradients <= 8.1e-3 (p rounded to bf16, below)
-    fp16  loss 5e-8, gradients <= 4.3e-4     ds    <= 2e-7 in every dtype
-The 16-bit gradients carry an error that does not shrink with them: p_ij is rounded before the P @ k GEMM and the
+from about n = N = 4096 on for w = 1); so the kernels take the weights times a power of two c, c max|w'| in
+(2^13, 2^14] (c |p| <= 2^15 < 65504), read off the exponent bits of max|w'|, and the gradient scale divided by c:
+exact, and p keeps fp16's 11 bits down to 2^-29 of the largest p.
+Max error / max |value| against float64 on the same rounded inputs, measured 2026-12-07 on a 2-core CPU (Triton
+3.9 interpreter, which computes fp32 GEMMs in ieee): B = 200 square and n = 100 of N = 200, D = 64, s = 100,
+weights in [0, 2), seeds 0 and 1:
+    fp32  loss 4.7e-8, gradients <= 1.3e-6       bf16  loss 8.6e-8, gradients <= 8.1e-3 (p rounded to bf16, below)
+    fp16  loss 6.9e-8, gradients <= 5.7e-4       d s   <= 6.8e-8 in every dtype
+The 16-bit gradients carry an error that does not shrink with them: p_ij is rounded before the product GEMM and the
 positive term -2 w'_i diag_i is added in fp32 after it, so where a row's softmax and positive term cancel (a
 confident positive, P_ii near 1) the error stays at about s w'_i 2^-9 |k| (bf16; 2^-12 for fp16), 0.4% of the
 row's gradient scale s w'_i. Folding the positive term into p before the rounding would remove it.
@@ -104,15 +102,17 @@ tf32 (GPU only, not measured here): rounding the inputs alone moves the gradient
 relative (B = 2048, D = 512, s = 100, float64 emulation); tests/test_kernels.py::test_tf32 allows 2e-2.
 """
 
+import functools
 import math
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-MAX_D = 1024  # the largest D that kernels.compile_check covers (the backward splits D in slices beyond 512)
+MAX_D = 1024  # the largest D that kernels.compile_check covers (D beyond 512 is loaded in two chunks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,209 +140,376 @@ def gated_clip_loss_reference(x, t, logit_scale, weight=None, *, x_all=None, t_a
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 
+
 @triton.jit
-def _scores(Q, K, rows, cols, row_ok, col_ok, D, scale,
-            INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """q[rows] @ k[cols].T in fp32 (0 on padding), and s times it with padding set to -1e30: exp(-1e30 - m) is 0,
-    and a fully padded row or column never computes -inf - -inf = NaN."""
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = (ks < D) | EVEN_K  # a mask known to be all-true lets 16-bit loads vectorise and pipeline
-        q = tl.load(Q + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        k = tl.load(K + cols[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        if UPCAST:
-            q, k = q.to(tl.float32), k.to(tl.float32)
-        acc = tl.dot(q, tl.trans(k), acc, input_precision=INPUT_PRECISION)
-    return acc, tl.where(row_ok[:, None] & col_ok[None, :], acc * scale, -1.0e30)
+def _chunk(P, rows, row_ok, D, CHUNK: tl.constexpr, DC: tl.constexpr):
+    """Columns CHUNK * DC ... of the rows `rows` of a (., D) matrix, zeros outside it: (len(rows), DC)."""
+    dims = CHUNK * DC + tl.arange(0, DC)
+    return tl.load(P + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims < D)[None, :], other=0.0)
 
 
 @triton.jit
-def _lse_fwd_kernel(
-    Q,         # (M, D) rows of the similarity matrix (x or t), contiguous
-    K,         # (N, D) its columns (t_all or x_all), contiguous, same dtype
+def _block(P, rows, row_ok, D, NC: tl.constexpr, DC: tl.constexpr):
+    """Rows `rows` of a (., D) matrix in NC chunks of DC columns (the second is the first when NC == 1)."""
+    b0 = _chunk(P, rows, row_ok, D, 0, DC)
+    b1 = b0
+    if NC == 2:
+        b1 = _chunk(P, rows, row_ok, D, 1, DC)
+    return b0, b1
+
+
+@triton.jit
+def _scores(a0, a1, b0, b1, NC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b.T in fp32 over all of D, from blocks that _block loaded."""
+    if UPCAST:
+        a0, a1, b0, b1 = a0.to(tl.float32), a1.to(tl.float32), b0.to(tl.float32), b1.to(tl.float32)
+    s = tl.dot(a0, tl.trans(b0), input_precision=PRECISION)
+    if NC == 2:
+        s = tl.dot(a1, tl.trans(b1), s, input_precision=PRECISION)
+    return s
+
+
+@triton.jit
+def _weights(WEIGHT, rows, ok, n, HAS_WEIGHT: tl.constexpr):
+    """w'_i = w_i / (2n) in fp32 for the rows (0 outside), or 1 / (2n) without weights."""
+    if HAS_WEIGHT:
+        w = tl.load(WEIGHT + rows, mask=ok, other=0.0).to(tl.float32)
+    else:
+        w = tl.where(ok, 1.0, 0.0)
+    return w / (2 * n)
+
+
+@triton.jit
+def _p_scale(TOP, count):
+    """c, the power of two with c max|w'| in (2^13, 2^14] (1 if every weight is 0), from the `count` partial maxima
+    of |w'| at TOP. Exact: the exponent is read from the float's bits, not from an approximate log2."""
+    top = tl.zeros([1024], dtype=tl.float32)
+    for i in range(0, count, 1024):
+        top = tl.maximum(top, tl.load(TOP + i + tl.arange(0, 1024), mask=i + tl.arange(0, 1024) < count, other=0.0))
+    top = tl.max(top)
+    bits = top.to(tl.int32, bitcast=True)
+    ceil_log2 = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    k = tl.minimum(tl.maximum(14 - ceil_log2, -64), 64)
+    return tl.where(top > 0, ((k + 127) << 23).to(tl.float32, bitcast=True), 1.0)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q0, K0,    # set 0: (M, D) rows and (N, D) columns of S = s q @ k.T (x and t, or x and t_all), contiguous
+    Q1, K1,    # set 1: t and x_all, read if the grid has two sets
+    PARTNER,   # (M, D) t: the positives x_i.t_i are the rows of Q0 with PARTNER's
     SCALE,     # (1,) fp32, the logit scale s
-    ROW_PART,  # (splits, M) fp32 out: per split of the column blocks, the LSE over its columns of s q_i.k_j
-    COL_PART,  # (groups, N) fp32, -inf on entry, used if COL_LSE: per group of row blocks, the LSE over its rows
+    ROW_PART,  # (2, sets, splits, M) fp32 out: per split of the column blocks, each row's LSE over its columns and
+               # the mean of q_i.k_j under that softmax
+    COL_PART,  # (2, groups, N) fp32 out, if COL_LSE: per group of row blocks, the same for each column over its rows
+    POS,       # (M,) fp32 out: x_i.t_i
     M, N, D,
-    COL_LSE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    COL_LSE: tl.constexpr, NC: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # program (group, split): row blocks group, group + groups, ... against column blocks split, split + splits, ...
-    # (strided, so that no index needs a division)
-    group, split = tl.program_id(0), tl.program_id(1)
+    # program (group, split, set): row blocks group, group + groups, ... each loaded once and kept while it
+    # meets column blocks split, split + splits, ...; neighbouring programs meet the same columns at the same time.
+    # Beside each LSE the softmax's mean of T = q.k, sum_j P_ij T_ij: d LSE_i / d s, so that d loss / d s needs
+    # nothing from the backward
+    group, split, st = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     groups, splits = tl.num_programs(0), tl.num_programs(1)
+    Q, K = Q0, K0
+    if st == 1:
+        Q, K = Q1, K1
     scale = tl.load(SCALE)
+    row_means = ROW_PART + tl.num_programs(2) * splits * M
+    col_means = COL_PART + groups * N
     for rb in range(group, tl.cdiv(M, BLOCK_M), groups):
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running row max
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(score - m_i)
-        for j0 in range(split * BLOCK_N, N, splits * BLOCK_N):
-            cols = j0 + tl.arange(0, BLOCK_N)
+        q0, q1 = _block(Q, rows, row_ok, D, NC, DC)
+        if (st == 0) & (split == 0):
+            # in chunks of its own, so that no (BLOCK_M, D) tile but the resident block is live
+            pos = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for d0 in range(0, D, 64):
+                dims = d0 + tl.arange(0, 64)
+                ok = row_ok[:, None] & (dims < D)[None, :]
+                xq = tl.load(Q + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
+                tp = tl.load(PARTNER + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
+                pos += tl.sum(xq.to(tl.float32) * tp.to(tl.float32), 1)
+            tl.store(POS + rows, pos, mask=row_ok)
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running row max: logits near -s never underflow
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(logit - m_i)
+        y_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(logit - m_i) T
+        for cb in range(split, tl.cdiv(N, BLOCK_N), splits):
+            cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < N
-            _, a = _scores(Q, K, rows, cols, row_ok, col_ok, D, scale,
-                           INPUT_PRECISION, UPCAST, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)  # (BLOCK_M, BLOCK_N)
+            k0, k1 = _block(K, cols, col_ok, D, NC, DC)
+            t = _scores(q0, q1, k0, k1, NC, PRECISION, UPCAST)  # (BLOCK_M, BLOCK_N), 0 on padding
+            # padding gets -1e30: exp(-1e30 - m) is 0, and a padded row never computes -inf - -inf = NaN
+            a = tl.where(row_ok[:, None] & col_ok[None, :], t * scale, -1.0e30)
             m_new = tl.maximum(m_i, tl.max(a, 1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(a - m_new[:, None]), 1)
+            e = tl.exp(a - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(e, 1)
+            y_i = y_i * alpha + tl.sum(e * t, 1)
             m_i = m_new
             if COL_LSE:
-                # every row block holds a real row, so the block's column sum is >= 1 on real columns; merged
-                # into the group's LSE over its earlier row blocks (-inf before its first)
+                # every row block holds a real row, so a real column's sum is >= 1; merged into the group's
+                # partials over its earlier row blocks (none before its first)
                 c_max = tl.max(a, 0)
-                c_lse = c_max + tl.log(tl.sum(tl.exp(a - c_max[None, :]), 0))
-                old = tl.load(COL_PART + group * N + cols, mask=col_ok, other=0.0)
-                hi = tl.maximum(old, c_lse)
-                tl.store(COL_PART + group * N + cols, hi + tl.log(tl.exp(old - hi) + tl.exp(c_lse - hi)), mask=col_ok)
-        tl.store(ROW_PART + split * M + rows, m_i + tl.log(l_i), mask=row_ok)
+                e = tl.exp(a - c_max[None, :])
+                c_sum = tl.sum(e, 0)
+                c_lse, c_mean = c_max + tl.log(c_sum), tl.sum(e * t, 0) / c_sum
+                if rb >= groups:
+                    old_lse = tl.load(COL_PART + group * N + cols, mask=col_ok, other=0.0)
+                    old_mean = tl.load(col_means + group * N + cols, mask=col_ok, other=0.0)
+                    hi = tl.maximum(old_lse, c_lse)
+                    w_old, w_new = tl.exp(old_lse - hi), tl.exp(c_lse - hi)
+                    c_lse = hi + tl.log(w_old + w_new)
+                    c_mean = (w_old * old_mean + w_new * c_mean) / (w_old + w_new)
+                tl.store(COL_PART + group * N + cols, c_lse, mask=col_ok)
+                tl.store(col_means + group * N + cols, c_mean, mask=col_ok)
+        part = (st * splits + split) * M + rows
+        tl.store(ROW_PART + part, m_i + tl.log(l_i), mask=row_ok)
+        tl.store(row_means + part, y_i / l_i, mask=row_ok)
         if COL_LSE:
             tl.debug_barrier()  # this block's column stores are seen by every thread before the next block reads
 
 
 @triton.jit
-def _bwd_kernel(
-    Q,      # (M, D) rows of S = s q @ k.T, swept by every program BLOCK_M at a time, contiguous
-    K,      # (N, D) columns of S, contiguous, Q's dtype; a program owns BLOCK_N of them
-    SCALE,  # (1,) fp32, the logit scale s
-    WQ,     # (M,) fp32 weights c w' of the rows, read if Q_TERM
-    LQ,     # (M,) fp32 row LSE of S, read if Q_TERM
-    WK,     # (N,) fp32 weights c w' of the columns, read if K_TERM
-    LK,     # (N,) fp32 column LSE of S (the row LSE of S.T), read if K_TERM
-    DQ,     # (M, D) fp32, written if ATOMIC: += sum_j p_ij k_j over the program's columns, atomically
-    DK,     # ATOMIC: (N, D) fp32 += sum_i p_ij q_i over the program's rows, atomically; else (splits, N, D) fp32
-            # out, that sum in the row of the program's split
-    DS,     # (splits, owner blocks) fp32 out: sum of p_ij q_i.k_j over the program's tiles (by the first slice)
-    M, N, D,
-    Q_TERM: tl.constexpr, K_TERM: tl.constexpr, ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+def _merge(PART, MEANS, rows, ok, parts, stride):
+    """(LSE, mean) over `parts` partials PART[p * stride + rows] (LSEs) and MEANS[p * stride + rows] (each part's
+    softmax mean), merged in order: the LSE of partial LSEs m_p is m + log sum_p exp(m_p - m), the LSE of all their
+    terms (as flash-decoding merges its splits); the mean is theirs weighted by exp(m_p - LSE)."""
+    m = tl.load(PART + rows, mask=ok, other=0.0)
+    l = tl.zeros_like(m) + 1.0
+    y = tl.load(MEANS + rows, mask=ok, other=0.0)
+    for p in range(1, parts):
+        v = tl.load(PART + p * stride + rows, mask=ok, other=0.0)
+        hi = tl.maximum(m, v)
+        w_old, w_new = tl.exp(m - hi), tl.exp(v - hi)
+        l = l * w_old + w_new
+        y = y * w_old + w_new * tl.load(MEANS + p * stride + rows, mask=ok, other=0.0)
+        m = hi
+    return m + tl.log(l), y / l
+
+
+@triton.jit
+def _loss_kernel(
+    ROW_PART,  # (2, sets, splits, M) fp32: _fwd_kernel's partial row LSEs and means
+    COL_PART,  # (2, groups, M) fp32, read if COL_LSE: its partial column LSEs and means (square: N == M)
+    POS,       # (M,) fp32 x_i.t_i
+    WEIGHT,    # (M,) gate weights w, any float dtype, read if HAS_WEIGHT
+    SCALE,     # (1,) fp32, s
+    LSE,       # (2, M) fp32 out: LSE_j A_ij and LSE_j C_ij (square: the row and the column LSE of S)
+    STATS,     # (3, programs) fp32 out: per program, over its rows, sum_i w'_i (LSE + LSE - 2 s x_i.t_i) (the loss),
+               # sum_i w'_i (mean + mean - 2 x_i.t_i) (its derivative in s) and max_i |w'_i|
+    M, splits, groups,
+    COL_LSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # program (owner block, split, slice of D): the owner blocks of a split are neighbours, so they sweep the same
-    # rows at about the same time (from L2); split sweeps row blocks split, split + splits, ...
-    owner, split = tl.program_id(0), tl.program_id(1)
-    owners, splits = tl.num_programs(0), tl.num_programs(1)
-    cols = owner * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    d0 = tl.program_id(2) * BLOCK_D
-    dims = d0 + tl.arange(0, BLOCK_D)
-    dim_ok = (dims < D) | EVEN_D
-    d_end = tl.minimum(d0 + BLOCK_D, D)
-    scale = tl.load(SCALE)
-    if K_TERM:
-        wk = tl.load(WK + cols, mask=col_ok, other=0.0)
-        lk = tl.load(LK + cols, mask=col_ok, other=0.0)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    ds = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for rb in range(split, tl.cdiv(M, BLOCK_M), splits):
-        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        # the rows' slice for P.T @ q, loaded before the sweep of S so that its latency hides behind it
-        q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        qk, a = _scores(Q, K, rows, cols, row_ok, col_ok, D, scale,
-                        INPUT_PRECISION, UPCAST, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)  # all of D, once per tile
-        # exponents are <= 0 up to rounding (an LSE bounds every score it contains); padding gives exp = 0
-        p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if Q_TERM:
-            wq = tl.load(WQ + rows, mask=row_ok, other=0.0)
-            lq = tl.load(LQ + rows, mask=row_ok, other=0.0)
-            p += wq[:, None] * tl.exp(a - lq[:, None])
-        if K_TERM:
-            p += wk[None, :] * tl.exp(a - lk[None, :])
-        # d loss / d s, summed before p is rounded: sum_j p_ij = c w'_i nearly cancels the positive pair
-        ds += tl.sum(p * qk, 0)
-        p = p.to(Q.dtype.element_ty)
-        if UPCAST:
-            p, q = p.to(tl.float32), q.to(tl.float32)
-        acc = tl.dot(tl.trans(p), q, acc, input_precision=INPUT_PRECISION)
-        if ATOMIC:
-            # the same tile of p gives the rows their terms, BLOCK_K columns of the gradient at a time, so that
-            # no second (BLOCK_M, BLOCK_D) fp32 tile is live next to the accumulator
-            for c0 in range(d0, d_end, BLOCK_K):
-                ks = c0 + tl.arange(0, BLOCK_K)
-                k_ok = (ks < D) | EVEN_K
-                k = tl.load(K + cols[:, None] * D + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                tl.atomic_add(DQ + rows[:, None] * D + ks[None, :], tl.dot(p, k, input_precision=INPUT_PRECISION),
-                              mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
-    out_ok = col_ok[:, None] & dim_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(DK + cols[:, None] * D + dims[None, :], acc, mask=out_ok, sem="relaxed")
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < M
+    sets = 1 if COL_LSE else 2
+    means = ROW_PART + sets * splits * M
+    lse_a, mean_a = _merge(ROW_PART, means, rows, ok, splits, M)
+    if COL_LSE:
+        lse_c, mean_c = _merge(COL_PART, COL_PART + groups * M, rows, ok, groups, M)
     else:
-        tl.store(DK + (split * N + cols[:, None]) * D + dims[None, :], acc, mask=out_ok)
-    if d0 == 0:  # every slice computes the same S
-        tl.store(DS + split * owners + owner, tl.sum(ds))
+        lse_c, mean_c = _merge(ROW_PART + splits * M, means + splits * M, rows, ok, splits, M)
+    tl.store(LSE + rows, lse_a, mask=ok)
+    tl.store(LSE + M + rows, lse_c, mask=ok)
+    w = _weights(WEIGHT, rows, ok, M, HAS_WEIGHT)
+    pos = tl.load(POS + rows, mask=ok, other=0.0)
+    tl.store(STATS + pid, tl.sum(tl.where(ok, w * (lse_a + lse_c - 2 * tl.load(SCALE) * pos), 0.0)))
+    tl.store(STATS + programs + pid, tl.sum(tl.where(ok, w * (mean_a + mean_c - 2 * pos), 0.0)))
+    tl.store(STATS + 2 * programs + pid, tl.max(tl.abs(w)))
+
+
+@triton.jit
+def _bwd_kernel(
+    O0, W0,    # set 0: (MO, D) rows that a program owns and (MW, D) rows it sweeps, contiguous, one dtype
+    LO0, LW0,  # set 0: (MO,) and (MW,) fp32 LSEs of the softmax terms on each side, read if O_TERM / W_TERM
+    OUT0,      # set 0: (MO, DG) out: the owned rows' gradient or, if PARTIAL, its fp32 partial sums (splits, MO, DG)
+    O1, W1, LO1, LW1, OUT1,  # set 1, the same, read if the grid has two sets
+    WEIGHT,    # (n,) gate weights w of the local rows (the O side if O_TERM, the W side if W_TERM)
+    SCALE,     # (1,) fp32, s
+    GRAD,      # (1,) fp32, d out / d loss, read unless PARTIAL
+    STATS,     # (3, stats_n) fp32 from _loss_kernel; row 2, the partial maxima of |w'|, gives c
+    MO, MW, D, DG, n, stats_n,
+    O_TERM: tl.constexpr, W_TERM: tl.constexpr, PARTIAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    NC: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # program (owned block, split x chunk, set): it loads its BLOCK_O owned rows once, keeps them while it sweeps
+    # its split of the other side's blocks, each loaded once, and sums the owned rows' gradient for one chunk of
+    # DC columns in registers. T = o @ w.T, p_ow = c w'_o exp(s T - LO_o) + c w'_w exp(s T - LW_w) (either term
+    # optional), and the owned rows get sum_w p_ow w_w: the rows of S and their softmax for one role, the columns
+    # and theirs (q and k swapped) for the other.
+    ob, split_chunk, st = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    splits = tl.num_programs(1) // NC
+    split, chunk = split_chunk // NC, split_chunk % NC
+    O, W, LO, LW, OUT = O0, W0, LO0, LW0, OUT0
+    if st == 1:
+        O, W, LO, LW, OUT = O1, W1, LO1, LW1, OUT1
+    c = _p_scale(STATS + 2 * stats_n, stats_n)
+    scale = tl.load(SCALE)
+    rows_o = ob * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = rows_o < MO
+    o0, o1 = _block(O, rows_o, o_ok, D, NC, DC)
+    if O_TERM:
+        w_o = c * _weights(WEIGHT, rows_o, o_ok, n, HAS_WEIGHT)
+        l_o = tl.load(LO + rows_o, mask=o_ok, other=0.0)
+    acc = tl.zeros([BLOCK_O, DC], dtype=tl.float32)
+    for wb in range(split, tl.cdiv(MW, BLOCK_W), splits):
+        rows_w = wb * BLOCK_W + tl.arange(0, BLOCK_W)
+        w_ok = rows_w < MW
+        w0, w1 = _block(W, rows_w, w_ok, D, NC, DC)
+        a = tl.where(o_ok[:, None] & w_ok[None, :], _scores(o0, o1, w0, w1, NC, PRECISION, UPCAST) * scale, -1.0e30)
+        # exponents are <= 0 up to rounding (an LSE bounds every logit it holds); padding gives exp = 0
+        p = tl.zeros([BLOCK_O, BLOCK_W], dtype=tl.float32)
+        if O_TERM:
+            p += w_o[:, None] * tl.exp(a - l_o[:, None])
+        if W_TERM:
+            w_w = c * _weights(WEIGHT, rows_w, w_ok, n, HAS_WEIGHT)
+            p += w_w[None, :] * tl.exp(a - tl.load(LW + rows_w, mask=w_ok, other=0.0)[None, :])
+        p = p.to(O.dtype.element_ty)
+        if UPCAST:
+            p, w0, w1 = p.to(tl.float32), w0.to(tl.float32), w1.to(tl.float32)
+        if NC == 1:
+            acc = tl.dot(p, w0, acc, input_precision=PRECISION)
+        elif chunk == 0:
+            acc = tl.dot(p, w0, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(p, w1, acc, input_precision=PRECISION)
+    dims = chunk * DC + tl.arange(0, DC)
+    out_ok = o_ok[:, None] & (dims < DG)[None, :]
+    if PARTIAL:  # _finish_kernel adds the splits and the positive pair's term
+        tl.store(OUT + (split * MO + rows_o[:, None]) * DG + dims[None, :], acc, mask=out_ok)
+    else:
+        gscale = tl.load(GRAD) * scale / c  # the gradient carries one factor s; c comes back out
+        tl.store(OUT + rows_o[:, None] * DG + dims[None, :], (acc * gscale).to(OUT.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
 def _finish_kernel(
-    PART,    # (parts, R, DP) fp32: partial sums of the gradient, D columns of each DP-wide row real
-    DIAG,    # (R, D) positive partner of each row (t for rows of x, x for rows of t), read if HAS_DIAG
-    W,       # (R,) fp32 weights c w' of the rows, read if HAS_DIAG
-    GSCALE,  # (1,) fp32, grad_loss * s / c
-    G,       # (R, D) out, the input dtype: GSCALE * (sum of the parts - 2 w_i diag_i)
-    R, D, DP, PARTS,
-    HAS_DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    PART0, OUT0, PARTNER0,  # set 0: (splits, MO, DG) fp32 partial sums, (MO, DG) gradient out, (MO, D) partners
+    PART1, OUT1, PARTNER1,  # set 1, the same
+    WEIGHT,    # (MO,) gate weights, read if HAS_WEIGHT
+    SCALE,     # (1,) fp32, s
+    GRAD,      # (1,) fp32, d out / d loss
+    STATS,     # (3, stats_n) fp32 from _loss_kernel
+    DSCALE,    # (1,) fp32 out, written by program 0: d out / d s
+    MO, D, DG, splits, stats_n,
+    HAS_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # the gradient of the local rows: gscale (sum of the splits - 2 c w'_o partner_o), cast once to its dtype
+    st = tl.program_id(2)
+    PART, OUT, PARTNER = PART0, OUT0, PARTNER0
+    if st == 1:
+        PART, OUT, PARTNER = PART1, OUT1, PARTNER1
+    c = _p_scale(STATS + 2 * stats_n, stats_n)
+    grad = tl.load(GRAD)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (st == 0):
+        ds = tl.zeros([1024], dtype=tl.float32)
+        for i in range(0, stats_n, 1024):
+            ds += tl.load(STATS + stats_n + i + tl.arange(0, 1024), mask=i + tl.arange(0, 1024) < stats_n, other=0.0)
+        tl.store(DSCALE, grad * tl.sum(ds))
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = (rows < R)[:, None] & (cols < D)[None, :]
+    ok = (rows < MO)[:, None] & (cols < DG)[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for part in range(PARTS):  # in order: the same partial sums give the same bits
-        acc += tl.load(PART + (part * R + rows[:, None]) * DP + cols[None, :], mask=ok, other=0.0)
-    if HAS_DIAG:  # the positive pair appears in both directions: -2 w'_i diag_i
-        w = tl.load(W + rows, mask=rows < R, other=0.0)
-        acc -= 2 * w[:, None] * tl.load(DIAG + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    tl.store(G + rows[:, None] * D + cols[None, :], (acc * tl.load(GSCALE)).to(G.dtype.element_ty), mask=ok)
+    for split in range(splits):  # in order: the same partial sums give the same bits
+        acc += tl.load(PART + (split * MO + rows[:, None]) * DG + cols[None, :], mask=ok, other=0.0)
+    w = c * _weights(WEIGHT, rows, rows < MO, MO, HAS_WEIGHT)
+    acc -= 2 * w[:, None] * tl.load(PARTNER + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + rows[:, None] * DG + cols[None, :], (acc * (grad * tl.load(SCALE) / c)).to(OUT.dtype.element_ty),
+             mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------
-# Launchers
+# Launch plan: configs, grids and their modelled cost
 
-# Configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by input kind: "16bit" (bf16, fp16), "tf32" and
-# "ieee" (fp32 under torch.get_float32_matmul_precision() "high"/"medium" and "highest"). The backward's are also
-# keyed by BLOCK_D, the width of the gradient slice a program accumulates (_block_d picks it), and by whether
-# it adds the rows' gradient atomically; there BLOCK_M is the swept rows, BLOCK_N the owned columns. These are
-# the candidates that ptxas compiles for sm_90 with no spill and within an H100 block's 227 KiB of shared memory,
-# on Triton 3.6 and 3.9 alike, for D = 16 .. 1024: `python -m kernels.compile_check` compiles them all and fails
-# otherwise. The first of each list is the one the deterministic path runs (it is not autotuned).
+# Configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by input kind, "16bit" (bf16, fp16), "tf32" or "ieee" (fp32
+# under torch.get_float32_matmul_precision() "high"/"medium" or "highest"), and by the width of the blocks a
+# program keeps, NC * DC (up to 256, 512, or two chunks of 512). In the backward BLOCK_M is the owned rows and
+# BLOCK_N the swept ones. These are the candidates that `python -m kernels.compile_check` compiles for sm_90 with
+# no spill and within an H100 block's 227 KiB of shared memory, on Triton 3.6 and 3.9, for D = 16 .. 1024; the
+# plan runs the one its model prices lowest (_schedule), so every process runs the same config: the same bits.
 _FWD_CONFIGS = {
-    "16bit": [(128, 64, 64, 4, 3), (64, 128, 64, 8, 3)],
-    "tf32": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],
-    "ieee": [(64, 32, 16, 8, 2)],
+    ("16bit", 256): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
+    ("16bit", 512): [(128, 32, 8, 2), (64, 64, 8, 2)],
+    ("16bit", 1024): [(32, 64, 8, 1)],
+    ("tf32", 256): [(64, 32, 8, 1), (32, 32, 8, 2)],
+    ("tf32", 512): [(64, 32, 8, 1), (32, 32, 8, 2)],
+    ("tf32", 1024): [(16, 32, 8, 1)],
+    ("ieee", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
+    ("ieee", 512): [(32, 32, 8, 1), (32, 16, 8, 1)],
+    ("ieee", 1024): [(32, 16, 8, 1)],
 }
-_BWD_BLOCK_D = {"16bit": 512, "tf32": 512, "ieee": 256}  # the widest slice a clean config holds
+# No tf32 config holds a backward program's fp32 blocks of two chunks of 512 without spilling: there the backward
+# runs the ieee configs, in ieee fp32 (more exact than tf32, at the FMA units' rate).
 _BWD_CONFIGS = {
-    ("16bit", 512, True): [(64, 32, 64, 8, 3), (32, 64, 32, 8, 3)],
-    ("16bit", 512, False): [(64, 32, 64, 8, 3), (32, 64, 32, 8, 3)],
-    ("16bit", 256, True): [(64, 64, 64, 8, 3)],
-    ("16bit", 256, False): [(64, 64, 64, 8, 3), (128, 64, 64, 8, 2)],
-    ("16bit", 128, True): [(128, 64, 64, 8, 3)],
-    ("16bit", 128, False): [(128, 64, 64, 8, 3)],
-    ("16bit", 64, True): [(128, 64, 64, 8, 3), (64, 64, 64, 8, 3)],
-    ("16bit", 64, False): [(128, 64, 64, 8, 3), (64, 64, 64, 8, 3)],
-    ("tf32", 512, True): [(32, 32, 32, 8, 2), (16, 32, 32, 8, 3)],
-    ("tf32", 512, False): [(32, 32, 32, 8, 2), (16, 32, 32, 8, 3)],
-    ("tf32", 256, True): [(64, 64, 32, 8, 3)],
-    ("tf32", 256, False): [(64, 64, 32, 8, 3)],
-    ("tf32", 128, True): [(64, 64, 32, 8, 3)],
-    ("tf32", 128, False): [(128, 64, 32, 8, 3)],
-    ("tf32", 64, True): [(64, 64, 32, 8, 3)],
-    ("tf32", 64, False): [(64, 64, 32, 8, 3)],
-    ("ieee", 256, True): [(16, 32, 16, 8, 2), (32, 16, 16, 8, 2)],
-    ("ieee", 256, False): [(16, 32, 16, 8, 2), (32, 16, 16, 8, 2)],
-    ("ieee", 128, True): [(32, 32, 16, 8, 2)],
-    ("ieee", 128, False): [(32, 32, 16, 8, 2)],
-    ("ieee", 64, True): [(32, 32, 16, 4, 2)],
-    ("ieee", 64, False): [(32, 32, 16, 4, 2)],
+    ("16bit", 256): [(128, 32, 8, 2), (128, 16, 8, 2)],
+    ("16bit", 512): [(64, 16, 8, 2), (32, 64, 8, 2)],
+    ("16bit", 1024): [(32, 16, 8, 2), (16, 32, 8, 2)],
+    ("tf32", 256): [(32, 16, 8, 1)],
+    ("tf32", 512): [(32, 32, 8, 2), (32, 16, 8, 1)],
+    ("ieee", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
+    ("ieee", 512): [(32, 16, 8, 1), (16, 16, 4, 1)],
+    ("ieee", 1024): [(32, 16, 8, 1)],
 }
-_FINISH_BLOCKS = {"BLOCK_R": 16, "BLOCK_C": 64}  # elementwise: 1024 elements a program, 4 warps
+_MAX_DC = 512  # the widest chunk a block of D is loaded in; a wider D comes in two
+_MAX_SPLITS = 8  # of a backward sweep: its partial sums are splits x the gradient in fp32
+_LOSS_BLOCK = 1024  # rows of a _loss_kernel program
+_FINISH_BLOCKS = {"BLOCK_R": 32, "BLOCK_C": 128}  # elementwise: 4096 elements a program
+_SMALL_WARPS = 4  # of _loss_kernel and _finish_kernel
 
-# Under TRITON_INTERPRET=1 the autotuner is bypassed with these blocks (small, so that tests cover several tiles
-# and slices of D), and the grids are sized for a device of _INTERPRET_SMS SMs, so that the sizes of the tests
-# split the sweeps and merge the partial results.
-_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 64}
+# Registers a thread and shared memory a block (bytes) of each config, as ptxas allocates them for sm_90: the most
+# over the D of its width, its variants, and Triton 3.6 and 3.9 (`python -m kernels.compile_check --table`). They
+# decide how many programs an SM holds at once; kernels.compile_check fails where a fresh compile holds fewer.
+_RESOURCES = {
+    ("_bwd_kernel", "16bit", 1024, (16, 32, 8, 2)): (161, 100352),
+    ("_bwd_kernel", "16bit", 1024, (32, 16, 8, 2)): (170, 100352),
+    ("_bwd_kernel", "16bit", 256, (128, 16, 8, 2)): (202, 132096),
+    ("_bwd_kernel", "16bit", 256, (128, 32, 8, 2)): (218, 132096),
+    ("_bwd_kernel", "16bit", 512, (32, 64, 8, 2)): (173, 103936),
+    ("_bwd_kernel", "16bit", 512, (64, 16, 8, 2)): (248, 132096),
+    ("_bwd_kernel", "ieee", 1024, (32, 16, 8, 1)): (200, 199680),
+    ("_bwd_kernel", "ieee", 256, (16, 16, 4, 1)): (126, 34816),
+    ("_bwd_kernel", "ieee", 256, (32, 16, 8, 1)): (104, 52224),
+    ("_bwd_kernel", "ieee", 512, (16, 16, 4, 1)): (220, 66560),
+    ("_bwd_kernel", "ieee", 512, (32, 16, 8, 1)): (214, 101376),
+    ("_bwd_kernel", "tf32", 256, (32, 16, 8, 1)): (108, 66560),
+    ("_bwd_kernel", "tf32", 512, (32, 16, 8, 1)): (162, 132096),
+    ("_bwd_kernel", "tf32", 512, (32, 32, 8, 2)): (255, 197888),
+    ("_finish_kernel",): (80, 1040),
+    ("_fwd_kernel", "16bit", 1024, (32, 64, 8, 1)): (169, 132096),
+    ("_fwd_kernel", "16bit", 256, (128, 32, 8, 2)): (120, 100352),
+    ("_fwd_kernel", "16bit", 256, (128, 64, 8, 2)): (255, 134144),
+    ("_fwd_kernel", "16bit", 256, (64, 64, 8, 2)): (195, 100352),
+    ("_fwd_kernel", "16bit", 512, (128, 32, 8, 2)): (207, 198656),
+    ("_fwd_kernel", "16bit", 512, (64, 64, 8, 2)): (255, 198656),
+    ("_fwd_kernel", "ieee", 1024, (32, 16, 8, 1)): (176, 197632),
+    ("_fwd_kernel", "ieee", 256, (16, 16, 4, 1)): (80, 33792),
+    ("_fwd_kernel", "ieee", 256, (32, 16, 8, 1)): (80, 50176),
+    ("_fwd_kernel", "ieee", 512, (32, 16, 8, 1)): (117, 99328),
+    ("_fwd_kernel", "ieee", 512, (32, 32, 8, 1)): (124, 132096),
+    ("_fwd_kernel", "tf32", 1024, (16, 32, 8, 1)): (228, 132096),
+    ("_fwd_kernel", "tf32", 256, (32, 32, 8, 2)): (127, 67072),
+    ("_fwd_kernel", "tf32", 256, (64, 32, 8, 1)): (160, 99328),
+    ("_fwd_kernel", "tf32", 512, (32, 32, 8, 2)): (200, 132608),
+    ("_fwd_kernel", "tf32", 512, (64, 32, 8, 1)): (248, 197632),
+    ("_loss_kernel",): (96, 3072),
+}
+
+# The device the model prices a plan for: an H100 SXM. Dense tensor-core rates and HBM3 bandwidth from its
+# datasheet (ieee fp32 runs on the FMA units); the L2's bandwidth and a launch's cost are assumptions, to be
+# replaced by what .ci/gpu measures.
+H100 = {"sms": 132, "registers": 65536, "shared": 233472, "warps": 64, "blocks": 32}
+MODEL = {"tflops": {"16bit": 989.4, "tf32": 494.7, "ieee": 66.9}, "l2_tbps": 5.5, "hbm_tbps": 3.35, "launch_us": 5.0}
+_TORCH_BLOCK = 512  # elements a block of PyTorch's elementwise kernels takes (128 threads, 4 each)
+
+# Under TRITON_INTERPRET=1 the plan takes these blocks (small, so that tests cover several tiles and both chunks
+# of D) on a device of _INTERPRET_SMS SMs, so that the sizes of the tests split the sweeps.
+_INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "MAX_DC": 128}
 _INTERPRET_SMS = 6
 
 
@@ -367,255 +534,311 @@ def _padded_dim(D):
     return -(-D // 16) * 16
 
 
-def _block_d(kind, D):
-    """Width of the backward's gradient slice: all of D (padded to a power of two, at least 64) where a clean
-    config holds it, else the widest that does, at the cost of recomputing S once per slice."""
-    if _interpreted():
-        return _INTERPRET_BLOCKS["BLOCK_D"]
-    return min(max(64, triton.next_power_of_2(D)), _BWD_BLOCK_D[kind])
+def _chunks(D, max_dc):
+    """(NC, DC): the kernels' D in NC = 1 or 2 chunks of DC columns, a power of two (tl.arange's sizes)."""
+    nc = 1 if D <= max_dc else 2
+    return nc, max(16, triton.next_power_of_2(-(-D // nc)))
 
 
-def _sm_count(device):
-    if _interpreted():
-        return _INTERPRET_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def programs_per_sm(registers, shared, warps):
+    """How many programs of a kernel an H100 SM holds at once, by registers (allocated 8 a thread at a time),
+    shared memory (a block also takes 1 KiB), warps and blocks."""
+    by_registers = H100["registers"] // (-(-registers // 8) * 8 * 32 * warps)
+    return min(by_registers, H100["shared"] // (shared + 1024), H100["warps"] // warps, H100["blocks"])
 
 
-# The grids. Each launch gets at least one program per SM where its tiles allow: the sweeps are split into runs
-# that partial results (LSEs, gradient sums) merge exactly.
-def _fwd_grid(M, N, block_m, block_n, sms):
-    """(groups, splits): groups of row blocks that one program takes in turn (at most 2 per SM, so that the
-    column LSE's workspace stays 2 x SMs x N), times splits of the column blocks."""
-    groups = min(triton.cdiv(M, block_m), 2 * sms)
-    return groups, min(triton.cdiv(N, block_n), triton.cdiv(sms, groups))
+def _resource_key(kernel, kind, width, config):
+    """_RESOURCES's key: the small kernels are one entry each, whatever their inputs."""
+    return (kernel,) if kernel in ("_loss_kernel", "_finish_kernel") else (kernel, kind, width, config)
 
 
-def _bwd_grid(M, N, D, block_m, block_n, block_d, sms):
-    """(owners, splits, slices): blocks of owned columns, splits of the swept row blocks, and slices of D."""
-    owners, slices = triton.cdiv(N, block_n), triton.cdiv(D, block_d)
-    return owners, min(triton.cdiv(M, block_m), triton.cdiv(sms, owners * slices)), slices
+def _per_sm(kernel, kind, width, config, warps):
+    """Programs per SM, from _RESOURCES; 1 where it has no entry (the interpreter's blocks)."""
+    resources = _RESOURCES.get(_resource_key(kernel, kind, width, config))
+    return 1 if resources is None else programs_per_sm(*resources, warps)
 
 
-def _kept(table, key, deterministic):
-    """The configs a launch may run, as (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the interpreter's blocks, the
-    table's first (deterministic: the same config, so the same sums, in every process) or all of them."""
-    if _interpreted():
-        b = _INTERPRET_BLOCKS
-        return [(b["BLOCK_M"], b["BLOCK_N"], b["BLOCK_K"], 1, 1)]
-    return table[key][:1] if deterministic else table[key]
+def _entry(kernel, produces, grid, per_sm, flops, bytes_, unique, tiles, sms, kind, gemm_flops, **launch):
+    """One launch of the plan, priced: the launch cost plus the slowest of its FLOPs at the tensor-core rate, its
+    bytes at the L2's bandwidth and its distinct bytes at HBM's, stretched by its imbalance. tiles: (the most tiles
+    one program takes, the tiles of all programs); the busiest SM runs ceil(programs / SMs) of the longest."""
+    programs = math.prod(grid)
+    busiest, total = tiles
+    stretch = sms * -(-programs // sms) * busiest / total
+    seconds = max(flops / (MODEL["tflops"][kind] * 1e12), bytes_ / (MODEL["l2_tbps"] * 1e12),
+                  unique / (MODEL["hbm_tbps"] * 1e12)) * stretch
+    return dict(kernel=kernel, produces=produces, programs=programs, waves=programs / (sms * per_sm),
+                gemms=flops / gemm_flops, bytes=bytes_, hbm_bytes=unique, flops=flops,
+                ms=MODEL["launch_us"] * 1e-3 + seconds * 1e3, grid=grid, **launch)
 
 
-# UPCAST: the Triton 3.9 interpreter multiplies bf16 tiles as their raw uint16 bits, so there the dot operands
-# are widened to fp32 first (exact: same products, same fp32 sums). Compiled out on the GPU. EVEN_K: every
-# BLOCK_K divides 64.
-def _fwd_constexprs(D, precision, col_lse):
-    return dict(COL_LSE=col_lse, INPUT_PRECISION=precision, UPCAST=_interpreted(), EVEN_K=D % 64 == 0)
+def _torch_entry(op, produces, elements, bytes_, sms, kind, gemm_flops):
+    """A PyTorch op of the plan (a fill, a copy, a reduction): one launch of cdiv(elements, _TORCH_BLOCK) blocks
+    that moves bytes_, each once."""
+    grid = (max(1, -(-elements // _TORCH_BLOCK)),)
+    return _entry(op, produces, grid, H100["warps"] // 4, 0, bytes_, bytes_, (1, grid[0]), sms, kind, gemm_flops)
 
 
-def _bwd_constexprs(D, precision, block_d, q_term, k_term, atomic):
-    return dict(Q_TERM=q_term, K_TERM=k_term, ATOMIC=atomic, INPUT_PRECISION=precision, UPCAST=_interpreted(),
-                EVEN_K=D % 64 == 0, EVEN_D=D % block_d == 0, BLOCK_D=block_d)
+def _fwd_entry(c, config, groups, splits):
+    """_fwd_kernel over c.sets matrices of c.n rows against c.N columns (c: _schedule's shape), with its bytes
+    counted load by load: each program its row blocks once per split and every column block of its split once per
+    row block; x and t once more for the positives; the partial LSEs and means."""
+    bm, bn, warps, _ = config
+    rb, cb = triton.cdiv(c.n, bm), triton.cdiv(c.N, bn)
+    programs = groups * splits * c.sets
+    col = 8 * rb * c.N + 8 * (rb - groups) * c.N if c.square else 0  # each block's column partials, merged in place
+    bytes_ = (4 * programs + c.sets * splits * c.n * c.D * c.e + 2 * c.n * c.D * c.e + 4 * c.n
+              + c.sets * rb * c.N * c.D * c.e + 8 * c.sets * splits * c.n + col)
+    unique = c.sets * (c.n + c.N) * c.D * c.e + 4 * c.n + 8 * c.sets * splits * c.n + 8 * groups * c.N * c.square
+    flops = c.sets * rb * cb * 2 * bm * bn * c.nc * c.dc
+    tiles = (-(-rb // groups) * -(-cb // splits), c.sets * rb * cb)
+    return _entry("_fwd_kernel", "partial LSEs and means of the rows" + (" and columns" if c.square else "")
+                  + ", x_i.t_i", (groups, splits, c.sets), _per_sm("_fwd_kernel", c.kind, c.width, config, warps),
+                  flops, bytes_, unique, tiles, c.sms, c.kind, c.gemm_flops, config=config, chunks=(c.nc, c.dc),
+                  precision="tf32" if c.kind == "tf32" else "ieee", groups=groups, splits=splits)
 
 
-def _configs(table):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in sorted({c for cs in table.values() for c in cs})]
+def _loss_entry(c, groups, splits):
+    """_loss_kernel: the partial LSEs and means merged; per program the loss's terms, d loss / d s's, max |w'|."""
+    programs = triton.cdiv(c.n, _LOSS_BLOCK)
+    parts = splits + (groups if c.square else splits)
+    bytes_ = 4 * programs + 8 * c.n * parts + c.n * c.we + 4 * c.n + 8 * c.n + 12 * programs
+    return _entry("_loss_kernel", "the LSEs; per program the loss, d loss / d s, max |w'|", (programs,),
+                  _per_sm("_loss_kernel", c.kind, c.width, None, _SMALL_WARPS), 0, bytes_, bytes_, (1, programs),
+                  c.sms, c.kind, c.gemm_flops)
 
 
-def _as_tuple(c):
-    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+def _bwd_entry(c, role, config, splits):
+    """_bwd_kernel for one role (_ROLES): sets x owned blocks x splits x chunks programs, each loading its owned
+    rows once and every swept block of its split once; bytes counted load by load."""
+    owned_rows, swept_rows, sets, o_term, w_term, partial = _role(c, role)
+    bo, bw, warps, _ = config
+    ob, wb = triton.cdiv(owned_rows, bo), triton.cdiv(swept_rows, bw)
+    programs = sets * ob * splits * c.nc
+    stats = 4 * triton.cdiv(c.n, _LOSS_BLOCK)  # each program reads the maxima of |w'| for c
+    side = lambda rows, term: rows * (c.D * c.e + (c.we + 4) * term)  # rows, and their weight and LSE
+    out = 4 * sets * splits * owned_rows * c.DG if partial else sets * owned_rows * c.DG * c.e
+    bytes_ = (programs * (4 + stats + 4 * (not partial)) + sets * splits * c.nc * side(owned_rows, o_term)
+              + sets * ob * c.nc * side(swept_rows, w_term) + out)
+    inputs = 2 * c.n * c.D * c.e if c.square else sets * (c.n + c.N) * c.D * c.e  # x and t, or those of its sets
+    unique = inputs + (c.we + 8) * c.n + stats + out
+    flops = sets * ob * c.nc * wb * 2 * bo * bw * (c.nc + 1) * c.dc
+    tiles = (-(-wb // splits), sets * ob * c.nc * wb)
+    return _entry("_bwd_kernel", _ROLES[role][0], (ob, splits * c.nc, sets),
+                  _per_sm("_bwd_kernel", c.bwd_kind, c.width, config, warps), flops, bytes_, unique, tiles, c.sms,
+                  c.bwd_kind, c.gemm_flops, config=config, chunks=(c.nc, c.dc),
+                  precision="tf32" if c.bwd_kind == "tf32" else "ieee", splits=splits, role=role)
 
 
-def _fwd_prune(configs, named_args, **kwargs):
-    kept = _FWD_CONFIGS[_kind(named_args["Q"].dtype, kwargs["INPUT_PRECISION"])]
-    return [c for c in configs if _as_tuple(c) in kept]
+def _finish_entry(c, splits):
+    """_finish_kernel: the local rows' gradients from their partial sums, added in order, and d s."""
+    stats = 4 * triton.cdiv(c.n, _LOSS_BLOCK)
+    br, bc = _FINISH_BLOCKS["BLOCK_R"], _FINISH_BLOCKS["BLOCK_C"]
+    grid = (triton.cdiv(c.n, br), triton.cdiv(c.DG, bc), 2)
+    programs = math.prod(grid)
+    bytes_ = (programs * (stats + 8) + 2 * c.n * (4 * splits * c.DG + 2 * c.DG * c.e + grid[1] * c.we)
+              + stats + 4)
+    return _entry("_finish_kernel", "dx and dt, d logit_scale", grid,
+                  _per_sm("_finish_kernel", c.kind, c.width, None, _SMALL_WARPS), 0, bytes_, bytes_,
+                  (1, programs), c.sms, c.kind, c.gemm_flops, splits=splits)
 
 
-def _bwd_prune(configs, named_args, **kwargs):
-    kept = _BWD_CONFIGS[_kind(named_args["Q"].dtype, kwargs["INPUT_PRECISION"]), kwargs["BLOCK_D"], kwargs["ATOMIC"]]
-    return [c for c in configs if _as_tuple(c) in kept]
+# The backward's launches, by role: (what it produces, O_TERM, W_TERM, PARTIAL). square: S = s x @ t.T with both
+# softmax terms; set 0 owns the rows of x (dx), set 1 those of t (dt: the columns of S, whose softmax is then the
+# owned side's). rows: A = s x @ t_all.T and C = s t @ x_all.T, each set owning its local rows (dx, dt). Both
+# leave their fp32 sums to _finish_kernel, which adds the positive pair. columns: each set owns the gathered rows
+# (dt_all, dx_all), the softmax on the swept side, and writes the gradient itself.
+_ROLES = {"square": ("dx and dt, partial sums", True, True, True),
+          "rows": ("dx and dt, partial sums", True, False, True),
+          "columns": ("dt_all and dx_all", False, True, False)}
 
 
-# The JIT kernels above stay undecorated (kernels.compile_check compiles them as they are); the launchers call
-# these autotuned wrappers. Trial runs must not leave partial results behind: the forward's workspaces are
-# restored (a config with fewer splits leaves the other rows at -inf), the backward's sums zeroed.
-_lse_fwd = triton.autotune(configs=_configs(_FWD_CONFIGS), key=["M", "N", "D", "INPUT_PRECISION", "COL_LSE"],
-                           prune_configs_by={"early_config_prune": _fwd_prune},
-                           restore_value=["ROW_PART", "COL_PART"])(_lse_fwd_kernel)
-_bwd = triton.autotune(configs=_configs(_BWD_CONFIGS),
-                       key=["M", "N", "D", "INPUT_PRECISION", "Q_TERM", "K_TERM", "ATOMIC"],
-                       prune_configs_by={"early_config_prune": _bwd_prune},
-                       reset_to_zero=["DQ", "DK", "DS"])(_bwd_kernel)
+def _role(c, role):
+    """(owned rows, swept rows, sets, O_TERM, W_TERM, PARTIAL) of a backward launch."""
+    _, o_term, w_term, partial = _ROLES[role]
+    owned, swept = (c.N, c.n) if role == "columns" else (c.n, c.N)
+    return owned, swept, c.column_sets if role == "columns" else 2, o_term, w_term, partial
 
 
-def _launch(kernel, autotuned, kept, grid, args, meta):
-    """Run kernel on args with grid(BLOCK_M, BLOCK_N): autotuned over kept, or with the one config kept."""
-    if len(kept) > 1:
-        autotuned[lambda c: grid(c["BLOCK_M"], c["BLOCK_N"])](*args, **meta)
-        return
-    (m, n, k, warps, stages), = kept
-    blocks = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k)
-    if _interpreted():
-        kernel[grid(m, n)](*args, **meta, **blocks)
-    else:
-        kernel[grid(m, n)](*args, **meta, **blocks, num_warps=warps, num_stages=stages)
+class _Shape:
+    """What _schedule plans for, with the derived sizes every entry uses."""
+
+    def __init__(self, n, N, D, dtype, precision, sms, gathered, column_sets, weight_bytes, blocks):
+        self.n, self.N, self.DG, self.sms = n, N, D, sms
+        self.gathered, self.square, self.column_sets = gathered, not gathered, column_sets
+        self.sets = 2 if gathered else 1
+        self.e, self.we = torch.finfo(dtype).bits // 8, weight_bytes
+        self.D = _padded_dim(D)
+        self.blocks = None if blocks is None else dict(zip(_INTERPRET_BLOCKS, blocks))
+        self.nc, self.dc = _chunks(self.D, _MAX_DC if blocks is None else self.blocks["MAX_DC"])
+        self.width = max(256, self.nc * self.dc)
+        self.kind = _kind(dtype, precision)
+        self.bwd_kind = self.kind if blocks is not None or (self.kind, self.width) in _BWD_CONFIGS else "ieee"
+        self.gemm_flops = 2 * n * N * D
+
+    def configs(self, table, kind):
+        if self.blocks is not None:
+            return [(self.blocks["BLOCK_M"], self.blocks["BLOCK_N"], 1, 1)]
+        return table[kind, self.width]
 
 
-def _merge(part):
-    """The LSE over the rows of a (P, L) fp32 array of partial LSEs (-inf where a row has none), in place: the LSE
-    of the partials' LSEs is the LSE of all their terms."""
-    if part.shape[0] == 1:
-        return part[0]
-    hi = part.amax(0)  # (L,) finite: every column has a partial somewhere
-    return part.sub_(hi).exp_().sum(0).log_().add_(hi)
+def _cheapest(options):
+    """The option whose launches cost least in the model (then the fewest bytes): options are lists of entries."""
+    return min(options, key=lambda es: (sum(e["ms"] for e in es), sum(e["bytes"] for e in es)))
 
 
-def _lse(q, k, scale, col_lse, deterministic):
-    """Row LSE of s q @ k.T (M,) and, if col_lse, its column LSE (N,); both fp32. Allocates the (splits, M) and
-    (groups, N) fp32 workspaces of _fwd_grid, and two fp32 vectors each to merge them."""
-    (M, D), N = q.shape, k.shape[0]
-    precision = _input_precision(q.dtype)
-    kept = _kept(_FWD_CONFIGS, _kind(q.dtype, precision), deterministic)
-    sms = _sm_count(q.device)
-    grids = [_fwd_grid(M, N, m, n, sms) for m, n, *_ in kept]
-    # sized for the config with the most splits and groups; a config with fewer leaves the other rows at -inf
-    row = torch.full((max(s for _, s in grids), M), -math.inf, device=q.device, dtype=torch.float32)
-    col = torch.full((max(g for g, _ in grids), N), -math.inf, device=q.device, dtype=torch.float32) if col_lse else row
-    assert max(row.numel(), col.numel()) < 2**31, "too large for the kernels' int32 offsets"
-    _launch(_lse_fwd_kernel, _lse_fwd, kept, lambda m, n: _fwd_grid(M, N, m, n, sms), (q, k, scale, row, col, M, N, D),
-            _fwd_constexprs(D, precision, col_lse))
-    return _merge(row), _merge(col) if col_lse else None
+@functools.lru_cache(maxsize=256)
+def _schedule(n, N, D, dtype, precision, sms, gathered, column_sets, weight_bytes, blocks):
+    """Every launch of one forward + backward, in order, as launch_plan describes them; the launchers run them.
+    blocks: the interpreter's (_INTERPRET_BLOCKS's values), or None for the GPU's configs."""
+    c = _Shape(n, N, D, dtype, precision, sms, gathered, column_sets, weight_bytes, blocks)
+    plan = []
+    if c.D != D:  # zero columns up to the padded D: one fill for all the copies, then one copy per input
+        rows = 2 * n + 2 * N * gathered
+        plan.append(_torch_entry("aten.new_zeros", "padded copies of the inputs", rows * c.D,
+                                 rows * c.D * c.e, sms, c.kind, c.gemm_flops))
+        for name, r in [("x", n), ("t", n)] + [("x_all", N), ("t_all", N)] * gathered:
+            plan.append(_torch_entry("aten.copy_", f"{name} padded", r * D, 2 * r * D * c.e, sms, c.kind,
+                                     c.gemm_flops))
+    options = []
+    for config in c.configs(_FWD_CONFIGS, c.kind):
+        rb, cb = triton.cdiv(n, config[0]), triton.cdiv(N, config[1])
+        # the square loss's column LSEs take groups x N floats: at most two groups per SM
+        for groups in sorted({min(rb, sms), min(rb, 2 * sms)} if c.square else {rb}):
+            for splits in range(1, min(cb, -(-4 * sms // (c.sets * groups))) + 1):
+                options.append([_fwd_entry(c, config, groups, splits), _loss_entry(c, groups, splits)])
+    plan += _cheapest(options)
+    stats = triton.cdiv(n, _LOSS_BLOCK)
+    plan.append(_torch_entry("aten.sum", "the loss", stats, 4 * stats + 4, sms, c.kind, c.gemm_flops))
+
+    role = "rows" if gathered else "square"
+    options = []
+    for config in c.configs(_BWD_CONFIGS, c.bwd_kind):
+        owned, swept, sets, *_ = _role(c, role)
+        # split only while the owned blocks are too few to fill the SMs: the partial sums cost memory
+        few = sets * triton.cdiv(owned, config[0]) * c.nc < sms
+        for splits in range(1, min(triton.cdiv(swept, config[1]), _MAX_SPLITS if few else 1) + 1):
+            options.append([_bwd_entry(c, role, config, splits), _finish_entry(c, splits)])
+    bwd, finish = _cheapest(options)
+    plan.append(bwd)
+    if gathered and column_sets:
+        plan += _cheapest([[_bwd_entry(c, "columns", config, 1)] for config in c.configs(_BWD_CONFIGS, c.bwd_kind)])
+    plan.append(finish)
+    return tuple(plan)
 
 
-def _sweep(q, k, scale, wq, lq, wk, lk, atomic, deterministic):
-    """One launch of _bwd_kernel on S = s q @ k.T: (the columns' partial sums sum_i p_ij q_i, (parts, N, D) fp32;
-    the rows' sums sum_j p_ij k_j, (M, D) fp32, if atomic; sum_ij p_ij S_ij / s, a 0-dim fp32 tensor)."""
-    (M, D), N = q.shape, k.shape[0]
-    precision = _input_precision(q.dtype)
-    block_d = _block_d(_kind(q.dtype, precision), D)
-    kept = _kept(_BWD_CONFIGS, (_kind(q.dtype, precision), block_d, atomic), deterministic)
-    sms = _sm_count(q.device)
-    grids = [_bwd_grid(M, N, D, m, n, block_d, sms) for m, n, *_ in kept]
-    parts = 1 if atomic else max(s for _, s, _ in grids)  # zeros where a config with fewer splits writes none
-    dk = torch.zeros(parts, N, D, device=q.device, dtype=torch.float32)
-    dq = torch.zeros(M, D, device=q.device, dtype=torch.float32) if atomic else dk
-    ds = torch.zeros(max(o * s for o, s, _ in grids), device=q.device, dtype=torch.float32)
-    assert dk.numel() < 2**31 and dq.numel() < 2**31, "too large for the kernels' int32 offsets"
-    dummy = scale  # never read: the matching term is compiled out
-    args = (q, k, scale, dummy if wq is None else wq, dummy if lq is None else lq, dummy if wk is None else wk,
-            dummy if lk is None else lk, dq, dk, ds, M, N, D)
-    _launch(_bwd_kernel, _bwd, kept, lambda m, n: _bwd_grid(M, N, D, m, n, block_d, sms), args,
-            _bwd_constexprs(D, precision, block_d, wq is not None, wk is not None, atomic))
-    return dk, (dq if atomic else None), ds.sum()
-
-
-def _finish(part, gscale, dim, dtype, w=None, diag=None):
-    """The gradient (R, dim) in dtype from its fp32 partial sums (parts, R, D >= dim): gscale (sum - 2 w diag)."""
-    parts, R, D = part.shape
-    g = torch.empty(R, dim, device=part.device, dtype=dtype)
-    grid = (triton.cdiv(R, _FINISH_BLOCKS["BLOCK_R"]), triton.cdiv(dim, _FINISH_BLOCKS["BLOCK_C"]))
-    _finish_kernel[grid](part, g if diag is None else diag, gscale if w is None else w, gscale, g,
-                         R, dim, D, parts, HAS_DIAG=diag is not None, **_FINISH_BLOCKS)
-    return g
-
-
-def _grads(q, k, scale, gscale, dim, dtype, wq=None, lq=None, wk=None, lk=None, q_diag=None, k_diag=None,
-           need_k=True, deterministic=False):
-    """Gradients of the loss through S = s q @ k.T, where p_ij = wq_i exp(S_ij - lq_i) + wk_j exp(S_ij - lk_j):
-    (dq, dk or None, ds): dq = gscale (sum_j p_ij k_j - 2 wq_i q_diag_i), dk likewise on S.T, both (., dim) in
-    dtype, and ds = sum_ij p_ij S_ij / s. One recompute of S gives both, the rows' sums added atomically; the
-    deterministic path, and dq alone, sweep S once per gradient with the roles swapped."""
-    if need_k and not deterministic:
-        dk_sum, dq_sum, ds = _sweep(q, k, scale, wq, lq, wk, lk, atomic=True, deterministic=False)
-        dq = _finish(dq_sum[None], gscale, dim, dtype, wq, q_diag)
-        del dq_sum  # before dk is allocated
-        return dq, _finish(dk_sum, gscale, dim, dtype, wk, k_diag), ds
-    dq_parts, _, ds = _sweep(k, q, scale, wk, lk, wq, lq, atomic=False, deterministic=deterministic)
-    dq = _finish(dq_parts, gscale, dim, dtype, wq, q_diag)
-    del dq_parts
-    if not need_k:
-        return dq, None, ds
-    dk_parts, _, _ = _sweep(q, k, scale, wq, lq, wk, lk, atomic=False, deterministic=deterministic)
-    return dq, _finish(dk_parts, gscale, dim, dtype, wk, k_diag), ds
-
-
-def launch_plan(n, N, D, dtype, sm_count, deterministic=False, gathered=None, all_grads=True):
-    """Every kernel launch of one forward + backward of the fused loss, in order, as dicts: kernel; produces;
-    programs, the fewest over the configs the launch may run; gemms, its similarity GEMMs (2 n N D FLOPs each).
+def launch_plan(n, N, D, dtype, sm_count, gathered=None, all_grads=True, weighted=True):
+    """Every kernel that one forward + backward of the fused loss launches, Triton's and PyTorch's, in order, as
+    dicts: kernel; produces; programs (of its grid), waves (programs over what sm_count SMs hold at once, from its
+    config's registers and shared memory), gemms (its dot FLOPs over the 2 n N D of a similarity GEMM, tile
+    padding included), bytes (read and written in global memory, every load of a block counted, reloads that L2
+    serves included), hbm_bytes (the distinct bytes among them), flops, ms (modelled: MODEL) and, for the
+    Triton kernels, grid and config.
 
     n rows against N columns of dimension D in dtype (fp32 follows torch.get_float32_matmul_precision(), as the
-    kernels do) on a device of sm_count SMs. gathered: x_all, t_all are passed (default: when N != n; n == N
-    with gathered=False is the square, one-GPU loss); all_grads: they need gradients. deterministic: the path
-    taken under torch.use_deterministic_algorithms(True)."""
+    kernels do). gathered: x_all, t_all are passed (default: when N != n; n == N with gathered=False is the
+    square, one-GPU loss); all_grads: they need gradients; weighted: gate weights (fp32) are passed. Under
+    TRITON_INTERPRET=1 the interpreter's blocks."""
     gathered = N != n if gathered is None else gathered
     assert gathered or N == n, "the square loss has N == n"
     precision = _input_precision(dtype)
-    kind, dp = _kind(dtype, precision), _padded_dim(D)
-    block_d = _block_d(kind, dp)
-    plan = []
+    blocks = tuple(_INTERPRET_BLOCKS.values()) if _interpreted() else None
+    return [dict(e) for e in _schedule(n, N, D, dtype, precision, sm_count, gathered, 2 * all_grads * gathered,
+                                       4 * weighted, blocks)]
 
-    def forward(produces, rows, cols):
-        kept = _kept(_FWD_CONFIGS, kind, deterministic)
-        plan.append(dict(kernel="_lse_fwd_kernel", produces=produces, gemms=1,
-                         programs=min(math.prod(_fwd_grid(rows, cols, m, nb, sm_count)) for m, nb, *_ in kept)))
 
-    def sweep(produces, rows, cols, atomic):
-        kept = _kept(_BWD_CONFIGS, (kind, block_d, atomic), deterministic)
-        plan.append(dict(kernel="_bwd_kernel", produces=produces, gemms=triton.cdiv(dp, block_d) + 1 + atomic,
-                         programs=min(math.prod(_bwd_grid(rows, cols, dp, m, nb, block_d, sm_count))
-                                      for m, nb, *_ in kept)))
+def modelled_ms(plan):
+    """The modelled time of a launch plan on an H100 (MODEL): the sum of its launches'."""
+    return sum(e["ms"] for e in plan)
 
-    def finish(produces, rows):
-        blocks = triton.cdiv(rows, _FINISH_BLOCKS["BLOCK_R"]) * triton.cdiv(D, _FINISH_BLOCKS["BLOCK_C"])
-        plan.append(dict(kernel="_finish_kernel", produces=produces, gemms=0, programs=blocks))
 
-    def grads(q, k, q_rows, k_rows, need_k):  # as _grads runs them
-        if need_k and not deterministic:
-            sweep(f"{k} (and {q}, atomically)", q_rows, k_rows, True)
-            finish(q, q_rows)
-            finish(k, k_rows)
-            return
-        sweep(q, k_rows, q_rows, False)
-        finish(q, q_rows)
-        if need_k:
-            sweep(k, q_rows, k_rows, False)
-            finish(k, k_rows)
+# --------------------------------------------------------------------------------------------------
+# Launchers
 
-    if not gathered:
-        forward("row and column LSE of s x.t", n, n)
-        grads("dx", "dt", n, n, True)
+
+def _launch(kernel, entry, args, constexprs, blocks=()):
+    """kernel on args over the plan entry's grid, its config's blocks named `blocks` (warps, stages on a GPU)."""
+    config = entry.get("config") or (0, 0, _SMALL_WARPS, 1)
+    constexprs.update(zip(blocks, config[:2]))
+    if _interpreted():
+        kernel[entry["grid"]](*args, **constexprs)
     else:
-        forward("row LSE of s x.t_all", n, N)
-        forward("row LSE of s t.x_all", n, N)
-        grads("dx", "dt_all", n, N, all_grads)
-        grads("dt", "dx_all", n, N, all_grads)
-    return plan
+        kernel[entry["grid"]](*args, **constexprs, num_warps=config[2], num_stages=config[3])
 
 
-_ROWDOT_ROWS = 4096
-
-
-def _rowdot(x, t):
-    """x_i.t_i in fp32 (n,), _ROWDOT_ROWS rows at a time so that the fp32 copies stay small (12 rows D bytes)."""
-    out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
-    for i in range(0, x.shape[0], _ROWDOT_ROWS):
-        rows = slice(i, i + _ROWDOT_ROWS)
-        torch.sum(x[rows].float() * t[rows].float(), -1, out=out[rows])
+def _padded(x, t, x_all, t_all):
+    """The inputs with zero columns up to the kernels' D: one fill and one copy each, only when D is not a
+    multiple of 16 (launch_plan lists them)."""
+    inputs = [a for a in (x, t, x_all, t_all) if a is not None]
+    D = x.shape[1]
+    if D % 16 == 0:
+        return inputs
+    dp = _padded_dim(D)
+    flat = x.new_zeros(sum(a.shape[0] for a in inputs) * dp)
+    out, start = [], 0
+    for a in inputs:
+        out.append(flat[start:start + a.shape[0] * dp].view(a.shape[0], dp))
+        out[-1][:, :D].copy_(a)
+        start += a.shape[0] * dp
     return out
 
 
-def _p_scale(w):
-    """A power of two c with c max|w'| in (2^13, 2^14]: the backward multiplies p by c before rounding it to the
-    input dtype (c p <= 2^15 < fp16's 65504), so that p = w'_i P_ij ~ 1/(2 n N) does not underflow fp16 at
-    large n, and divides the gradient by c after. Exact in every dtype; (1,) fp32 on w's device."""
-    top = w.abs().max().reshape(1)
-    exponent = (14 - torch.ceil(torch.log2(top))).clamp(-64, 64)
-    return torch.where(top > 0, torch.exp2(exponent), torch.ones_like(top))
+def _forward(plan, x, t, x_all, t_all, scale, weight):
+    """(LSE (2, n), STATS (3, programs)), both fp32, from the plan's _fwd_kernel and _loss_kernel launches; the
+    inputs padded. LSE holds LSE_j A_ij and LSE_j C_ij (square: the row and column LSE of S)."""
+    fwd, loss = (e for e in plan if e["kernel"] in ("_fwd_kernel", "_loss_kernel"))
+    (n, D), square = x.shape, x_all is None
+    N = n if square else x_all.shape[0]
+    sets, groups, splits = fwd["grid"][2], fwd["groups"], fwd["splits"]
+    row = torch.empty(2, sets, splits, n, device=x.device, dtype=torch.float32)
+    col = torch.empty(2, groups, N, device=x.device, dtype=torch.float32) if square else row
+    pos = torch.empty(n, device=x.device, dtype=torch.float32)
+    assert max(row.numel(), col.numel()) < 2**31, "too large for the kernels' int32 offsets"
+    k0, q1, k1 = (t, x, t) if square else (t_all, t, x_all)
+    nc, dc = fwd["chunks"]
+    _launch(_fwd_kernel, fwd, (x, k0, q1, k1, t, scale, row, col, pos, n, N, D),
+            dict(COL_LSE=square, NC=nc, DC=dc, PRECISION=fwd["precision"], UPCAST=_interpreted()),
+            ("BLOCK_M", "BLOCK_N"))
+    lse = torch.empty(2, n, device=x.device, dtype=torch.float32)
+    stats = torch.empty(3, loss["programs"], device=x.device, dtype=torch.float32)
+    _launch(_loss_kernel, loss, (row, col, pos, scale if weight is None else weight, scale, lse, stats, n, splits,
+                                 groups), dict(COL_LSE=square, HAS_WEIGHT=weight is not None, BLOCK_R=_LOSS_BLOCK))
+    return lse, stats
 
 
-def _pad(a):
-    """a (rows, D) with zero columns up to the kernels' D (a copy only when D is not a multiple of 16)."""
-    return F.pad(a, (0, _padded_dim(a.shape[1]) - a.shape[1])) if a.shape[1] % 16 else a
+def _backward(plan, inputs, D, dtype, scale, weight, lse, stats, grad, needs):
+    """(dx, dt, d logit_scale, dx_all, dt_all) from the plan's _bwd_kernel and _finish_kernel launches. inputs:
+    the padded x, t (x_all, t_all); needs: whether x_all and t_all need gradients; D: the gradients' width."""
+    x, t, x_all, t_all = (list(inputs) + [None, None])[:4]
+    n = x.shape[0]
+    new = lambda rows: torch.empty(rows, D, device=x.device, dtype=dtype)
+    dx, dt = new(n), new(n)
+    dx_all = new(x_all.shape[0]) if needs[0] else None
+    dt_all = new(t_all.shape[0]) if needs[1] else None
+    dscale = torch.empty((), device=x.device, dtype=torch.float32)
+    finish = plan[-1]
+    parts = torch.empty(2, finish["splits"], n, D, device=x.device, dtype=torch.float32)
+    assert parts.numel() < 2**31, "too large for the kernels' int32 offsets"
+    # per role, its sets: (owned rows, swept rows, owned rows' LSE, swept rows' LSE, where the gradient goes)
+    sets = {"square": [(x, t, lse[0], lse[1], parts[0]), (t, x, lse[1], lse[0], parts[1])],
+            "rows": [(x, t_all, lse[0], lse[0], parts[0]), (t, x_all, lse[1], lse[1], parts[1])],
+            "columns": [s for s, need in [((t_all, x, lse[0], lse[0], dt_all), needs[1]),
+                                          ((x_all, t, lse[1], lse[1], dx_all), needs[0])] if need]}
+    common = (scale if weight is None else weight, scale, grad, stats)
+    for entry in plan:
+        if entry["kernel"] == "_bwd_kernel":
+            _, o_term, w_term, partial = _ROLES[entry["role"]]
+            these = sets[entry["role"]]
+            pairs = these + these[:1] * (2 - len(these))  # a second set that the grid never reaches
+            nc, dc = entry["chunks"]
+            _launch(_bwd_kernel, entry, (*pairs[0], *pairs[1], *common, these[0][0].shape[0], these[0][1].shape[0],
+                                         x.shape[1], D, n, stats.shape[1]),
+                    dict(O_TERM=o_term, W_TERM=w_term, PARTIAL=partial, HAS_WEIGHT=weight is not None, NC=nc, DC=dc,
+                         PRECISION=entry["precision"], UPCAST=_interpreted()), ("BLOCK_O", "BLOCK_W"))
+    _launch(_finish_kernel, finish, (parts[0], dx, t, parts[1], dt, x, *common, dscale, n, x.shape[1], D,
+                                     finish["splits"], stats.shape[1]),
+            dict(HAS_WEIGHT=weight is not None, **_FINISH_BLOCKS))
+    return dx, dt, dscale, dx_all, dt_all
 
 
 def _check_inputs(x, t, logit_scale, weight, x_all, t_all, offset, fused):
@@ -645,43 +868,89 @@ def _check_inputs(x, t, logit_scale, weight, x_all, t_all, offset, fused):
 
 class _GatedClipLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, t, logit_scale, w, x_all, t_all):
-        # w: (n,) fp32 = weight / (2n), a constant. x_all is None selects the square case.
-        deterministic = torch.are_deterministic_algorithms_enabled()
+    def forward(ctx, x, t, logit_scale, weight, x_all, t_all):
+        # weight: (n,) gate weights, a constant, or None. x_all is None selects the square case.
+        n, D = x.shape
+        needs = (x_all is not None and ctx.needs_input_grad[4], t_all is not None and ctx.needs_input_grad[5])
+        plan = _plan(n, n if x_all is None else x_all.shape[0], D, x.dtype, x.device, x_all is not None,
+                     sum(needs), 0 if weight is None else weight.element_size())
         scale = logit_scale.detach().float().reshape(1)
-        if x_all is None:
-            lse_xt, lse_tx = _lse(_pad(x), _pad(t), scale, True, deterministic)
-        else:
-            lse_xt, _ = _lse(_pad(x), _pad(t_all), scale, False, deterministic)
-            lse_tx, _ = _lse(_pad(t), _pad(x_all), scale, False, deterministic)
-        xt = _rowdot(x, t)  # (n,)
-        loss = (w * (lse_xt + lse_tx - 2 * scale * xt)).sum()
-        ctx.deterministic = deterministic
-        ctx.save_for_backward(x, t, logit_scale, w, x_all, t_all, lse_xt, lse_tx, xt)
-        return loss
+        inputs = _padded(x, t, x_all, t_all)
+        lse, stats = _forward(plan, *(inputs + [None, None])[:4], scale, weight)
+        ctx.plan, ctx.D, ctx.needs = plan, D, needs
+        ctx.save_for_backward(logit_scale, weight, lse, stats, *inputs)
+        return stats[0].sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, t, logit_scale, w, x_all, t_all, lse_xt, lse_tx, xt = ctx.saved_tensors
+        logit_scale, weight, lse, stats, *inputs = ctx.saved_tensors
         scale = logit_scale.detach().float().reshape(1)
-        c = _p_scale(w)
-        wc = w * c  # the kernels' weights; the gradient scale takes 1/c back
-        gscale = (grad_loss.float() * scale).reshape(1) / c  # d loss / d (x_i.t_j) carries one factor s
-        need_x_all, need_t_all = ctx.needs_input_grad[4], ctx.needs_input_grad[5]
-        common = dict(dim=x.shape[1], dtype=x.dtype, deterministic=ctx.deterministic)
-        if x_all is None:  # S = A: its rows give dx, its columns dt; p holds both softmax terms
-            dx, dt, ds = _grads(_pad(x), _pad(t), scale, gscale, wq=wc, lq=lse_xt, wk=wc, lk=lse_tx, q_diag=t,
-                                k_diag=x, **common)
-            dx_all = dt_all = None
-        else:  # A = s x @ t_all.T gives dx and dt_all, C = s t @ x_all.T gives dt and dx_all
-            dx, dt_all, ds_a = _grads(_pad(x), _pad(t_all), scale, gscale, wq=wc, lq=lse_xt, q_diag=t,
-                                      need_k=need_t_all, **common)
-            dt, dx_all, ds_c = _grads(_pad(t), _pad(x_all), scale, gscale, wq=wc, lq=lse_tx, q_diag=x,
-                                      need_k=need_x_all, **common)
-            ds = ds_a + ds_c
-        ds = grad_loss.float() * (ds / c - 2 * (w * xt).sum())
-        dscale = ds.to(logit_scale.dtype).reshape(logit_scale.shape)
-        return dx, dt, dscale, None, dx_all, dt_all
+        dx, dt, dscale, dx_all, dt_all = _backward(ctx.plan, inputs, ctx.D, inputs[0].dtype, scale, weight, lse,
+                                                   stats, grad_loss.float().reshape(1), ctx.needs)
+        return dx, dt, dscale.to(logit_scale.dtype).reshape(logit_scale.shape), None, dx_all, dt_all
+
+
+def _plan(n, N, D, dtype, device, gathered, column_sets, weight_bytes):
+    """The launch plan the launchers run: launch_plan's, for this device."""
+    blocks = tuple(_INTERPRET_BLOCKS.values()) if _interpreted() else None
+    return _schedule(n, N, D, dtype, _input_precision(dtype), _sm_count(device), gathered, column_sets,
+                     weight_bytes, blocks)
+
+
+def _sm_count(device):
+    if _interpreted():
+        return _INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference's cost, for auto
+
+
+class _CountOps(TorchDispatchMode):
+    """The modelled time of the ops run under it (on meta tensors, which compute nothing): per op a launch, its
+    bytes (tensors read and written) at the L2's bandwidth, its matmul FLOPs at the tensor-core rate of kind."""
+
+    NO_LAUNCH = {"empty", "empty_like", "empty_strided", "view", "_unsafe_view", "reshape", "slice", "select", "t",
+                 "transpose", "expand", "as_strided", "detach", "alias", "unsqueeze", "squeeze", "permute",
+                 "promote_types", "lift_fresh"}
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.ms = kind, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name not in self.NO_LAUNCH:
+            size = lambda a: a.numel() * a.element_size() if torch.is_tensor(a) else 0
+            read = sum(map(size, tree_flatten((args, kwargs))[0]))
+            launches = 1
+            if name == "logsumexp":  # ATen runs it as amax, sub, exp_, sum, log_, add_: five passes over the input
+                launches, read = 6, 5 * read
+            flops = 2 * math.prod(args[0].shape) * args[1].shape[-1] if name in ("mm", "bmm") else 0
+            seconds = max(flops / (MODEL["tflops"][self.kind] * 1e12),
+                          (read + sum(map(size, tree_flatten(out)[0]))) / (MODEL["l2_tbps"] * 1e12))
+            self.ms += launches * MODEL["launch_us"] * 1e-3 + seconds * 1e3
+        return out
+
+
+@functools.lru_cache(maxsize=256)
+def _reference_ms(n, N, D, dtype, precision, gathered):
+    """The modelled time of gated_clip_loss_reference, forward + backward, weighted: its ops counted on meta tensors.
+    Its GEMMs run on fp32 inputs (it widens 16-bit ones), in precision ("ieee" or "tf32": torch's fp32 setting)."""
+    meta = dict(device="meta", requires_grad=True)
+    x_all, t_all = torch.empty(N, D, dtype=dtype, **meta), torch.empty(N, D, dtype=dtype, **meta)
+    s = torch.empty((), **meta)
+    leaves = [x_all, t_all, s]
+    with _CountOps(precision) as count:
+        if gathered:
+            loss = gated_clip_loss_reference(x_all[:n], t_all[:n], s, torch.empty(n, device="meta"), x_all=x_all,
+                                             t_all=t_all)
+        else:
+            loss = gated_clip_loss_reference(x_all, t_all, s, torch.empty(n, device="meta"))
+        torch.autograd.grad(loss, leaves, torch.ones((), device="meta"))
+    return count.ms
 
 
 # --------------------------------------------------------------------------------------------------
@@ -693,16 +962,12 @@ def fused_available(device):
     return torch.device(device).type == "cuda" or _interpreted()
 
 
-# auto runs the reference below this many logits n N: there a few small GEMMs cost about what the kernels' ten
-# launches do, and below 512 x 4096 not every launch would fill an H100. Retune from kernels.bench's rows.
-AUTO_MIN_LOGITS = 512 * 4096
-
-
 def choose_impl(n, N, D, dtype, device, impl="auto"):
     """(name, reason): which implementation gated_clip_loss runs on n rows against N columns of dimension D in
     dtype on device, "fused" or "reference". impl "fused" and "reference" are obeyed ("fused" raises
     RuntimeError where the kernels cannot run); "auto" takes the reference off CUDA (the interpreter is for
-    tests), for dtypes or D the kernels lack, and while n N < AUTO_MIN_LOGITS; the kernels above."""
+    tests) and for dtypes or D the kernels lack, and else whichever is modelled faster on an H100 (MODEL): the
+    fused loss's launch plan (launch_plan, gathered when N != n) against the reference's ops, counted."""
     if impl not in ("auto", "fused", "reference"):
         raise ValueError(f"impl {impl!r}: choose auto, fused or reference")
     device = torch.device(device)
@@ -716,9 +981,18 @@ def choose_impl(n, N, D, dtype, device, impl="auto"):
         return "reference", "auto: the fused kernels run on CUDA"
     if dtype not in (torch.float32, torch.bfloat16, torch.float16) or D > MAX_D:
         return "reference", f"auto: the fused kernels take fp32, bf16 or fp16 with D <= {MAX_D}"
-    if n * N < AUTO_MIN_LOGITS:
-        return "reference", f"auto: {n} x {N} logits, fewer than {AUTO_MIN_LOGITS}"
-    return "fused", f"auto: {n} x {N} logits, at least {AUTO_MIN_LOGITS}"
+    fused, reference = auto_costs(n, N, D, dtype, device)
+    name = "fused" if fused < reference else "reference"
+    return name, f"auto: modelled {fused:.3g} ms fused, {reference:.3g} ms reference"
+
+
+def auto_costs(n, N, D, dtype, device):
+    """(fused, reference): the modelled ms of one forward + backward of each, the rule of choose_impl's auto: the
+    fused loss's plan for the device's SM count (an H100's where no CUDA device is visible), weighted, every input
+    needing its gradient; the reference's ops counted on meta tensors."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else H100["sms"]
+    plan = _schedule(n, N, D, dtype, _input_precision(dtype), sms, N != n, 2 * (N != n), 4, None)
+    return modelled_ms(plan), _reference_ms(n, N, D, dtype, _input_precision(torch.float32), N != n)
 
 
 def gated_clip_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, offset=0, impl="auto"):
@@ -730,8 +1004,9 @@ def gated_clip_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, o
     (= alip.contrastive_loss). offset: where this rank's rows sit in x_all, t_all (rows offset .. offset+n-1 are
     x and t, the positives' columns); only checked, since the positive pair x_i.t_i is taken from x and t.
     impl: "fused" (the Triton kernels), "reference" (gated_clip_loss_reference) or "auto" (choose_impl's rule).
-    Returns a 0-dim fp32 tensor. Differentiable in x, t, x_all, t_all and logit_scale. Under
-    torch.use_deterministic_algorithms(True) the kernels give the same bits on the same inputs.
+    Returns a 0-dim fp32 tensor. Differentiable in x, t, x_all, t_all and logit_scale. The kernels give the same
+    bits on the same inputs (no atomics; every config and grid is the plan's), with or without
+    torch.use_deterministic_algorithms(True).
     """
     N = x.shape[0] if x_all is None else x_all.shape[0]
     name, _ = choose_impl(x.shape[0], N, x.shape[1], x.dtype, x.device, impl)
@@ -742,9 +1017,8 @@ def gated_clip_loss(x, t, logit_scale, weight=None, *, x_all=None, t_all=None, o
         return gated_clip_loss_reference(x, t, logit_scale, weight, x_all=x_all, t_all=t_all, offset=offset)
     if x_all is x and t_all is t:  # the gathered features are the local ones: one matrix serves both directions
         x_all = t_all = None
-    n = x.shape[0]
-    w = (torch.ones(n, device=x.device) if weight is None else weight.detach().float()) / (2 * n)
     x, t = x.contiguous(), t.contiguous()  # the kernels index rows as row * D
     if x_all is not None:
         x_all, t_all = x_all.contiguous(), t_all.contiguous()
-    return _GatedClipLoss.apply(x, t, logit_scale, w, x_all, t_all)
+    weight = None if weight is None else weight.detach().contiguous()
+    return _GatedClipLoss.apply(x, t, logit_scale, weight, x_all, t_all)

@@ -1,6 +1,7 @@
-"""Every kernel config the autotuner keeps compiles for sm_90 (H100) with no register spill and within the
-shared memory of a block, on the CPU: `python -m kernels.compile_check --quick`, which covers every config once
-plus the D = 1024 and fp32-ieee corners (the whole matrix: `python -m kernels.compile_check`)."""
+"""Every kernel config of the plan's tables compiles for sm_90 (H100) with no register spill, within the shared
+memory of a block and holding at least the programs per SM that the plan's resource table says, on the CPU:
+`python -m kernels.compile_check --quick`, which covers every config once where it is heaviest, plus a corner
+(the whole matrix: `python -m kernels.compile_check`)."""
 
 import os
 import subprocess

@@ -8,13 +8,14 @@ and prints its seed on failure.
 import contextlib
 import functools
 import gc
+import itertools
 import os
+import random
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -73,7 +74,8 @@ def close(name, got, want, tol, seed, floor=1e-6):
 
 def check(x, t, scale, weight=None, x_all=None, t_all=None, offset=0, dtype=torch.float32, seed=0,
           tol_loss=None, tol_grad=None, grad_loss=1.0, deterministic=False):
-    """Round the float64 inputs to dtype, run the fused loss on DEVICE (its deterministic path if asked) and the
+    """Round the float64 inputs to dtype, run the fused loss on DEVICE (under torch.use_deterministic_algorithms
+    if asked) and the
     reference in float64 on the same rounded values, and compare the loss and the gradients (of
     grad_loss * loss) of x, t, (x_all, t_all) and the scale. Returns the fused loss and gradients."""
     rect = x_all is not None
@@ -147,10 +149,8 @@ def test_cpu_without_interpreter(monkeypatch):
 
 @pytest.mark.parametrize("n,N,D,dtype,device,impl,want", [
     (4096, 4096, 512, torch.bfloat16, "cpu", "auto", "reference"),  # the interpreter is for tests
-    (4096, 4096, 512, torch.bfloat16, "cuda", "auto", "fused"),
-    (512, 4096, 512, torch.bfloat16, "cuda", "auto", "fused"),  # n N = AUTO_MIN_LOGITS
-    (511, 4096, 512, torch.bfloat16, "cuda", "auto", "reference"),
-    (1024, 1024, 512, torch.float32, "cuda", "auto", "reference"),
+    (32768, 32768, 512, torch.bfloat16, "cuda", "auto", "fused"),  # the reference's logits: 4 GiB a matrix
+    (512, 4096, 512, torch.bfloat16, "cuda", "auto", "fused"),  # a DDP rank: the reference's ~60 launches
     (4096, 4096, 512, torch.float64, "cuda", "auto", "reference"),  # dtypes the kernels lack
     (4096, 4096, 2048, torch.bfloat16, "cuda", "auto", "reference"),  # D beyond MAX_D
     (8, 8, 16, torch.bfloat16, "cuda", "fused", "fused"),
@@ -159,7 +159,51 @@ def test_cpu_without_interpreter(monkeypatch):
 def test_choose_impl(n, N, D, dtype, device, impl, want):
     name, reason = choose_impl(n, N, D, dtype, device, impl)
     assert name == want and reason
-    assert gcl.AUTO_MIN_LOGITS == 512 * 4096
+
+
+@pytest.fixture
+def fresh_model(monkeypatch):
+    """MODEL as a test sets it, with the cached plans and reference costs cleared before and after."""
+    gcl._schedule.cache_clear()
+    gcl._reference_ms.cache_clear()
+    monkeypatch.setattr(gcl, "MODEL", dict(gcl.MODEL, tflops=dict(gcl.MODEL["tflops"])))
+    yield gcl.MODEL
+    gcl._schedule.cache_clear()
+    gcl._reference_ms.cache_clear()
+
+
+class CountLaunches(TorchDispatchMode):
+    """How many PyTorch ops that launch a kernel run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.launches += func.overloadpacket.__name__ not in NO_LAUNCH | {"promote_types"}
+        return func(*args, **(kwargs or {}))
+
+
+def test_auto_follows_the_model(fresh_model):
+    """auto runs whichever the model prices lower on an H100. fp32 inputs with tf32 GEMMs at D = 1024: no tf32
+    config of the backward fits its registers, so the kernels' backward runs ieee fp32 at the FMA units' 67
+    TFLOP/s, while the reference's GEMMs run tf32 at 495: the reference. In bf16 the kernels' GEMMs run at the
+    tensor cores' rate too, and they move no n x N matrix: fused. Launches priced at a second each, the one with
+    fewer launches wins: the fused loss's plan against the reference's ops, counted here on meta tensors."""
+    torch.set_float32_matmul_precision("high")
+    assert choose_impl(4096, 4096, 1024, torch.float32, "cuda")[0] == "reference"
+    assert choose_impl(4096, 4096, 1024, torch.bfloat16, "cuda")[0] == "fused"
+    x = torch.empty(4096, 1024, device="meta", requires_grad=True)
+    s = torch.empty((), device="meta", requires_grad=True)
+    with CountLaunches() as count:
+        loss = gated_clip_loss_reference(x, x, s, torch.empty(4096, device="meta"))
+        torch.autograd.grad(loss, [x, s], torch.ones((), device="meta"))
+    fused = len(gcl.launch_plan(4096, 4096, 1024, torch.float32, 132))
+    assert fused < count.launches, (fused, count.launches)
+    fresh_model["launch_us"] = 1e6
+    gcl._schedule.cache_clear()
+    gcl._reference_ms.cache_clear()
+    assert choose_impl(4096, 4096, 1024, torch.float32, "cuda")[0] == "fused"
 
 
 def test_choose_impl_rejects_unknown_names():
@@ -169,14 +213,14 @@ def test_choose_impl_rejects_unknown_names():
 
 @needs_kernels
 def test_impl_switch(monkeypatch):
-    """impl="reference" is the reference, exactly; impl="fused" runs the kernels (here in the interpreter, on a
-    CUDA host compiled) where auto would not, and agrees with it."""
+    """impl="reference" is the reference, exactly (and auto on CPU); impl="fused" runs the kernels (here in the
+    interpreter, on a CUDA host compiled), and agrees with it."""
     gen, seed = fresh_generator()
     x, t = unit(20, 32, gen).float().to(DEVICE), unit(20, 32, gen).float().to(DEVICE)
     w, s = (torch.rand(20, generator=gen) + 0.5).to(DEVICE), torch.tensor(30.0, device=DEVICE)
-    assert choose_impl(20, 20, 32, x.dtype, DEVICE)[0] == "reference"
     assert torch.equal(gated_clip_loss(x, t, s, w, impl="reference"), gated_clip_loss_reference(x, t, s, w))
-    assert torch.equal(gated_clip_loss(x, t, s, w), gated_clip_loss_reference(x, t, s, w))
+    if DEVICE == "cpu":
+        assert torch.equal(gated_clip_loss(x, t, s, w), gated_clip_loss_reference(x, t, s, w))
     runs = []
     monkeypatch.setattr(gcl._GatedClipLoss, "apply", lambda *a, f=gcl._GatedClipLoss.apply: runs.append(1) or f(*a))
     close("loss", gated_clip_loss(x, t, s, w, impl="fused"), gated_clip_loss_reference(x, t, s, w), 1e-5, seed)
@@ -336,15 +380,14 @@ def test_gathered_features_without_grad():
 
 
 interpreter_only = pytest.mark.skipif(DEVICE != "cpu" or not fused_available("cpu"),
-                                      reason="interpreter-only: the GPU autotunes the blocks")
+                                      reason="interpreter-only: a GPU runs its own configs")
 
 
 @interpreter_only
-@pytest.mark.parametrize("blocks", [{"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16},
-                                    {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_D": 64}])
+@pytest.mark.parametrize("blocks", [{"BLOCK_M": 32, "BLOCK_N": 16, "MAX_DC": 16},
+                                    {"BLOCK_M": 16, "BLOCK_N": 64, "MAX_DC": 64}])
 def test_other_block_shapes(monkeypatch, blocks):
-    """Rectangular tiles, a BLOCK_K that divides D (48 = 3 x 16) or covers all of it (the default blocks leave
-    a partial chunk, 48 = 32 + 16), and the gradient in three even slices of D or in one."""
+    """Rectangular tiles, and D = 48 in two chunks of 32 (the second half padding) or in one of 64."""
     monkeypatch.setattr(gcl, "_INTERPRET_BLOCKS", blocks)
     gen, seed = fresh_generator()
     x_all, t_all = unit(50, 48, gen), unit(50, 48, gen)
@@ -353,55 +396,54 @@ def test_other_block_shapes(monkeypatch, blocks):
     check(x_all, t_all, 60.0, None, seed=seed)
 
 
-GPU_BLOCKS = sorted({(m, n, k) for table in (gcl._FWD_CONFIGS, gcl._BWD_CONFIGS) for cs in table.values()
-                     for m, n, k, *_ in cs})
+GPU_BLOCKS = sorted({(m, n) for table in (gcl._FWD_CONFIGS, gcl._BWD_CONFIGS) for cs in table.values()
+                     for m, n, *_ in cs})
 
 
 @interpreter_only
 @pytest.mark.parametrize("blocks", GPU_BLOCKS, ids=lambda b: "x".join(map(str, b)))
-def test_autotune_block_shapes(monkeypatch, blocks):
-    """Every tile shape the GPU autotuner may pick, at a D (80) that pads and leaves a partial second slice of
-    the gradient (BLOCK_D = 64), a B that is ragged (at least two row and two column blocks, the last ones
+def test_gpu_block_shapes(monkeypatch, blocks):
+    """Every tile shape of the GPU's config tables, at a D (80) that pads (to 96) and comes in two chunks of 64,
+    the second partly padding; a B that is ragged (at least two row and two column blocks, the last ones
     partial), square and rectangular."""
-    monkeypatch.setattr(gcl, "_INTERPRET_BLOCKS", dict(zip(["BLOCK_M", "BLOCK_N", "BLOCK_K"], blocks), BLOCK_D=64))
+    monkeypatch.setattr(gcl, "_INTERPRET_BLOCKS", dict(BLOCK_M=blocks[0], BLOCK_N=blocks[1], MAX_DC=64))
     gen, seed = fresh_generator()
-    B = max(blocks[:2]) + 5
+    B = max(blocks) + 5
     x, t, w = unit(B, 80, gen), unit(B, 80, gen), torch.rand(B, generator=gen) + 0.5
     check(x, t, 100.0, w, seed=seed)
     n = B // 2
     check(x[5:5 + n], t[5:5 + n], 100.0, w[:n], x_all=x, t_all=t, offset=5, seed=seed)
 
 
-# --- split sweeps, the deterministic path, any D ----------------------------------------------------------------
+# --- split sweeps, the same bits, any D -------------------------------------------------------------------------
 
 @interpreter_only
-@pytest.mark.parametrize("sms,rect,deterministic", [(1, False, False), (64, False, True), (1, True, True),
-                                                    (64, True, False)])
-def test_split_sweeps_merge_exactly(monkeypatch, sms, rect, deterministic):
-    """Grids sized for a device of 1 SM: no split, and two forward programs that each take several row blocks
-    (merging their column LSEs in place); of 64 SMs: every sweep split into runs of one block, whose partial
-    LSEs merge and whose partial gradient sums add up, atomically or in order."""
+@pytest.mark.parametrize("sms,rect", [(1, False), (64, False), (1, True), (64, True)])
+def test_split_sweeps_merge_exactly(monkeypatch, sms, rect):
+    """Grids sized for a device of 1 SM: no split, and forward programs that each take several row blocks
+    (merging their column LSEs in place); of 64 SMs: the sweeps split, whose partial LSEs merge and whose partial
+    gradient sums add up in order."""
     monkeypatch.setattr(gcl, "_INTERPRET_SMS", sms)
     gen, seed = fresh_generator()
     N, D = 150, 48
     x_all, t_all, w = unit(N, D, gen), unit(N, D, gen), torch.rand(N, generator=gen) + 0.5
     if rect:
-        check(x_all[70:115], t_all[70:115], 100.0, w[:45], x_all=x_all, t_all=t_all, offset=70, seed=seed,
-              deterministic=deterministic)
+        check(x_all[70:115], t_all[70:115], 100.0, w[:45], x_all=x_all, t_all=t_all, offset=70, seed=seed)
     else:
-        check(x_all, t_all, 100.0, w, seed=seed, deterministic=deterministic)
+        check(x_all, t_all, 100.0, w, seed=seed)
 
 
 @needs_kernels
 @pytest.mark.parametrize("rect", [False, True])
-def test_deterministic_path_gives_the_same_bits(rect):
-    """Under torch.use_deterministic_algorithms(True) no sum depends on the order of atomic adds: the same inputs
-    give the same loss and gradients, bit for bit, and they match the reference."""
+def test_the_same_bits_every_run(rect):
+    """No sum depends on the order programs run in (no atomics; partial results added in a fixed order), so the
+    same inputs give the same loss and gradients, bit for bit, with torch.use_deterministic_algorithms(True) or
+    without (there is one path), and they match the reference."""
     gen, seed = fresh_generator()
     N, D = 67, 48
     x_all, t_all, w = unit(N, D, gen), unit(N, D, gen), torch.rand(N, generator=gen) + 0.5
     args = (x_all[20:50], t_all[20:50], 50.0, w[:30], x_all, t_all, 20) if rect else (x_all, t_all, 50.0, w)
-    first = check(*args, dtype=torch.bfloat16, seed=seed, deterministic=True)
+    first = check(*args, dtype=torch.bfloat16, seed=seed)
     second = check(*args, dtype=torch.bfloat16, seed=seed, deterministic=True)
     for name, a, b in zip(["loss", "dx", "dt", "dx_all", "dt_all", "dlogit_scale"], first, second):
         assert torch.equal(a, b), f"{name}: two runs differ by up to {(a - b).abs().max().item():.3e} (seed {seed})"
@@ -420,66 +462,191 @@ def test_any_feature_dim(B, D, dtype):
 
 # --- the launch plan ---------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Every interpreted kernel launch, as {"kernel", "programs", "flops"}: the grid's size and the FLOPs of its
-    tl.dot calls (2 m k n for an (m, k) by (k, n) product)."""
-    from triton.runtime import interpreter
-    record = []
-    call, builder = interpreter.GridExecutor.__call__, interpreter.interpreter_builder
-    set_grid_dim, create_dot = builder.set_grid_dim, builder.create_dot
+# PyTorch ops that launch no kernel (allocations without a fill, views), and the global-memory bytes of those that
+# do: a fill writes its output, a copy reads its source and writes its destination, a reduction reads its input.
+NO_LAUNCH = {"empty", "empty_strided", "empty_like", "view", "_unsafe_view", "reshape", "slice", "select",
+             "detach", "alias", "as_strided", "t", "expand", "unsqueeze", "squeeze", "lift_fresh"}
+OP_BYTES = {"new_zeros": lambda args, out: out.nbytes, "zeros": lambda args, out: out.nbytes,
+            "copy_": lambda args, out: args[1].nbytes + args[0].nbytes,
+            "sum": lambda args, out: args[0].numel() * args[0].element_size() + out.nbytes}
 
-    def launch(executor, *args, **kwargs):
-        record.append({"kernel": executor.fn.__name__, "programs": 0, "flops": 0})
-        return call(executor, *args, **kwargs)
 
-    def grid(x, y, z):
-        record[-1]["programs"] = x * y * z
-        return set_grid_dim(x, y, z)
+class Launches(TorchDispatchMode):
+    """Every kernel a fused forward + backward launches, in order, as (kernel, programs, dot FLOPs, bytes): the
+    Triton launches as the interpreter runs them (programs of the grid; 2 m k n per (m, k) by (k, n) tl.dot; the
+    bytes of every element that a load or store touches, masked-off ones not), and the PyTorch ops that launch a
+    kernel, by the rule of OP_BYTES; ops inside a Triton launch (the interpreter's copies) are not the run's."""
 
-    def dot(a, b, d, *args):
-        (m, k), n = a.data.shape, b.data.shape[1]
-        record[-1]["flops"] += 2 * m * k * n
-        return create_dot(a, b, d, *args)
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch)
-    monkeypatch.setattr(builder, "set_grid_dim", grid)
-    monkeypatch.setattr(builder, "create_dot", dot)
-    return record
+    def __init__(self, monkeypatch):
+        super().__init__()
+        from triton.runtime import interpreter
+        self.record, self.inside = [], False
+        builder, call = interpreter.interpreter_builder, interpreter.GridExecutor.__call__
+        # the interpreter's unmasked loads and stores call its masked ones, with an all-true mask
+        original = {name: getattr(builder, name) for name in ("set_grid_dim", "create_dot", "create_masked_load",
+                                                              "create_masked_store")}
+        size = lambda ptr: ptr.get_element_ty().primitive_bitwidth // 8
+
+        def launch(executor, *args, **kwargs):
+            self.record.append([executor.fn.__name__, 0, 0, 0])
+            self.inside = True
+            try:
+                return call(executor, *args, **kwargs)
+            finally:
+                self.inside = False
+
+        def count(name, nbytes):
+            def hook(*args):
+                self.record[-1][3] += nbytes(*args)
+                return original[name](*args)
+            return hook
+
+        def grid(x, y, z):
+            self.record[-1][1] = x * y * z
+            return original["set_grid_dim"](x, y, z)
+
+        def dot(a, b, *args):
+            (m, k), n = a.data.shape, b.data.shape[1]
+            self.record[-1][2] += 2 * m * k * n
+            return original["create_dot"](a, b, *args)
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch)
+        monkeypatch.setattr(builder, "set_grid_dim", grid)
+        monkeypatch.setattr(builder, "create_dot", dot)
+        monkeypatch.setattr(builder, "create_masked_load",
+                            count("create_masked_load", lambda ptr, mask, *_: int(mask.data.sum()) * size(ptr)))
+        monkeypatch.setattr(builder, "create_masked_store",
+                            count("create_masked_store", lambda ptr, val, mask, *_: int(mask.data.sum()) * size(ptr)))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not self.inside and name not in NO_LAUNCH:
+            assert name in OP_BYTES, f"{func}: a PyTorch op this test does not know the bytes of"
+            self.record.append([f"aten.{name}", None, 0, OP_BYTES[name](args, out)])
+        return out
+
+
+def run_fused(n, N, D, gathered, all_grads, weighted, gen, dtype=torch.float32):
+    """One fused forward + backward at these sizes on fresh inputs; the leaves' gradients."""
+    x_all, t_all = unit(N, D, gen).to(dtype), unit(N, D, gen).to(dtype)
+    x, t = x_all[:n].clone().requires_grad_(), t_all[:n].clone().requires_grad_()
+    w = torch.rand(n, generator=gen) + 0.5 if weighted else None
+    leaves = [x, t]
+    kw = {}
+    if gathered:
+        kw = dict(x_all=x_all.requires_grad_(all_grads), t_all=t_all.requires_grad_(all_grads), offset=0)
+        leaves += [x_all, t_all] if all_grads else []
+    s = torch.tensor(30.0, requires_grad=True)
+    seed_grad = torch.ones(())
+    return lambda: torch.autograd.grad(gated_clip_loss(x, t, s, w, **kw, impl="fused"), leaves + [s], seed_grad)
 
 
 @interpreter_only
-@pytest.mark.parametrize("gathered,all_grads", [(False, True), (True, True), (True, False)])
-@pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("block_d", [64, 32])
-def test_launch_plan_is_what_the_launchers_run(monkeypatch, launches, gathered, all_grads, deterministic, block_d):
-    """launch_plan lists the launches forward + backward make, each with its grid's programs and its similarity
-    GEMMs, counted as the FLOPs of its tl.dot calls over 2 n N D: at sizes that the tiles cover exactly, with the
-    gradient in one slice of D or in two (each recomputing S)."""
-    monkeypatch.setitem(gcl._INTERPRET_BLOCKS, "BLOCK_D", block_d)
+@pytest.mark.parametrize("n,N,D,gathered,all_grads,weighted,max_dc,sms", [
+    (70, 70, 48, False, True, True, 128, 6),  # square, one chunk of D, split sweeps
+    (70, 70, 40, False, True, False, 32, 1),  # D padded (40 -> 48), in two chunks; one SM: nothing split
+    (30, 70, 48, True, True, True, 128, 6),
+    (30, 70, 40, True, True, True, 32, 6),
+    (30, 70, 48, True, False, False, 128, 1),
+])
+def test_launch_plan_is_what_a_run_launches(monkeypatch, n, N, D, gathered, all_grads, weighted, max_dc, sms):
+    """launch_plan lists every kernel forward + backward launches, Triton's and PyTorch's, in order: each with the
+    programs of its grid, its similarity GEMMs (the FLOPs of its tl.dot calls, padding included) and its bytes
+    (every element loaded or stored, counted in the interpreter; PyTorch ops by OP_BYTES), exactly."""
+    monkeypatch.setitem(gcl._INTERPRET_BLOCKS, "MAX_DC", max_dc)
+    monkeypatch.setattr(gcl, "_INTERPRET_SMS", sms)
     gen, seed = fresh_generator()
-    n, N, D, offset = (64, 160, 64, 32) if gathered else (96, 96, 64, 0)
-    x_all, t_all = unit(N, D, gen).float(), unit(N, D, gen).float()
-    x, t = x_all[offset:offset + n].clone().requires_grad_(), t_all[offset:offset + n].clone().requires_grad_()
-    kw = dict(x_all=x_all.requires_grad_(all_grads), t_all=t_all.requires_grad_(all_grads), offset=offset)
-    with deterministic_algorithms(deterministic):
-        gated_clip_loss(x, t, torch.tensor(30.0), **(kw if gathered else {}), impl="fused").backward()
-    got = [(r["kernel"], r["programs"], r["flops"] / (2 * n * N * D)) for r in launches]
-    plan = gcl.launch_plan(n, N, D, torch.float32, gcl._INTERPRET_SMS, deterministic, gathered, all_grads)
-    assert got == [(r["kernel"], r["programs"], r["gemms"]) for r in plan], (got, plan)
+    run = run_fused(n, N, D, gathered, all_grads, weighted, gen)
+    with Launches(monkeypatch) as launches:
+        run()
+    plan = gcl.launch_plan(n, N, D, torch.float32, sms, gathered=gathered, all_grads=all_grads, weighted=weighted)
+    got = [(kernel, programs, flops, nbytes) for kernel, programs, flops, nbytes in launches.record]
+    want = [(e["kernel"], None if e["kernel"].startswith("aten.") else e["programs"], e["flops"], e["bytes"])
+            for e in plan]
+    assert got == want, f"run {got}\nplan {want} (seed {seed})"
 
 
-@pytest.mark.parametrize("n,N", [(512, 4096), (1024, 8192), (4096, 32768), (4096, 4096), (8192, 8192),
-                                 (65536, 65536)])
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_launch_plan_fills_an_h100(monkeypatch, n, N, deterministic):
-    """At D = 512 in bf16 on 132 SMs, from n = 512 local rows of 8 GPUs and from B = 4096 on one: every launch
-    has a program per SM, and the loss costs the floor's similarity GEMMs, 4 square and 8 gathered (one more per
-    direction on the deterministic path). The GPU's config tables, whatever process asks."""
+class ShuffledPrograms:
+    """Under it, the interpreter runs the programs of every launch in a random order (its own loop visits them in
+    order; each visit is mapped to the next program of a permutation), as a GPU may schedule them."""
+
+    def __init__(self, monkeypatch, seed):
+        from triton.runtime import interpreter
+        builder = interpreter.interpreter_builder
+        set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+        rng = random.Random(seed)
+        self.orders = []
+
+        def grid(x, y, z):
+            self.dims, self.next = (x, y, z), 0
+            self.order = list(itertools.product(range(x), range(y), range(z)))
+            rng.shuffle(self.order)
+            self.orders.append(self.order)
+            return set_dim(x, y, z)
+
+        def index(x, y, z):
+            self.next += 1
+            return set_idx(*self.order[self.next - 1])
+        monkeypatch.setattr(builder, "set_grid_dim", grid)
+        monkeypatch.setattr(builder, "set_grid_idx", index)
+
+
+@interpreter_only
+@pytest.mark.parametrize("gathered,dtype,sms", [(False, torch.float32, 6), (True, torch.bfloat16, 6),
+                                                (False, torch.bfloat16, 64), (True, torch.float32, 64)])
+def test_programs_in_any_order(monkeypatch, gathered, dtype, sms):
+    """The programs of every launch run in shuffled orders (three seeds), the sweeps split (6 and 64 SMs'
+    grids): the loss and every gradient are the same bits as in order. No program reads what another of its
+    launch writes; partial results are merged by the next launch, in a fixed order."""
+    monkeypatch.setattr(gcl, "_INTERPRET_SMS", sms)
+    gen, seed = fresh_generator()
+    n, N, D = (40, 100, 48) if gathered else (100, 100, 48)
+    run = run_fused(n, N, D, gathered, True, True, gen, dtype)
+    want = run()
+    for order_seed in range(3):
+        with monkeypatch.context() as m:
+            shuffled = ShuffledPrograms(m, seed + order_seed)
+            got = run()
+        assert any(order != sorted(order) for order in shuffled.orders)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), f"output {i}: differs by {(a - b).abs().max().item():.3e} when the programs " \
+                                      f"run in another order (seed {seed}, order seed {seed + order_seed})"
+
+
+def test_programs_per_sm():
+    """Worked by hand for an H100 SM (65,536 registers, 228 KiB of shared memory, 64 warps, 32 blocks): 8 warps
+    of 255 registers (rounded to 256) take 65,536: one; 8 of 128, two; 4 warps of 104 registers, 13,312 each:
+    four, unless 66 KiB of shared memory each (+1 KiB) allow three; 4 warps of 32 registers: 16 by warps."""
+    assert gcl.programs_per_sm(255, 1024, 8) == 1
+    assert gcl.programs_per_sm(128, 1024, 8) == 2
+    assert gcl.programs_per_sm(104, 1024, 4) == 4
+    assert gcl.programs_per_sm(104, 66 * 1024, 4) == 3
+    assert gcl.programs_per_sm(32, 0, 4) == 16
+
+
+# The design that summed one side's gradient rows atomically and merged the partial LSEs in PyTorch launched 61
+# kernels at n = 512 of N = 4096 and 74 at B = 32768 (bf16, D = 512, 132 SMs), and moved 1.165 GB and 267.9 GB:
+# its Triton kernels' loads and stores (an atomic add as a read and a write) and its PyTorch ops' tensors,
+# counted from its code the way launch_plan counts.
+EARLIER_BYTES = {(512, 4096): 1.165e9, (32768, 32768): 267.9e9}
+
+
+@pytest.mark.parametrize("n,N", [(512, 4096), (4096, 32768), (4096, 4096), (32768, 32768)])
+def test_plan_at_the_bench_shapes(monkeypatch, n, N):
+    """At D = 512 in bf16 on an H100's 132 SMs (the GPU's config tables, whatever process asks): at most 8
+    launches square and 14 gathered, PyTorch's included; at most a third of the earlier design's bytes at
+    B = 32768 and half at n = 512 of N = 4096; and the sweeping launches in whole waves: the busiest SM runs at most
+    10% more programs than the average."""
     monkeypatch.setattr(gcl, "_interpreted", lambda: False)
-    plan = gcl.launch_plan(n, N, 512, torch.bfloat16, 132, deterministic=deterministic)
-    assert min(r["programs"] for r in plan) >= 132, plan
-    assert sum(r["gemms"] for r in plan) == {False: 4, True: 8}[N != n] + deterministic * (1 + (N != n)), plan
-    assert choose_impl(n, N, 512, torch.bfloat16, "cuda")[0] == "fused"
+    plan = gcl.launch_plan(n, N, 512, torch.bfloat16, 132)
+    assert len(plan) <= (14 if N != n else 8), [e["kernel"] for e in plan]
+    if (n, N) in EARLIER_BYTES:
+        fraction = 1 / 3 if n == N else 1 / 2
+        assert sum(e["bytes"] for e in plan) <= fraction * EARLIER_BYTES[n, N], plan
+    for e in plan:
+        if e["kernel"] in ("_fwd_kernel", "_bwd_kernel"):
+            programs = e["programs"]
+            assert -(-programs // 132) <= 1.1 * programs / 132, e
 
 
 def test_rejects_bad_inputs():
@@ -502,14 +669,17 @@ def test_rejects_bad_inputs():
 
 # --- memory ---------------------------------------------------------------------------------------------
 
-def extra_bytes_bound(n, N, D, itemsize, square, sms, block_m, block_n):
-    """The module docstring's bound on the bytes forward + backward allocate beyond the inputs and gradients, for
-    a device of sms SMs whose largest forward row block is block_m and largest backward owned block block_n."""
+def extra_bytes_bound(plan, n, N, D, itemsize, square):
+    """The module docstring's count of the bytes forward + backward allocate beyond the inputs and gradients,
+    given the plan's grids (its forward's splits and groups, its backward's splits): a bound, since the
+    forward's workspaces are freed before the backward's are allocated."""
+    fwd, bwd = (next(e for e in plan if e["kernel"] == k) for k in ("_fwd_kernel", "_bwd_kernel"))
     dp = -(-D // 16) * 16
-    forward = 4 * (n + sms * block_m) + 8 * sms * N * square + 12 * min(n, gcl._ROWDOT_ROWS) * D
-    backward = 4 * (n + N + sms * block_n) * dp
-    padded = itemsize * (n + N) * dp * (D % 16 != 0)
-    return max(forward, backward) + padded + 64 * n + 16 * N
+    # the LSEs, the loss's partial sums and the loss, saved or returned, and the padded copies of the inputs
+    saved = 8 * n + 12 * -(-n // 1024) + 4 + itemsize * (2 * n + 2 * N * (not square)) * dp * (D % 16 != 0)
+    forward = 4 * n * (2 - square) * fwd["splits"] + 4 * fwd["groups"] * N * square + 4 * n
+    backward = 4 * 2 * bwd["splits"] * n * D + 4  # the local rows' partial sums, and d s
+    return saved + max(forward, backward)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -566,15 +736,11 @@ def launches_free_their_arguments(monkeypatch):
 
 
 @interpreter_only
-@pytest.mark.parametrize("rect,deterministic,sms", [(False, False, 1), (False, True, 6), (True, False, 6),
-                                                    (True, True, 1)])
-def test_extra_memory(monkeypatch, launches_free_their_arguments, rect, deterministic, sms):
+@pytest.mark.parametrize("rect,sms", [(False, 1), (False, 6), (True, 6), (True, 1)])
+def test_extra_memory(monkeypatch, launches_free_their_arguments, rect, sms):
     """Forward + backward allocate at most the docstring's bound beyond inputs and gradients, with D padded (40 to
-    48), split sweeps (6 SMs) and not (1 SM); there the column LSE's workspace is 2 x SMs x N (two programs that
-    each take several row blocks, not one row of it per row block), measured on its own too. Bytes are counted
-    per storage that an op returns, so the bound holds for whatever the launchers allocate. x_i.t_i is taken 8
-    rows at a time, so that its fp32 copies do not hide the other terms."""
-    monkeypatch.setattr(gcl, "_ROWDOT_ROWS", 8)
+    48), split sweeps (6 SMs) and not (1 SM). Bytes are counted per storage that an op returns, so the bound holds
+    for whatever the launchers allocate."""
     monkeypatch.setattr(gcl, "_INTERPRET_SMS", sms)
     gen, seed = fresh_generator()
     N, D = 70, 40
@@ -585,23 +751,15 @@ def test_extra_memory(monkeypatch, launches_free_their_arguments, rect, determin
     t_all.requires_grad_()
     s = torch.tensor(30.0, requires_grad=True)
     w = torch.rand(n, generator=gen) + 0.5
-    with LiveBytes() as mem, deterministic_algorithms(deterministic):
+    with LiveBytes() as mem:
         loss = gated_clip_loss(x, t, s, w, **(dict(x_all=x_all, t_all=t_all, offset=offset) if rect else {}),
                                impl="fused")
         loss.backward()
     grads = [x.grad, t.grad, s.grad] + ([x_all.grad, t_all.grad] if rect else [])
-    blocks = gcl._INTERPRET_BLOCKS
     peak = mem.peak(grads)
-    bound = extra_bytes_bound(n, N, D, 2, not rect, sms, blocks["BLOCK_M"], blocks["BLOCK_N"])
+    plan = gcl.launch_plan(n, N, D, torch.bfloat16, sms, gathered=rect)
+    bound = extra_bytes_bound(plan, n, N, D, 2, not rect)
     assert peak <= bound, f"forward + backward allocated {peak} bytes beyond inputs and gradients, bound {bound} (seed {seed})"
-    if sms == 1 and not rect:
-        groups, splits = gcl._fwd_grid(N, N, blocks["BLOCK_M"], blocks["BLOCK_N"], sms)
-        assert (groups, splits) == (2, 1) and triton.cdiv(N, blocks["BLOCK_M"]) == 3
-        q, k = gcl._pad(x.detach()), gcl._pad(t.detach())
-        with LiveBytes() as mem:
-            row, col = gcl._lse(q, k, s.detach().reshape(1), True, False)
-        peak, bound = mem.peak([row, col]), 4 * groups * N + 4 * N
-        assert peak == bound, f"the column LSE allocated {peak} bytes besides its results, expected {bound} (seed {seed})"
 
 
 # --- GPU, large sizes ---------------------------------------------------------------------------------------
@@ -623,12 +781,12 @@ def test_large(dtype, rect):
 
 
 @needs_cuda
-@pytest.mark.parametrize("sms,deterministic", [(1, False), (1024, False), (1024, True)])
-def test_merge_paths_at_gpu_sizes(monkeypatch, sms, deterministic):
+@pytest.mark.parametrize("sms", [1, 1024])
+def test_merge_paths_at_gpu_sizes(monkeypatch, sms):
     """B = 8192, D = 512, bf16, square and one rank's 1024 rows, on grids sized for a device of 1 SM (no split:
-    two forward programs that each take 32 or more row blocks and merge their column LSEs in place; every owned
-    block sweeps all rows) and of 1024 SMs (every sweep split: partial LSEs merged, partial gradient sums added
-    atomically or, deterministically, in order and to the same bits twice), against float64."""
+    forward programs that each take 32 or more row blocks and merge their column LSEs in place; every owned block
+    sweeps all rows) and of 1024 SMs (the sweeps split: partial LSEs merged, partial gradient sums added in
+    order), against float64, and to the same bits twice."""
     monkeypatch.setattr(gcl, "_sm_count", lambda device: sms)
     gen, seed = fresh_generator()
     N, D, n, offset = 8192, 512, 1024, 3072
@@ -636,10 +794,9 @@ def test_merge_paths_at_gpu_sizes(monkeypatch, sms, deterministic):
     w = torch.rand(N, generator=gen) * 2
     for args in [(x_all, t_all, 100.0, w),
                  (x_all[offset:offset + n], t_all[offset:offset + n], 100.0, w[:n], x_all, t_all, offset)]:
-        first = check(*args, dtype=torch.bfloat16, seed=seed, deterministic=deterministic)
-        if deterministic:
-            second = check(*args, dtype=torch.bfloat16, seed=seed, deterministic=True)
-            assert all(torch.equal(a, b) for a, b in zip(first, second)), f"two runs differ (seed {seed})"
+        first = check(*args, dtype=torch.bfloat16, seed=seed)
+        second = check(*args, dtype=torch.bfloat16, seed=seed)
+        assert all(torch.equal(a, b) for a, b in zip(first, second)), f"two runs differ (seed {seed})"
 
 
 @needs_cuda
@@ -654,8 +811,7 @@ def test_tf32():
 @needs_cuda
 def test_large_batch_memory():
     """B = 32768, D = 512, bf16: forward + backward allocate no more than the docstring's bound beyond the inputs
-    and gradients (about 150 MiB on an H100, mostly the fp32 sums of dx and dt, where one B x B fp32 matrix is
-    4 GiB)."""
+    and gradients (about 130 MiB on an H100, the fp32 sums of dx and dt, where one B x B fp32 matrix is 4 GiB)."""
     gen, seed = fresh_generator()
     B, D = 32768, 512
     x = unit(B, D, gen).bfloat16().cuda().requires_grad_()
@@ -670,9 +826,8 @@ def test_large_batch_memory():
     loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - sum(g.numel() * g.element_size() for g in (x.grad, t.grad, s.grad))
-    # the caching allocator rounds each of the few dozen allocations up to a multiple of 512 bytes
-    block_m = max(c[0] for cs in gcl._FWD_CONFIGS.values() for c in cs)
-    block_n = max(c[1] for cs in gcl._BWD_CONFIGS.values() for c in cs)
-    bound = extra_bytes_bound(B, B, D, 2, True, gcl._sm_count(x.device), block_m, block_n) + 64 * 512
+    # the caching allocator rounds each of the few allocations up to a multiple of 512 bytes
+    plan = gcl.launch_plan(B, B, D, torch.bfloat16, gcl._sm_count(x.device), weighted=False)
+    bound = extra_bytes_bound(plan, B, B, D, 2, True) + 16 * 512
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and torch.isfinite(s.grad)
     assert extra <= bound, f"peak extra memory {extra} bytes, bound {bound} (seed {seed})"
