@@ -982,8 +982,22 @@ def choose_impl(n, N, D, dtype, device, impl="auto"):
     if dtype not in (torch.float32, torch.bfloat16, torch.float16) or D > MAX_D:
         return "reference", f"auto: the fused kernels take fp32, bf16 or fp16 with D <= {MAX_D}"
     fused, reference = auto_costs(n, N, D, dtype, device)
+    need = REFERENCE_MATRICES * 4 * n * N
+    if reference <= fused and need > _free_memory(device):
+        return "fused", (f"auto: modelled {fused:.3g} ms fused, {reference:.3g} ms reference, whose n x N matrices "
+                         f"({need / 2**30:.1f} GiB) would not fit in the device's free memory")
     name = "fused" if fused < reference else "reference"
     return name, f"auto: modelled {fused:.3g} ms fused, {reference:.3g} ms reference"
+
+
+# The reference's peak, in fp32 n x N matrices: the two directions' logits, kept for the backward, and their two
+# softmax gradients. What auto checks against the device's free memory before it picks the reference.
+REFERENCE_MATRICES = 4
+
+
+def _free_memory(device):
+    """Bytes free on the CUDA device (unbounded where torch sees none: choose_impl priced for an H100)."""
+    return torch.cuda.mem_get_info(device)[0] if torch.cuda.is_available() else math.inf
 
 
 def auto_costs(n, N, D, dtype, device):

@@ -206,6 +206,17 @@ def test_auto_follows_the_model(fresh_model):
     assert choose_impl(4096, 4096, 1024, torch.float32, "cuda")[0] == "fused"
 
 
+def test_auto_never_picks_a_reference_that_would_not_fit(fresh_model, monkeypatch):
+    """Where the model prices the reference lower (fp32, D = 1024, above), auto still takes the fused loss once the
+    reference's four fp32 n x N matrices exceed the device's free memory: 4 x 4 x 4096 x 4096 bytes = 256 MiB."""
+    torch.set_float32_matmul_precision("high")
+    monkeypatch.setattr(gcl, "_free_memory", lambda device: 257 * 2**20)
+    assert choose_impl(4096, 4096, 1024, torch.float32, "cuda")[0] == "reference"
+    monkeypatch.setattr(gcl, "_free_memory", lambda device: 255 * 2**20)
+    name, why = choose_impl(4096, 4096, 1024, torch.float32, "cuda")
+    assert name == "fused" and "would not fit" in why, why
+
+
 def test_choose_impl_rejects_unknown_names():
     with pytest.raises(ValueError, match="impl 'triton'"):
         choose_impl(8, 8, 16, torch.float32, "cpu", "triton")
