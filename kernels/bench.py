@@ -76,8 +76,23 @@ TOL = {"bf16": 1e-3, "fp16": 1e-3, "tf32": 1e-3, "fp32": 1e-4}
 SCALE = 100.0  # the largest logit scale ALIP allows, the hardest case for the softmax
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The kernels' command lines, as every command of the project reads (kernels/ imports nothing of it): every
+    default in --help, and bad input one line, `error: ...`, with exit status 2."""
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):  # a help that says its default in words keeps its own words
+            return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=self.Formatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="python -m kernels.bench", description=__doc__)
     p.add_argument("--sizes", help="comma-separated batch sizes B (default: 1024 doubling up to --max-b)")
     p.add_argument("--max-b", type=int, default=1_048_576, help="largest B of the default sizes")
     p.add_argument("--ranks", type=int, default=1, help="time one rank's local loss of this many: B / ranks rows")
@@ -93,33 +108,34 @@ def parse_args(argv):
     try:
         args.sizes = [int(b) for b in args.sizes.split(",")] if args.sizes else None
     except ValueError:
-        raise SystemExit(f"kernels.bench: --sizes {args.sizes!r}: expected comma-separated integers, e.g. 4096,8192")
+        p.error(f"--sizes {args.sizes!r}: expected comma-separated integers, e.g. 4096,8192")
     if args.sizes is not None and min(args.sizes) < 1:
-        raise SystemExit(f"kernels.bench: --sizes {args.sizes}: every B must be at least 1")
+        p.error(f"--sizes {args.sizes}: every B must be at least 1")
     if args.sizes is None and args.max_b < 1024:
-        raise SystemExit(f"kernels.bench: --max-b {args.max_b}: the default sizes start at 1024; give --sizes instead")
+        p.error(f"--max-b {args.max_b}: the default sizes start at 1024; give --sizes instead")
     args.sizes = args.sizes or [1024 * 2 ** k for k in range(int(math.log2(args.max_b // 1024)) + 1)]
     if args.ranks < 1 or any(b % args.ranks for b in args.sizes):
-        raise SystemExit(f"kernels.bench: --ranks {args.ranks}: must be at least 1 and divide every B")
+        p.error(f"--ranks {args.ranks}: must be at least 1 and divide every B")
     args.dtypes = args.dtypes.split(",")
     if any(d not in DTYPES for d in args.dtypes):
-        raise SystemExit(f"kernels.bench: --dtypes {','.join(args.dtypes)}: choose from {', '.join(DTYPES)}")
+        p.error(f"--dtypes {','.join(args.dtypes)}: choose from {', '.join(DTYPES)}")
     if args.dim < 1:
-        raise SystemExit(f"kernels.bench: --dim {args.dim}: must be at least 1")
+        p.error(f"--dim {args.dim}: must be at least 1")
     if args.time_budget <= 0 or args.rep_ms < 0:
-        raise SystemExit("kernels.bench: --time-budget must be positive and --rep-ms not negative")
+        p.error("--time-budget must be positive and --rep-ms not negative")
+    args.device = pick_device(p, args.device)
     return args
 
 
-def pick_device(name):
+def pick_device(p, name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("kernels.bench: --device cuda, but torch sees no CUDA device")
+        p.error("--device cuda, but torch sees no CUDA device")
     device = torch.device(name)
     if not fused_available(device):
-        raise SystemExit("kernels.bench: --device cpu runs the fused kernels only in the Triton interpreter: "
-                         "set TRITON_INTERPRET=1 (CPU timings say nothing about GPU speed)")
+        p.error("--device cpu runs the fused kernels only in the Triton interpreter: set TRITON_INTERPRET=1 (CPU "
+                "timings say nothing about GPU speed)")
     return device
 
 
@@ -399,7 +415,7 @@ def bench_dtype(name, args, device, inf_cl, result, deadline, write):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
+    device = args.device
     inf_cl, why = load_inf_cl(device, args.dim) if args.ranks == 1 else (None, "it has no loss against gathered rows")
     result = header(device, sys.argv[1:] if argv is None else argv, why)
     print(f"{result['device']}; torch {result['torch']}, triton {result['triton']}, commit {result['commit']}; "

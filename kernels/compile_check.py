@@ -30,6 +30,7 @@ import tempfile
 import torch
 
 from kernels import gated_clip_loss as g
+from kernels.bench import CommandParser
 
 H100_SHARED = 232448  # bytes of shared memory per block with the opt-in (227 KiB)
 DIMS = (16, 64, 128, 200, 256, 512, 768, 1000, 1024)
@@ -153,9 +154,9 @@ def parse_dims(text):
     try:
         dims = [int(d) for d in text.split(",")]
     except ValueError:
-        raise SystemExit(f"kernels.compile_check: --dims {text!r}: expected comma-separated integers, e.g. 200,1000")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 200,1000") from None
     if not all(1 <= d <= g.MAX_D for d in dims):
-        raise SystemExit(f"kernels.compile_check: --dims {text}: every D must lie in 1..{g.MAX_D}")
+        raise argparse.ArgumentTypeError(f"{text}: every D must lie in 1..{g.MAX_D}")
     return dims
 
 
@@ -172,17 +173,18 @@ def resources(jobs, results):
     return table
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    p = CommandParser(prog="python -m kernels.compile_check", description=__doc__)
     p.add_argument("--dims", type=parse_dims, default=list(DIMS), help="comma-separated feature dimensions D")
     p.add_argument("--quick", action="store_true", help="every config once where it is heaviest, and a corner")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles")
     p.add_argument("--table", action="store_true", help="print the _RESOURCES table these compiles give")
-    args = p.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # the flag makes @triton.jit return interpreted functions, which cannot be compiled: run afresh without it
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        sys.exit(subprocess.run([sys.executable, "-m", "kernels.compile_check"] + sys.argv[1:], env=env).returncode)
+        sys.exit(subprocess.run([sys.executable, "-m", "kernels.compile_check"] + argv, env=env).returncode)
     import triton
 
     jobs = matrix(args.dims, args.quick)

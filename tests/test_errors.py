@@ -24,6 +24,8 @@ from PIL import Image
 
 import alip
 import caption
+import kernels.bench
+import kernels.compile_check
 import data
 import eval as evaluation
 
@@ -497,7 +499,8 @@ def test_rough_edges_get_a_line(run, inputs, tmp_path):
     assert "Traceback" not in err and "Exception ignored" not in err, err
 
 
-HELPS = [(alip.parse_args, []), (alip.parse_args, ["--demo"]), (caption.parse_args, []),
+HELPS = [(alip.parse_args, []), (alip.parse_args, ["--demo"]), (caption.parse_args, []), (kernels.bench.parse_args, []),
+         (kernels.compile_check.main, []),
          *((data.main, [cmd]) for cmd in ("demo", "inspect", "make", "add-captions", "bench")),
          *((lambda argv: evaluation.main(argv, load_model=None, presets=None), [cmd])
            for cmd in ("zeroshot", "retrieval", "linear-probe", "plot", "export"))]
