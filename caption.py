@@ -22,7 +22,10 @@ Guarantees:
 - One captions file comes from one captioner and one set of settings: a run that would continue another's progress
   with other settings is refused in one line. The captioner is pinned by what it is (its config and a digest of its
   weights), not by the folder or model id it was loaded from.
-- One job per captions file at a time: rank 0 holds OUT.parts/'s lock.
+- One job per captions file at a time: rank 0 holds OUT.parts/'s lock, which ends with its process however it ends
+  (its loader workers do not hold it), so a killed job's command, given again at once, continues.
+- A loader worker that a signal ends (the out-of-memory killer) is one line naming it and what to lower, and shards
+  in which not one image can be captioned write nothing: both exit with status 2, as bad input does.
 """
 import collections
 import contextlib
