@@ -1014,7 +1014,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="ViT-B-32", choices=list(PRESETS), help="architecture (open_clip's names)")
     p.add_argument("--quick-gelu", action="store_true", help="QuickGELU, as OpenAI's weights need")
     p.add_argument("--init", help="initial weights: a run directory, a checkpoint, a CLIP/open_clip/ALIP state dict "
-                                         "(default: random)")
+                                  "(default: random)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     # method
     p.add_argument("--loss", default="alip", choices=["alip", "clip"], help="alip: bi-path; clip: raw text only")

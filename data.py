@@ -456,9 +456,9 @@ def read_json(path):
         return None
 
 
-def shard_sizes(shards):
+def shard_sizes(shards, index=None):
     """Samples per shard (dict). Taken from sizes.json beside the shards (WebDataset), or img2dataset's
-    {shard}_stats.json ("successes"), else from the key index (key_index)."""
+    {shard}_stats.json ("successes"), else from the key index (`index`, key_index's, or read here)."""
     sizes, todo = {}, []
     for shard in shards:
         d, base = os.path.split(os.path.abspath(shard))
@@ -470,7 +470,8 @@ def shard_sizes(shards):
             sizes[shard] = int(stats["successes"])
         else:
             todo.append(shard)
-    sizes.update((shard, len(entry["keys"])) for shard, entry in key_index(todo).items())
+    index = key_index(todo) if index is None else index
+    sizes.update((shard, len(index[shard]["keys"])) for shard in todo)
     return sizes
 
 
@@ -834,7 +835,7 @@ class TrainLoader:
         self.shards = find_shards(spec)
         index = key_index(self.shards)
         self.first_holder = duplicate_keys(index, self.shards)
-        self.sizes = {} if num_samples else shard_sizes(self.shards)
+        self.sizes = {} if num_samples else shard_sizes(self.shards, index)
         self.num_samples = num_samples or sum(self.sizes.values())
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         self.rank, self.world_size, self.workers = rank, world_size, workers
